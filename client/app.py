@@ -1,0 +1,144 @@
+"""The institution's Flower ClientApp (Message API).
+
+- `query`: says who it is (the coordinator builds a roster to sample deterministically);
+- `train`: loads the global model, trains locally (DP-SGD unless the job turns it off) and
+  replies with weights, example count and the round's privacy spend;
+- `evaluate`: scores the global model on the local validation split.
+
+The accountant history lives in the node's `context.state`, so epsilon is cumulative over the
+rounds of a job. Raw data never leaves this function; replies carry weights and aggregates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from confide.client.data import SimulatedInstitutions
+from confide.client.device import resolve_device
+from confide.privacy import instructions as keys
+from confide.privacy.accounting import HistoryEntry
+from confide.privacy.instructions import RoundInstructions
+from confide.privacy.trainer import train_round
+from confide.tasks.metrics import evaluate as evaluate_model
+from confide.tasks.registry import get_task
+from confide.tasks.seeding import derive_seed
+from confide.tasks.splits import InstitutionData
+
+DataSource = Callable[[Context], tuple[str, InstitutionData]]
+HISTORY = "confide.privacy.history"
+
+
+def _history(context: Context) -> list[HistoryEntry]:
+    if HISTORY not in context.state:
+        return []
+    record = context.state[HISTORY]
+    return list(zip(record["sigma"], record["rate"], record["steps"], strict=True))
+
+
+def _store_history(context: Context, history: list[HistoryEntry]) -> None:
+    context.state[HISTORY] = ConfigRecord(
+        {
+            "sigma": [float(s) for s, _, _ in history],
+            "rate": [float(q) for _, q, _ in history],
+            "steps": [int(n) for _, _, n in history],
+        }
+    )
+
+
+def _model(instructions: RoundInstructions, local: InstitutionData, arrays: ArrayRecord):
+    task = instructions.task
+    model = get_task(task.name).build_model(
+        task, local.train.features, local.train.classes, instructions.seed
+    )
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    return model
+
+
+def build_client_app(source: DataSource | None = None, device: str = "auto") -> ClientApp:
+    """A ClientApp whose data comes from `source` (default: the run's simulated partition)."""
+    app = ClientApp()
+    torch.set_num_threads(1)  # one simulated institution per core; threads would only contend
+
+    def local_data(context: Context) -> tuple[str, InstitutionData]:
+        if source is not None:
+            return source(context)
+        return SimulatedInstitutions.from_context(context)(context)
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        institution, local = local_data(context)
+        reply = RecordDict(
+            {
+                "identity": ConfigRecord({"institution": institution}),
+                "metrics": MetricRecord({"num-examples": len(local.train)}),
+            }
+        )
+        return Message(reply, reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        instructions = RoundInstructions.from_config(message.content["config"])
+        server_round = int(message.content["config"]["server-round"])
+        institution, local = local_data(context)
+        model = _model(instructions, local, message.content["arrays"])
+        result = train_round(
+            model,
+            local.train,
+            instructions.train,
+            instructions.privacy,
+            history=_history(context),
+            planned_rounds=instructions.rounds,
+            seed=derive_seed(instructions.seed, "train", server_round, institution),
+            device=resolve_device(device),
+        )
+        _store_history(context, result.history)
+        metrics = {
+            "num-examples": result.examples,
+            keys.STEPS: result.steps,
+            keys.DP_ENABLED: int(instructions.privacy.enabled),
+        }
+        if instructions.privacy.enabled:
+            metrics |= {
+                keys.EPSILON: result.epsilon,
+                keys.DELTA: result.delta,
+                keys.NOISE_MULTIPLIER: result.noise_multiplier,
+                keys.SAMPLE_RATE: result.sample_rate,
+                keys.TOTAL_STEPS: sum(n for _, _, n in result.history),
+            }
+        reply = RecordDict(
+            {
+                "arrays": ArrayRecord(result.state),
+                "metrics": MetricRecord(metrics),
+                "identity": ConfigRecord({"institution": institution}),
+            }
+        )
+        return Message(reply, reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        instructions = RoundInstructions.from_config(message.content["config"])
+        institution, local = local_data(context)
+        metrics: dict[str, float | int] = {"num-examples": len(local.validation)}
+        if len(local.validation):
+            model = _model(instructions, local, message.content["arrays"])
+            scores = evaluate_model(
+                model, local.validation.x, local.validation.y, local.validation.classes
+            )
+            metrics |= {k: v for k, v in scores.items() if k != "auroc"}
+        reply = RecordDict(
+            {
+                "metrics": MetricRecord(metrics),
+                "identity": ConfigRecord({"institution": institution}),
+            }
+        )
+        return Message(reply, reply_to=message)
+
+    return app
+
+
+# Entry point named in pyproject's [tool.flwr.app.components] (`flwr run .`).
+app = build_client_app()

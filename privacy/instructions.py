@@ -1,0 +1,44 @@
+"""What the coordinator asks of an institution each round, and how it travels.
+
+The instructions ride in the Flower message's ConfigRecord as flat dotted keys
+(`task.name`, `train.lr`, `privacy.target_epsilon`, ...). The institution parses them with
+the same pydantic models the coordinator used, so a malformed or out-of-range value is refused
+at the institution with the field name, never silently coerced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from confide.privacy.config import PrivacyConfig, TrainConfig
+from confide.tasks.config import StrictModel, TaskConfig, flatten, unflatten
+
+PREFIX = "confide."
+
+
+class RoundInstructions(StrictModel):
+    task: TaskConfig = TaskConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig(target_epsilon=8.0)
+    rounds: int = Field(default=10, ge=1, le=100_000, description="planned rounds of the job")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    def to_config(self) -> dict[str, Any]:
+        """Flat, ConfigRecord-ready dict (None values omitted, paths as strings)."""
+        return flatten(self.model_dump(mode="json"), PREFIX)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RoundInstructions:
+        return cls.model_validate(unflatten(dict(config), PREFIX))
+
+
+# Keys of an institution's train reply (a MetricRecord) beyond Flower's "num-examples".
+EPSILON = "epsilon"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+STEPS = "steps"
+TOTAL_STEPS = "total-steps"
+DP_ENABLED = "dp-enabled"

@@ -1,0 +1,56 @@
+"""What a job produced, round by round: the coordinator's record of metrics and privacy spend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class InstitutionSpend:
+    """An institution's latest cumulative sample-level privacy spend in this job."""
+
+    institution: str
+    examples: int = 0
+    rounds_trained: int = 0
+    epsilon: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: float
+    loss: float
+    f1_macro: float
+    epsilon_max: float
+    seconds: float
+    trained: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    federated_metrics: dict[str, float] = field(default_factory=dict)
+    epsilons: dict[str, float] = field(default_factory=dict)  # of the institutions that trained
+
+
+class RoundObserver(Protocol):
+    def __call__(self, record: RoundRecord, history: JobHistory) -> None: ...
+
+
+@dataclass
+class JobHistory:
+    """Filled in by the strategy as rounds complete; read by reports and progress displays."""
+
+    initial_metrics: dict[str, float] = field(default_factory=dict)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    institutions: dict[str, InstitutionSpend] = field(default_factory=dict)
+    rejected: list[dict[str, str | int]] = field(default_factory=list)
+    accountant: str = "rdp"
+
+    def spend(self, institution: str) -> InstitutionSpend:
+        return self.institutions.setdefault(institution, InstitutionSpend(institution))
+
+    @property
+    def epsilon_max(self) -> float:
+        return max((s.epsilon for s in self.institutions.values()), default=0.0)

@@ -1,0 +1,51 @@
+"""A training job as the coordinator runs it: what to learn, how, with what privacy, how long."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from confide.privacy.config import PrivacyConfig, TrainConfig
+from confide.privacy.instructions import RoundInstructions
+from confide.tasks.config import DataConfig, StrictModel, TaskConfig
+
+
+class FederationConfig(StrictModel):
+    """Rounds and institution sampling (FedAvg)."""
+
+    rounds: int = Field(default=10, ge=1, le=100_000)
+    fraction_train: float = Field(default=1.0, gt=0.0, le=1.0, description="sampled per round")
+    fraction_evaluate: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="0 turns off federated evaluation"
+    )
+    min_train: int = Field(default=2, ge=1, le=1_000_000, description="fewest trainers a round")
+    min_evaluate: int = Field(default=2, ge=0, le=1_000_000)
+    min_available: int = Field(default=2, ge=1, le=1_000_000, description="wait for this many")
+    timeout: float = Field(default=600.0, gt=0.0, le=86_400.0, description="seconds per round")
+
+
+class JobConfig(StrictModel):
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    task: TaskConfig = TaskConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig(target_epsilon=8.0)
+    federation: FederationConfig = FederationConfig()
+
+    @model_validator(mode="after")
+    def _consistent_minimums(self) -> JobConfig:
+        federation = self.federation
+        if federation.min_train > federation.min_available:
+            raise ValueError(
+                f"federation.min_train ({federation.min_train}) exceeds "
+                f"federation.min_available ({federation.min_available})"
+            )
+        return self
+
+    def instructions(self) -> RoundInstructions:
+        return RoundInstructions(
+            task=self.task,
+            train=self.train,
+            privacy=self.privacy,
+            rounds=self.federation.rounds,
+            seed=self.seed,
+        )

@@ -1,0 +1,225 @@
+"""FedAvg with a deterministic roster, update validation and privacy bookkeeping.
+
+Flower's FedAvg samples node ids with the global `random` module, and simulated node ids are
+random, so the same seed would pick different institutions on every run. This strategy first
+asks every node who it is (a `query` message), then samples institutions by name with a
+generator seeded by (job seed, round). Replies are aggregated in institution order, so the
+floating-point sum is the same on every run too.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from confide.privacy import instructions as keys
+from confide.server.history import JobHistory
+from confide.server.job import FederationConfig
+from confide.tasks.seeding import derive_seed
+
+
+class UpdateRejected(ValueError):
+    """An institution's update does not fit the global model (shape, dtype, non-finite)."""
+
+
+def check_update(global_arrays: ArrayRecord, update: ArrayRecord) -> None:
+    """Refuse an update whose arrays differ in name, shape or dtype, or hold NaN/inf."""
+    if set(update) != set(global_arrays):
+        raise UpdateRejected(f"array names differ: {sorted(set(update) ^ set(global_arrays))}")
+    for name, array in update.items():
+        expected = global_arrays[name]
+        if array.shape != expected.shape or array.dtype != expected.dtype:
+            raise UpdateRejected(
+                f"{name}: got {array.dtype}{list(array.shape)}, "
+                f"expected {expected.dtype}{list(expected.shape)}"
+            )
+        if not np.isfinite(array.numpy()).all():
+            raise UpdateRejected(f"{name}: contains NaN or infinity")
+
+
+class ConfideFedAvg(FedAvg):
+    """Weighted FedAvg over validated updates, sampling institutions reproducibly."""
+
+    def __init__(self, federation: FederationConfig, seed: int, history: JobHistory) -> None:
+        super().__init__(
+            fraction_train=federation.fraction_train,
+            fraction_evaluate=federation.fraction_evaluate,
+            min_train_nodes=federation.min_train,
+            min_evaluate_nodes=federation.min_evaluate,
+            min_available_nodes=federation.min_available,
+        )
+        self.federation = federation
+        self.seed = seed
+        self.history = history
+        self.roster: dict[int, str] = {}  # node id -> institution
+        self.global_arrays: ArrayRecord | None = None
+        self.round_started = time.perf_counter()
+        self.last_trained = 0
+        self.last_epsilons: dict[str, float] = {}
+        self.last_evaluate_metrics: dict[str, float] = {}
+
+    # -- roster and sampling -------------------------------------------------------------
+    def _refresh_roster(self, grid: Grid) -> None:
+        """Wait for `min_available` nodes, then ask the unknown ones who they are."""
+        deadline = time.monotonic() + self.federation.timeout
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} of {self.min_available_nodes} institutions connected "
+                    f"after {self.federation.timeout:.0f}s"
+                )
+            time.sleep(1.0)
+        unknown = [node for node in nodes if node not in self.roster]
+        if not unknown:
+            return
+        queries = [
+            Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
+            for node in unknown
+        ]
+        for reply in grid.send_and_receive(queries, timeout=self.federation.timeout):
+            if reply.has_error():
+                log(
+                    WARNING,
+                    "node %d did not identify itself: %s",
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
+                continue
+            institution = str(reply.content["identity"]["institution"])
+            self.roster[reply.metadata.src_node_id] = institution
+            spend = self.history.spend(institution)
+            spend.examples = int(reply.content["metrics"]["num-examples"])
+        log(INFO, "roster: %d institutions", len(self.roster))
+
+    def _sample(self, grid: Grid, server_round: int, fraction: float, minimum: int, kind: str):
+        self._refresh_roster(grid)
+        live = set(grid.get_node_ids())
+        candidates = sorted((name, node) for node, name in self.roster.items() if node in live)
+        size = min(len(candidates), max(minimum, int(len(candidates) * fraction)))
+        rng = random.Random(derive_seed(self.seed, kind, server_round))
+        return [node for _, node in sorted(rng.sample(candidates, size))]
+
+    def _messages(self, nodes, arrays, config, message_type, server_round) -> list[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({"arrays": arrays, "config": config})
+        return self._construct_messages(record, nodes, message_type)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.round_started = time.perf_counter()
+        self.global_arrays = arrays
+        nodes = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes, "train")
+        log(INFO, "round %d: training on %d institutions", server_round, len(nodes))
+        return self._messages(nodes, arrays, config, MessageType.TRAIN, server_round)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(
+            grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate"
+        )
+        return self._messages(nodes, arrays, config, MessageType.EVALUATE, server_round)
+
+    # -- aggregation ---------------------------------------------------------------------
+    def _ordered(self, replies: Iterable[Message]) -> list[tuple[str, Message]]:
+        named = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(
+                    WARNING,
+                    "institution %s failed: %s",
+                    self.roster.get(node, node),
+                    reply.error.reason,
+                )
+                self.history.rejected.append(
+                    {"institution": self.roster.get(node, str(node)), "reason": reply.error.reason}
+                )
+                continue
+            named.append((self.roster.get(node, str(node)), reply))
+        return sorted(named, key=lambda item: item[0])
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[RecordDict] = []
+        self.last_epsilons = {}
+        for institution, reply in self._ordered(replies):
+            try:
+                assert self.global_arrays is not None
+                check_update(self.global_arrays, reply.content["arrays"])
+            except (UpdateRejected, KeyError) as error:
+                log(
+                    WARNING,
+                    "round %d: update from %s rejected: %s",
+                    server_round,
+                    institution,
+                    error,
+                )
+                self.history.rejected.append(
+                    {"institution": institution, "round": server_round, "reason": str(error)}
+                )
+                continue
+            accepted.append(reply.content)
+            self._record_spend(institution, reply.content["metrics"])
+            self.last_epsilons[institution] = self.history.spend(institution).epsilon
+        self.last_trained = len(accepted)
+        if not accepted:
+            log(WARNING, "round %d: no valid update; the global model is unchanged", server_round)
+            return None, None
+        arrays = aggregate_arrayrecords(accepted, self.weighted_by_key)
+        examples = sum(int(content["metrics"]["num-examples"]) for content in accepted)
+        metrics = MetricRecord(
+            {
+                "institutions": len(accepted),
+                "num-examples": examples,
+                "epsilon-max": self.history.epsilon_max,
+            }
+        )
+        return arrays, metrics
+
+    def _record_spend(self, institution: str, metrics: MetricRecord) -> None:
+        spend = self.history.spend(institution)
+        spend.examples = int(metrics["num-examples"])
+        spend.rounds_trained += 1
+        if int(metrics.get(keys.DP_ENABLED, 0)):
+            spend.epsilon = float(metrics[keys.EPSILON])
+            spend.delta = float(metrics[keys.DELTA])
+            spend.noise_multiplier = float(metrics[keys.NOISE_MULTIPLIER])
+            spend.sample_rate = float(metrics[keys.SAMPLE_RATE])
+            spend.steps = int(metrics[keys.TOTAL_STEPS])
+        else:
+            spend.steps += int(metrics[keys.STEPS])
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted mean of the institutions' validation metrics."""
+        totals: dict[str, float] = {}
+        weight = 0
+        for _, reply in self._ordered(replies):
+            metrics = reply.content["metrics"]
+            examples = int(metrics["num-examples"])
+            if examples == 0:
+                continue
+            weight += examples
+            for key, value in metrics.items():
+                if key != "num-examples":
+                    totals[key] = totals.get(key, 0.0) + examples * float(value)
+        if weight == 0:
+            self.last_evaluate_metrics = {}
+            return None
+        self.last_evaluate_metrics = {key: value / weight for key, value in totals.items()}
+        return MetricRecord(self.last_evaluate_metrics | {"num-examples": weight})

@@ -1,0 +1,1 @@
+"""`confide-simulate`: many virtual institutions on one machine (Flower's simulation engine)."""

@@ -1,0 +1,190 @@
+"""`confide-simulate bench`: DP on vs DP off vs plain Flower on one workload, in one run.
+
+Round time is the median over rounds 2..R (round 1 pays Ray's start-up and is reported
+separately). Ratios are taken within this one run on this one machine, so they compare the
+software, not the hardware.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from confide.simulations.baseline import plain_apps
+from confide.simulations.engine import run_scenario, simulate
+from confide.simulations.report import write_atomic
+from confide.simulations.runner import RunError
+from confide.simulations.scenario import ScenarioConfig, ScenarioError, load_scenario
+
+
+@dataclass
+class Measurement:
+    name: str
+    first_round: float
+    median_round: float
+    accuracy: float
+    epsilon_max: float | None
+    peak_rss_mb: float
+    rounds: int
+    institutions: int
+
+    @property
+    def per_round(self) -> str:
+        return f"{self.median_round:.3f}"
+
+
+def _median_later(seconds: list[float]) -> float:
+    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
+
+
+def measure_confide(name: str, scenario: ScenarioConfig) -> Measurement:
+    outcome = run_scenario(scenario)
+    seconds = [r.seconds for r in outcome.history.rounds]
+    return Measurement(
+        name,
+        seconds[0],
+        _median_later(seconds),
+        outcome.history.rounds[-1].accuracy,
+        outcome.history.epsilon_max if scenario.privacy.enabled else None,
+        outcome.peak_rss_bytes / 2**20,
+        len(seconds),
+        scenario.simulation.institutions,
+    )
+
+
+def measure_plain(name: str, scenario: ScenarioConfig) -> Measurement:
+    seconds: list[float] = []
+    accuracy: list[float] = []
+    server, client = plain_apps(scenario, seconds, accuracy)
+    _, peak = simulate(server, client, scenario)
+    if len(seconds) != scenario.federation.rounds:
+        raise RunError(f"plain Flower run stopped after {len(seconds)} rounds")
+    return Measurement(
+        name,
+        seconds[0],
+        _median_later(seconds),
+        accuracy[-1],
+        None,
+        peak / 2**20,
+        len(seconds),
+        scenario.simulation.institutions,
+    )
+
+
+def run_benchmarks(
+    scenario_name: str, rounds: int, output: Path, *, scale: bool, console: Console
+) -> list[Measurement]:
+    try:
+        dp_on = load_scenario(scenario_name, {"federation": {"rounds": rounds}})
+        dp_off = load_scenario(
+            scenario_name,
+            {"federation": {"rounds": rounds}, "privacy": {"enabled": False}},
+        )
+        big = load_scenario("synthetic-1000") if scale else None
+    except ScenarioError as error:
+        raise RunError(str(error)) from None
+    if not dp_on.privacy.enabled:
+        raise RunError(f"{scenario_name}: the benchmark workload must have privacy enabled")
+    runs = [
+        ("confide, DP off", lambda: measure_confide("confide, DP off", dp_off)),
+        ("confide, DP on", lambda: measure_confide("confide, DP on", dp_on)),
+        ("plain Flower", lambda: measure_plain("plain Flower", dp_off)),
+    ]
+    if big is not None:
+        runs.append(("synthetic-1000", lambda: measure_confide("synthetic-1000 (DP on)", big)))
+    results = []
+    for label, measure in runs:
+        console.print(f"benchmark: {label} ...")
+        results.append(measure())
+    off, on, plain = results[0], results[1], results[2]
+    ratios = {
+        "DP on / DP off (round time)": on.median_round / off.median_round,
+        "confide DP off / plain Flower (round time)": off.median_round / plain.median_round,
+        "DP on / DP off (accuracy)": on.accuracy / off.accuracy,
+        "confide DP off / plain Flower (accuracy)": off.accuracy / plain.accuracy,
+    }
+    table = Table(title=f"Benchmark: {dp_on.name}, {rounds} rounds")
+    for column in (
+        "variant",
+        "s/round (median r2..)",
+        "round 1 s",
+        "accuracy",
+        "epsilon",
+        "peak RSS MB",
+    ):
+        table.add_column(column)
+    for m in results:
+        table.add_row(
+            m.name,
+            m.per_round,
+            f"{m.first_round:.1f}",
+            f"{m.accuracy:.4f}",
+            f"{m.epsilon_max:.3f}" if m.epsilon_max is not None else "-",
+            f"{m.peak_rss_mb:.0f}",
+        )
+    console.print(table)
+    for label, value in ratios.items():
+        console.print(f"{label}: {value:.3f}")
+    write_atomic(output, _markdown(dp_on, rounds, results, ratios))
+    console.print(f"written: {output}")
+    return results
+
+
+def _markdown(
+    scenario: ScenarioConfig, rounds: int, results: list[Measurement], ratios: dict[str, float]
+) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `confide-simulate bench"
+        + (" --scale" if len(results) > 3 else "")
+        + f"` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Do not edit by hand: rerun it.",
+        "",
+        f"Machine: {platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, CPU only.",
+        "",
+        f"Workload: scenario `{scenario.name}` ({scenario.simulation.institutions} institutions, "
+        f"task `{scenario.task.name}`, model hidden {scenario.task.model.hidden}, batch "
+        f"{scenario.train.batch_size}, {scenario.train.local_epochs} local epoch(s)), "
+        f"{rounds} rounds per variant, seed {scenario.seed}. All variants run in one process, "
+        "one after the other, each on a fresh Ray instance (1 CPU per simulated institution).",
+        "",
+        "- *s/round* is the median over rounds 2..R; round 1 includes Ray's start-up and "
+        "the roster query, and is listed separately.",
+        "- *plain Flower* is Flower's stock `FedAvg` with a textbook PyTorch ClientApp "
+        "(DataLoader + SGD) on the same data, model and hyperparameters, with the same central "
+        "evaluation; confide adds the roster, update validation, privacy bookkeeping and "
+        "reproducible sampling.",
+        "",
+        "| variant | institutions | rounds | s/round | round 1 s | test accuracy | max epsilon "
+        "| peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in results:
+        eps = f"{m.epsilon_max:.3f}" if m.epsilon_max is not None else "-"
+        lines.append(
+            f"| {m.name} | {m.institutions} | {m.rounds} | {m.median_round:.3f} | "
+            f"{m.first_round:.1f} | {m.accuracy:.4f} | {eps} | {m.peak_rss_mb:.0f} |"
+        )
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {label} | {value:.3f} |" for label, value in ratios.items()]
+    lines += [
+        "",
+        "Peak RSS is the resident memory of the driver process plus all its descendants "
+        "(Ray's GCS, raylet and workers), sampled every 0.25 s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 1

@@ -1,0 +1,133 @@
+"""`confide-simulate`: run, list and benchmark federated scenarios on one machine."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from confide.simulations.environment import apply_defaults
+
+apply_defaults()  # before Flower or Ray is imported anywhere
+
+app = typer.Typer(
+    help="Simulate federated training with differential privacy: many virtual institutions "
+    "on this machine (Flower's simulation engine on Ray).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=2)
+
+
+def overrides(
+    rounds: int | None, institutions: int | None, seed: int | None, device: str | None
+) -> dict[str, Any]:
+    """CLI flags as a partial scenario; they win over the file's values."""
+    tree: dict[str, Any] = {}
+    if rounds is not None:
+        tree.setdefault("federation", {})["rounds"] = rounds
+    if institutions is not None:
+        tree.setdefault("simulation", {})["institutions"] = institutions
+    if seed is not None:
+        tree["seed"] = seed
+    if device is not None:
+        tree.setdefault("simulation", {})["device"] = device
+    return tree
+
+
+@app.command()
+def run(
+    scenario: Annotated[str, typer.Argument(help="a scenario file, or a bundled name (see list)")],
+    rounds: Annotated[int | None, typer.Option(help="override federation.rounds")] = None,
+    institutions: Annotated[
+        int | None,
+        typer.Option(help="override simulation.institutions (the minimums shrink to fit)"),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="override the seed")] = None,
+    out: Annotated[Path, typer.Option(help="results are written to OUT/<scenario>-<time>/")] = Path(
+        "results"
+    ),
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress display")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
+) -> None:
+    """Run a scenario and write results.json, plots and the resolved config."""
+    from confide.simulations.runner import RunError, run_and_report
+
+    try:
+        run_and_report(
+            scenario,
+            overrides(rounds, institutions, seed, device),
+            out,
+            console=console,
+            quiet=quiet,
+            verbose=verbose,
+            shrink_minimums=institutions is not None,
+        )
+    except RunError as error:
+        raise _fail(str(error)) from None
+
+
+@app.command("list")
+def list_scenarios() -> None:
+    """List the bundled scenarios."""
+    from confide.simulations.scenario import bundled_scenarios, load_scenario
+
+    table = Table(title="Bundled scenarios (confide-simulate run NAME)")
+    for column in ("name", "institutions", "rounds", "DP", "description"):
+        table.add_column(column)
+    for name, path in sorted(bundled_scenarios().items()):
+        scenario = load_scenario(str(path))
+        dp = (
+            f"epsilon <= {scenario.privacy.target_epsilon:g}"
+            if scenario.privacy.enabled and scenario.privacy.target_epsilon
+            else ("sigma = " + str(scenario.privacy.noise_multiplier))
+            if scenario.privacy.enabled
+            else "off"
+        )
+        table.add_row(
+            name,
+            str(scenario.simulation.institutions),
+            str(scenario.federation.rounds),
+            dp,
+            scenario.description,
+        )
+    console.print(table)
+
+
+@app.command()
+def bench(
+    scenario: Annotated[str, typer.Argument(help="the workload")] = "digits-dp",
+    rounds: Annotated[int, typer.Option(help="rounds per variant")] = 15,
+    output: Annotated[Path, typer.Option(help="the Markdown report")] = Path("docs/benchmarks.md"),
+    scale: Annotated[
+        bool, typer.Option(help="also run synthetic-1000 and record its round time and memory")
+    ] = False,
+) -> None:
+    """Compare DP off, DP on and plain Flower on one workload; write the ratios to OUTPUT."""
+    from confide.simulations.bench import run_benchmarks
+    from confide.simulations.runner import RunError
+
+    try:
+        run_benchmarks(scenario, rounds, output, scale=scale, console=console)
+    except RunError as error:
+        raise _fail(str(error)) from None
+
+
+def main() -> None:
+    app(prog_name="confide-simulate")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

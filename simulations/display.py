@@ -1,0 +1,137 @@
+"""Terminal output of a simulation: partition table, live round progress, final summary."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from confide.server.history import JobHistory, RoundRecord
+from confide.tasks.splits import FederatedSplit
+
+FULL_TABLE_LIMIT = 20
+
+
+def partition_table(console: Console, split: FederatedSplit) -> None:
+    rows = split.table
+    if len(rows) > FULL_TABLE_LIMIT:
+        sizes = [int(row["examples"]) for row in rows]
+        console.print(
+            f"{len(rows)} institutions; examples per institution: min {min(sizes)}, "
+            f"median {statistics.median(sizes):g}, max {max(sizes)} (all in partitions.json); "
+            f"held-out test set: {len(split.test)}"
+        )
+        return
+    table = Table(title=f"Data per institution (test set held out: {len(split.test)})")
+    table.add_column("institution", justify="right")
+    table.add_column("examples", justify="right")
+    table.add_column("train / validation", justify="right")
+    table.add_column("examples per label")
+    for row, local in zip(rows, split.institutions, strict=True):
+        table.add_row(
+            str(row["institution"]),
+            str(row["examples"]),
+            f"{len(local.train)} / {len(local.validation)}",
+            " ".join(f"{count:>3}" for count in row["labels"]),  # type: ignore[union-attr]
+        )
+    console.print(table)
+
+
+class RoundProgress:
+    """A live bar: round r/R, last test accuracy and the largest epsilon so far."""
+
+    def __init__(self, console: Console, rounds: int, dp: bool) -> None:
+        self.dp = dp
+        self.console = console
+        # Without a terminal (CI, a pipe) a live bar is noise: print one line per round.
+        self.live = console.is_terminal
+        self.rounds = rounds
+        self.progress = Progress(
+            TextColumn("[bold]round"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not self.live,
+        )
+        self.task = self.progress.add_task(
+            "rounds", total=rounds, status="starting Ray and the first round..."
+        )
+
+    def __enter__(self) -> RoundProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, record: RoundRecord, history: JobHistory) -> None:
+        status = f"accuracy {record.accuracy:.4f}  loss {record.loss:.4f}"
+        if self.dp:
+            status += f"  max epsilon {record.epsilon_max:.3f}"
+        status += f"  ({record.seconds:.2f}s)"
+        if self.live:
+            self.progress.update(self.task, completed=record.round, status=status)
+        else:
+            self.console.print(f"round {record.round}/{self.rounds}: {status}", highlight=False)
+
+
+def summary(console: Console, results: dict[str, Any], directory: str) -> None:
+    final = results["final"]
+    console.print(
+        f"\n[bold]Final test accuracy {final['accuracy']:.4f}[/]  loss {final['loss']:.4f}  "
+        f"macro-F1 {final['f1_macro']:.4f}"
+    )
+    institutions = results["institutions"]
+    if results["dp"]:
+        console.print(
+            f"Privacy (sample level, {results['privacy']['accountant'].upper()} accountant): "
+            f"max epsilon {final['epsilon_max']:.3f} at delta {final['delta']:g}"
+        )
+        shown = institutions if len(institutions) <= FULL_TABLE_LIMIT else []
+        if shown:
+            table = Table(title="Privacy spent per institution")
+            for column in (
+                "institution",
+                "examples",
+                "rounds",
+                "epsilon",
+                "delta",
+                "sigma",
+                "q",
+                "steps",
+            ):
+                table.add_column(column, justify="right")
+            for row in shown:
+                table.add_row(
+                    str(row["id"]),
+                    str(row["examples"]),
+                    str(row["rounds_trained"]),
+                    f"{row['epsilon']:.3f}",
+                    f"{row['delta']:g}",
+                    f"{row['noise_multiplier']:.3f}" if row["noise_multiplier"] else "-",
+                    f"{row['sample_rate']:.4f}" if row["sample_rate"] else "-",
+                    str(row["steps"]),
+                )
+            console.print(table)
+        else:
+            spent = [row["epsilon"] for row in institutions]
+            trained = sum(1 for row in institutions if row["rounds_trained"])
+            console.print(
+                f"{trained} of {len(institutions)} institutions trained; epsilon per "
+                f"institution: min {min(spent):.3f}, median {statistics.median(spent):.3f}, "
+                f"max {max(spent):.3f} (each one in results.json)"
+            )
+    else:
+        console.print("Privacy: none (DP off) - the updates carry no (epsilon, delta) guarantee.")
+    timing = results["timing"]
+    console.print(
+        f"{len(results['rounds'])} rounds in {timing['total_seconds']:.1f}s "
+        f"(first {timing['first_round_seconds']:.1f}s with Ray start-up, then median "
+        f"{timing['median_round_seconds']:.2f}s)"
+    )
+    console.print(f"Results: {directory}")

@@ -1,0 +1,145 @@
+"""Run a scenario on Flower's simulation engine (Ray).
+
+This is the one module that calls `flwr.simulation.run_simulation` (deprecated upstream in
+favour of `flwr run`), so moving to another entry point touches this file only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from confide.client.app import build_client_app
+from confide.client.data import SimulatedInstitutions
+from confide.server.app import run as run_job
+from confide.server.history import JobHistory, RoundObserver
+from confide.simulations.environment import apply_defaults
+from confide.simulations.resources import MemorySampler
+from confide.simulations.scenario import ScenarioConfig
+from confide.tasks.splits import FederatedSplit
+
+
+@dataclass
+class SimulationOutcome:
+    history: JobHistory
+    split: FederatedSplit
+    seconds: float
+    peak_rss_bytes: int
+
+
+class _DropDeprecation(logging.Filter):
+    """`run_simulation`'s deprecation notice is known (see the module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage()
+
+
+def backend_config(scenario: ScenarioConfig) -> dict:
+    settings = scenario.simulation
+    init_args: dict = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+    }
+    if settings.ray_address:
+        init_args["address"] = settings.ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
+    return {
+        "client_resources": {
+            "num_cpus": settings.cpus_per_institution,
+            "num_gpus": settings.gpus_per_institution,
+        },
+        "init_args": init_args,
+    }
+
+
+def simulate(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    scenario: ScenarioConfig,
+    *,
+    verbose: bool = False,
+) -> tuple[float, int]:
+    """Run the two apps on `scenario.simulation.institutions` virtual nodes.
+
+    Returns (wall seconds, peak resident memory of this process and its Ray workers).
+    """
+    apply_defaults()
+    from flwr.simulation import run_simulation
+
+    flower_home = os.environ.get("FLWR_HOME")
+    scratch = None
+    if flower_home is None:  # keep Flower's files out of the user's home directory
+        scratch = tempfile.mkdtemp(prefix="confide-flwr-")
+        os.environ["FLWR_HOME"] = scratch
+    flower_logger = logging.getLogger("flwr")
+    level = flower_logger.level
+    quiet = _DropDeprecation()
+    flower_logger.addFilter(quiet)
+    if not verbose:
+        flower_logger.setLevel(logging.WARNING)
+    started = time.perf_counter()
+    try:
+        with MemorySampler() as memory:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=scenario.simulation.institutions,
+                backend_config=backend_config(scenario),
+                verbose_logging=verbose,
+            )
+    finally:
+        flower_logger.setLevel(level)
+        flower_logger.removeFilter(quiet)
+        if scratch is not None:
+            os.environ.pop("FLWR_HOME", None)
+            shutil.rmtree(scratch, ignore_errors=True)
+    return time.perf_counter() - started, memory.peak_bytes
+
+
+def run_scenario(
+    scenario: ScenarioConfig,
+    *,
+    observer: RoundObserver | None = None,
+    verbose: bool = False,
+    on_split: Callable[[FederatedSplit], None] | None = None,
+) -> SimulationOutcome:
+    """Partition the data, run every round, and return what the coordinator recorded."""
+    source = SimulatedInstitutions(
+        scenario.task, scenario.data, scenario.simulation.institutions, scenario.seed
+    )
+    split = source.split()  # validates the partition before Ray starts
+    if on_split is not None:
+        on_split(split)
+    job = scenario.job()
+    history = JobHistory()
+    failure: list[BaseException] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context) -> None:
+        try:
+            run_job(job, grid, history, observer, split.test)
+        except BaseException as error:  # re-raised below: Flower only logs it
+            failure.append(error)
+            raise
+
+    client_app = build_client_app(source, scenario.simulation.device)
+    seconds, peak = simulate(server_app, client_app, scenario, verbose=verbose)
+    if failure:
+        raise RuntimeError(f"the simulation failed: {failure[0]}") from failure[0]
+    if len(history.rounds) != job.federation.rounds:
+        raise RuntimeError(
+            f"the simulation stopped after {len(history.rounds)} of {job.federation.rounds} "
+            "rounds; run with --verbose to see Flower's log"
+        )
+    return SimulationOutcome(history, split, seconds, peak)

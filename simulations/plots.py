@@ -1,0 +1,68 @@
+"""PNG plots of a run (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt
+
+from confide.server.history import JobHistory
+
+
+def plot_metrics(history: JobHistory, path: Path, title: str) -> None:
+    """Test accuracy and loss of the global model per round (round 0 = initial model)."""
+    rounds = [0] + [r.round for r in history.rounds]
+    accuracy = [history.initial_metrics["accuracy"]] + [r.accuracy for r in history.rounds]
+    loss = [history.initial_metrics["loss"]] + [r.loss for r in history.rounds]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(rounds, accuracy, marker=".")
+    left.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="accuracy")
+    right.plot(rounds, loss, marker=".", color="tab:red")
+    right.set(xlabel="round", ylabel="test loss (cross-entropy)", title="loss")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_epsilon(history: JobHistory, path: Path, title: str) -> None:
+    """Cumulative epsilon of each institution after each round (sample level)."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    institutions = sorted({name for r in history.rounds for name in r.epsilons}, key=_order)
+    rounds = [r.round for r in history.rounds]
+    many = len(institutions) > 20
+    for name in institutions:
+        values, last = [], 0.0
+        for record in history.rounds:
+            last = record.epsilons.get(name, last)
+            values.append(last)
+        axis.plot(
+            rounds,
+            values,
+            color="tab:blue" if many else None,
+            alpha=0.15 if many else 1.0,
+            label=None if many else f"institution {name}",
+            linewidth=1,
+        )
+    axis.plot(
+        rounds,
+        [r.epsilon_max for r in history.rounds],
+        color="black",
+        linestyle="--",
+        label="max over institutions",
+    )
+    axis.set(xlabel="round", ylabel="cumulative epsilon", title=f"{title}: privacy spend")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _order(name: str) -> tuple[int, str]:
+    return (int(name), name) if name.isdigit() else (1 << 30, name)

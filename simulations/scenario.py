@@ -1,0 +1,102 @@
+"""Scenario files: a job (task, data, training, privacy, federation) plus simulation settings.
+
+A scenario is a TOML file validated by `ScenarioConfig`; CLI flags override its values. The
+bundled scenarios live in `simulations/scenarios/` and can be named without a path.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from confide.server.job import JobConfig
+from confide.tasks.config import StrictModel, describe_errors
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be run; the message names the file and every bad field."""
+
+
+class SimulationSettings(StrictModel):
+    institutions: int = Field(default=5, ge=1, le=100_000, description="virtual institutions")
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    cpus_per_institution: float = Field(
+        default=1.0, gt=0.0, le=64.0, description="Ray CPUs reserved per running ClientApp"
+    )
+    gpus_per_institution: float = Field(default=0.0, ge=0.0, le=8.0)
+    ray_address: str | None = Field(
+        default=None, description="an existing Ray cluster; by default Ray starts locally"
+    )
+
+
+class ScenarioConfig(JobConfig):
+    name: str = Field(default="scenario", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    description: str = ""
+    simulation: SimulationSettings = SimulationSettings()
+
+    @model_validator(mode="after")
+    def _fits_institutions(self) -> ScenarioConfig:
+        count = self.simulation.institutions
+        for field in ("min_available", "min_train", "min_evaluate"):
+            value = getattr(self.federation, field)
+            if value > count:
+                raise ValueError(
+                    f"federation.{field} = {value} exceeds simulation.institutions = {count}: "
+                    "the simulation would wait forever"
+                )
+        return self
+
+    def job(self) -> JobConfig:
+        return JobConfig.model_validate(self.model_dump(include=set(JobConfig.model_fields)))
+
+
+def bundled_scenarios() -> dict[str, Path]:
+    folder = resources.files("confide.simulations.scenarios")
+    return {
+        Path(entry.name).stem: Path(str(entry))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".toml")
+    }
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A file path, or the name of a bundled scenario (`digits-dp`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = bundled_scenarios()
+    if name_or_path in bundled:
+        return bundled[name_or_path]
+    raise ScenarioError(
+        f"{name_or_path}: no such file, and not a bundled scenario "
+        f"(bundled: {', '.join(sorted(bundled))})"
+    )
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_scenario(name_or_path: str, overrides: dict[str, Any] | None = None) -> ScenarioConfig:
+    """Read, override and validate a scenario; every problem is reported at once."""
+    path = resolve_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ScenarioError(f"{path}: not valid TOML: {error}") from None
+    raw.setdefault("name", path.stem)
+    try:
+        return ScenarioConfig.model_validate(_merge(raw, overrides or {}))
+    except ValidationError as error:
+        lines = describe_errors(error, ScenarioConfig)
+        raise ScenarioError(f"{path}: invalid scenario\n  " + "\n  ".join(lines)) from None

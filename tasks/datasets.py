@@ -1,0 +1,208 @@
+"""Dataset loaders: bundled scikit-learn sets, seeded synthetic data, and user CSV/NPZ files.
+
+Every loader returns a `Dataset` of float32 features and int64 labels in `0..classes-1`.
+Feature scaling is data-independent on purpose: statistics computed over private data (a mean,
+a standard deviation) would be released outside the DP accountant.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class DatasetError(ValueError):
+    """A data file or dataset that cannot be used, with what and where in the message."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features `x` (n, d) float32 and labels `y` (n,) int64 with values in `0..classes-1`."""
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: int
+    label_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 2 or self.y.ndim != 1 or len(self.x) != len(self.y):
+            raise DatasetError(
+                f"expected x of shape (n, d) and y of shape (n,), got {self.x.shape} and "
+                f"{self.y.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def features(self) -> int:
+        return int(self.x.shape[1])
+
+    def subset(self, indices: np.ndarray) -> Dataset:
+        return Dataset(self.x[indices], self.y[indices], self.classes, self.label_names)
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes).
+
+    Pixels are 0..16; dividing by 16 maps them to [0, 1] without looking at the data.
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    return Dataset(
+        (bunch.data / 16.0).astype(np.float32),
+        bunch.target.astype(np.int64),
+        10,
+        tuple(str(c) for c in range(10)),
+    )
+
+
+def load_breast_cancer() -> Dataset:
+    """scikit-learn's Wisconsin breast cancer set (569 patients, 30 features, binary).
+
+    Features are positive and span five orders of magnitude; log1p is a fixed, data-independent
+    transform that brings them to a comparable range.
+    """
+    from sklearn.datasets import load_breast_cancer as sk_cancer
+
+    bunch = sk_cancer()
+    return Dataset(
+        np.log1p(bunch.data).astype(np.float32),
+        bunch.target.astype(np.int64),
+        2,
+        tuple(str(n) for n in bunch.target_names),
+    )
+
+
+def make_synthetic(samples: int, features: int, classes: int, seed: int) -> Dataset:
+    """Seeded classification data of any size (scikit-learn's `make_classification`)."""
+    from sklearn.datasets import make_classification
+
+    informative = max(2, min(features, max(classes.bit_length() + 1, features // 2)))
+    x, y = make_classification(
+        n_samples=samples,
+        n_features=features,
+        n_informative=informative,
+        n_redundant=0,
+        n_classes=classes,
+        n_clusters_per_class=1,
+        class_sep=1.5,
+        random_state=seed,
+    )
+    return Dataset(x.astype(np.float32), y.astype(np.int64), classes)
+
+
+def _encode_labels(raw: np.ndarray, where: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Map arbitrary label values to 0..k-1 in sorted order; refuse a single class."""
+    names, codes = np.unique(raw, return_inverse=True)
+    if len(names) < 2:
+        raise DatasetError(f"{where}: the label has {len(names)} distinct value(s); need >= 2")
+    return codes.astype(np.int64), tuple(str(n) for n in names)
+
+
+def _numeric_if_possible(labels: list[str]) -> np.ndarray:
+    """Integer labels sort as numbers (2 < 10), anything else as text."""
+    try:
+        numbers = np.asarray([float(label) for label in labels])
+    except ValueError:
+        return np.asarray(labels)
+    if np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers)):
+        return numbers.astype(np.int64)
+    return np.asarray(labels)
+
+
+def _require_finite(x: np.ndarray, where: str) -> None:
+    bad = np.argwhere(~np.isfinite(x))
+    if len(bad):
+        row, col = bad[0]
+        raise DatasetError(f"{where}: non-finite value at row {row}, feature {col}")
+
+
+def load_csv(path: Path, label_column: str) -> Dataset:
+    """A CSV file with a header row, numeric feature columns and one label column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    # utf-8-sig: spreadsheets often save a byte-order mark before the first column name.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DatasetError(f"{path}: the file is empty") from None
+        if label_column not in header:
+            raise DatasetError(
+                f"{path}: no label column '{label_column}' (columns: {', '.join(header)})"
+            )
+        label_at = header.index(label_column)
+        features: list[list[float]] = []
+        labels: list[str] = []
+        for line_number, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DatasetError(
+                    f"{path}:{line_number}: {len(row)} fields, the header has {len(header)}"
+                )
+            values: list[float] = []
+            for column, cell in enumerate(row):
+                if column == label_at:
+                    continue
+                try:
+                    value = float(cell)
+                except ValueError:
+                    raise DatasetError(
+                        f"{path}:{line_number}: column '{header[column]}' is not a number: {cell!r}"
+                    ) from None
+                if not math.isfinite(value):
+                    raise DatasetError(
+                        f"{path}:{line_number}: column '{header[column]}' is not finite: {cell!r}"
+                    )
+                values.append(value)
+            features.append(values)
+            labels.append(row[label_at].strip())
+    if not features:
+        raise DatasetError(f"{path}: no data rows")
+    x = np.asarray(features, dtype=np.float32)
+    y, names = _encode_labels(_numeric_if_possible(labels), str(path))
+    return Dataset(x, y, len(names), names)
+
+
+def load_npz(path: Path) -> Dataset:
+    """A NumPy `.npz` archive with arrays `X` (n, d) and `y` (n,)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DatasetError(f"{path}: not a readable .npz archive ({error})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DatasetError(f"{path}: a single array, not an .npz archive with X and y")
+    with archive:
+        missing = {"X", "y"} - set(archive.files)
+        if missing:
+            raise DatasetError(
+                f"{path}: missing array(s) {sorted(missing)} (found {sorted(archive.files)})"
+            )
+        try:
+            x, raw_y = archive["X"], archive["y"]
+        except ValueError:  # object arrays need pickle, which is never allowed for data
+            raise DatasetError(f"{path}: X and y must be numeric arrays, not objects") from None
+    if x.ndim != 2:
+        raise DatasetError(f"{path}: X must be 2-D (examples, features), got shape {x.shape}")
+    if raw_y.shape != (len(x),):
+        raise DatasetError(f"{path}: y must have shape ({len(x)},), got {raw_y.shape}")
+    try:
+        x = x.astype(np.float32)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{path}: X is not numeric (dtype {x.dtype})") from None
+    _require_finite(x, str(path))
+    y, names = _encode_labels(raw_y, str(path))
+    return Dataset(x, y, len(names), names)

@@ -1,0 +1,85 @@
+"""The federated layout of one dataset: a held-out test set, then one shard per institution,
+each cut into a training part and a local validation part.
+
+Everything is a pure function of (task, data config, institutions, seed), so a coordinator and
+every simulated institution derive the same layout without exchanging data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from confide.tasks.config import DataConfig, TaskConfig
+from confide.tasks.datasets import Dataset
+from confide.tasks.partition import PartitionError, label_table, partition_indices
+from confide.tasks.registry import get_task
+
+
+@dataclass(frozen=True)
+class InstitutionData:
+    """One institution's local data: what it trains on and what it validates on."""
+
+    train: Dataset
+    validation: Dataset
+
+
+@dataclass(frozen=True)
+class FederatedSplit:
+    test: Dataset
+    institutions: list[InstitutionData]
+    table: list[dict[str, int | list[int]]]
+
+    @property
+    def classes(self) -> int:
+        return self.test.classes
+
+    @property
+    def features(self) -> int:
+        return self.test.features
+
+
+def _split(data: Dataset, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices; stratified when every class can appear on both sides."""
+    indices = np.arange(len(data))
+    held_size = int(np.ceil(fraction * len(data)))
+    if held_size >= len(data):
+        raise PartitionError(
+            f"{what}: {fraction:g} of {len(data)} examples leaves nothing to keep; "
+            "lower the fraction or use more data"
+        )
+    counts = np.bincount(data.y, minlength=data.classes)
+    present = int((counts > 0).sum())
+    stratified = counts[counts > 0].min() >= 2 and min(held_size, len(data) - held_size) >= present
+    keep, held = train_test_split(
+        indices, test_size=held_size, random_state=seed, stratify=data.y if stratified else None
+    )
+    return np.sort(keep), np.sort(held)
+
+
+def split_test(task: TaskConfig, data: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
+    """(pool for institutions, held-out test set) of the task's dataset."""
+    full = get_task(task.name).load(task, seed)
+    if len(full) < 4:
+        raise PartitionError(f"task '{task.name}' has only {len(full)} examples")
+    pool, test = _split(full, data.test_fraction, seed, "data.test_fraction")
+    return full.subset(pool), full.subset(test)
+
+
+def federate(task: TaskConfig, data: DataConfig, institutions: int, seed: int) -> FederatedSplit:
+    """Split the task's data into a test set and `institutions` local datasets."""
+    pool, test = split_test(task, data, seed)
+    parts = partition_indices(pool.y, institutions, data.partition, seed)
+    local: list[InstitutionData] = []
+    for part in parts:
+        shard = pool.subset(part)
+        if data.validation_fraction > 0 and len(shard) >= 2:
+            train, validation = _split(
+                shard, data.validation_fraction, seed, "data.validation_fraction"
+            )
+            local.append(InstitutionData(shard.subset(train), shard.subset(validation)))
+        else:
+            local.append(InstitutionData(shard, shard.subset(np.arange(0))))
+    return FederatedSplit(test, local, label_table(pool.y, parts, pool.classes))

@@ -1,0 +1,79 @@
+"""A bad scenario is refused before anything starts: clear message, non-zero exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from confide.simulations.scenario import bundled_scenarios
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_out_of_range_value_names_field_and_range(simulate, tmp_path):
+    bundled = bundled_scenarios()["digits-dp"].read_text()
+    path = _write(tmp_path, bundled.replace("rounds = 30", "rounds = 0"))
+    result = simulate("run", path)
+    assert result.returncode == 2
+    assert "federation.rounds" in result.stderr
+    assert "1 <= value <= 100000" in result.stderr
+    assert "bad.toml" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_field_and_bad_choice_are_all_reported(simulate, tmp_path):
+    path = _write(
+        tmp_path,
+        '[privacy]\ntarget_epsilon = 8.0\nnoise = 1.0\n[data.partition]\nscheme = "random"\n',
+    )
+    result = simulate("run", path)
+    assert result.returncode == 2
+    assert "privacy.noise" in result.stderr and "unknown field" in result.stderr
+    assert "data.partition.scheme" in result.stderr
+    assert "'iid', 'dirichlet', 'shards'" in result.stderr
+
+
+def test_invalid_toml_is_reported_with_file(simulate, tmp_path):
+    result = simulate("run", _write(tmp_path, "[federation\nrounds = 3\n"))
+    assert result.returncode == 2
+    assert "not valid TOML" in result.stderr
+
+
+def test_missing_scenario_lists_bundled_ones(simulate):
+    result = simulate("run", "no-such-scenario")
+    assert result.returncode == 2
+    assert "digits-dp" in result.stderr
+
+
+def test_flag_override_is_validated_too(simulate):
+    result = simulate("run", "digits-dp", "--rounds", "-1")
+    assert result.returncode == 2
+    assert "federation.rounds" in result.stderr
+
+
+def test_minimum_above_institutions_is_refused(simulate, tmp_path):
+    bundled = bundled_scenarios()["digits-dp"].read_text()
+    path = _write(tmp_path, bundled.replace("institutions = 5", "institutions = 3"))
+    result = simulate("run", path)
+    assert result.returncode == 2
+    assert "min_available" in result.stderr and "wait forever" in result.stderr
+
+
+def test_list_shows_every_bundled_scenario(simulate):
+    result = simulate("list")
+    assert result.returncode == 0, result.stderr
+    for name in ("digits-dp", "digits-nodp", "breast-cancer-dp", "synthetic-1000"):
+        assert name in result.stdout
+
+
+def test_help_explains_commands(simulate):
+    result = simulate("--help")
+    assert result.returncode == 0
+    for command in ("run", "list", "bench"):
+        assert command in result.stdout
+    run_help = simulate("run", "--help").stdout
+    for flag in ("--rounds", "--institutions", "--seed", "--out", "--device"):
+        assert flag in run_help

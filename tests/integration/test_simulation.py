@@ -1,0 +1,112 @@
+"""End to end through the real CLI: Flower's simulation engine on Ray, Opacus DP-SGD.
+
+Three institutions, two rounds, DP on; the run is made twice with one seed to check that the
+numbers in results.json repeat exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from confide.privacy.accounting import epsilon
+
+pytestmark = pytest.mark.slow
+SCRIPT = Path(sys.executable).with_name("confide-simulate")
+ARGS = ("run", "digits-dp", "--rounds", "2", "--institutions", "3", "--seed", "7", "--quiet")
+
+
+def _run(out: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    result = subprocess.run(
+        [str(SCRIPT), *ARGS, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"COLUMNS": "200", "NO_COLOR": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (directory,) = out.iterdir()
+    return result, directory
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    return [_run(tmp_path_factory.mktemp(f"run{i}")) for i in range(2)]
+
+
+def test_run_writes_every_artefact(two_runs):
+    _, directory = two_runs[0]
+    assert directory.name.startswith("digits-dp-")
+    for name in ("results.json", "scenario.toml", "partitions.json", "metrics.png", "epsilon.png"):
+        assert (directory / name).stat().st_size > 0, name
+
+
+def test_results_json_has_the_documented_shape(two_runs):
+    _, directory = two_runs[0]
+    results = json.loads((directory / "results.json").read_text())
+    assert results["scenario"] == "digits-dp" and results["seed"] == 7
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    for entry in results["rounds"]:
+        assert set(entry) >= {"round", "accuracy", "loss", "epsilon_max", "seconds"}
+        assert 0.0 <= entry["accuracy"] <= 1.0 and entry["seconds"] > 0
+    assert results["rounds"][1]["epsilon_max"] > results["rounds"][0]["epsilon_max"] > 0
+    final = results["final"]
+    assert set(final) >= {"accuracy", "loss", "f1_macro", "epsilon_max", "delta"}
+    assert final["delta"] == 1e-5
+    assert final["accuracy"] > results["initial"]["accuracy"]
+    institutions = results["institutions"]
+    assert [i["id"] for i in institutions] == [0, 1, 2]
+    for inst in institutions:
+        assert set(inst) >= {
+            "id",
+            "examples",
+            "epsilon",
+            "delta",
+            "noise_multiplier",
+            "sample_rate",
+            "steps",
+            "accountant",
+        }
+        # Recompute the reported epsilon from the reported parameters.
+        history = [(inst["noise_multiplier"], inst["sample_rate"], inst["steps"])]
+        assert inst["epsilon"] == pytest.approx(epsilon(history, inst["delta"]), rel=1e-9)
+        assert inst["rounds_trained"] == 2 and inst["accountant"] == "rdp"
+    assert final["epsilon_max"] == max(i["epsilon"] for i in institutions)
+
+
+def test_summary_prints_accuracy_and_each_epsilon(two_runs):
+    result, directory = two_runs[0]
+    results = json.loads((directory / "results.json").read_text())
+    assert f"Final test accuracy {results['final']['accuracy']:.4f}" in result.stdout
+    for inst in results["institutions"]:
+        assert f"{inst['epsilon']:.3f}" in result.stdout
+
+
+def test_resolved_scenario_records_the_overrides(two_runs):
+    import tomllib
+
+    _, directory = two_runs[0]
+    resolved = tomllib.loads((directory / "scenario.toml").read_text())
+    assert resolved["federation"]["rounds"] == 2
+    assert resolved["simulation"]["institutions"] == 3
+    assert resolved["seed"] == 7
+
+
+def _without_timing(value):
+    if isinstance(value, dict):
+        return {k: _without_timing(v) for k, v in value.items() if k not in ("seconds", "timing")}
+    if isinstance(value, list):
+        return [_without_timing(v) for v in value]
+    return value
+
+
+def test_same_seed_gives_the_same_numbers(two_runs):
+    first, second = (
+        json.loads((directory / "results.json").read_text()) for _, directory in two_runs
+    )
+    assert _without_timing(first) == _without_timing(second)
