@@ -85,6 +85,8 @@ def simulate(
     level = flower_logger.level
     quiet = _DropDeprecation()
     flower_logger.addFilter(quiet)
+    # Ray installs a root handler; without this every Flower line would print twice.
+    propagate, flower_logger.propagate = flower_logger.propagate, False
     if not verbose:
         flower_logger.setLevel(logging.WARNING)
     started = time.perf_counter()
@@ -100,6 +102,7 @@ def simulate(
     finally:
         flower_logger.setLevel(level)
         flower_logger.removeFilter(quiet)
+        flower_logger.propagate = propagate
         if scratch is not None:
             os.environ.pop("FLWR_HOME", None)
             shutil.rmtree(scratch, ignore_errors=True)

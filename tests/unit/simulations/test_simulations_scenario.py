@@ -1,0 +1,63 @@
+"""Scenario files: bundled ones are valid, overrides win, errors name file and field."""
+
+from __future__ import annotations
+
+import pytest
+
+from confide.simulations.runner import RunError, prepare
+from confide.simulations.scenario import ScenarioError, bundled_scenarios, load_scenario
+
+
+@pytest.mark.parametrize("name", sorted(bundled_scenarios()))
+def test_every_bundled_scenario_is_valid_and_named_after_its_file(name):
+    scenario = load_scenario(name)
+    assert scenario.name == name
+    assert scenario.federation.min_available <= scenario.simulation.institutions
+
+
+def test_required_bundled_scenarios_exist():
+    assert {"digits-dp", "digits-nodp", "breast-cancer-dp", "synthetic-1000"} <= set(
+        bundled_scenarios()
+    )
+
+
+def test_synthetic_1000_samples_a_tenth_with_dp():
+    scenario = load_scenario("synthetic-1000")
+    assert scenario.simulation.institutions == 1000
+    assert scenario.federation.fraction_train == pytest.approx(0.1)
+    assert scenario.privacy.enabled
+
+
+def test_overrides_replace_nested_values_and_keep_the_rest():
+    scenario = load_scenario("digits-dp", {"federation": {"rounds": 3}, "seed": 9})
+    assert scenario.federation.rounds == 3 and scenario.seed == 9
+    assert scenario.federation.min_available == load_scenario("digits-dp").federation.min_available
+
+
+def test_job_is_the_scenario_without_simulation_settings():
+    scenario = load_scenario("digits-dp")
+    job = scenario.job()
+    assert job.federation == scenario.federation and job.privacy == scenario.privacy
+    assert not hasattr(job, "simulation")
+
+
+def test_institutions_flag_shrinks_minimums_to_fit():
+    scenario = prepare("digits-dp", {"simulation": {"institutions": 3}}, shrink_minimums=True)
+    assert scenario.simulation.institutions == 3
+    assert scenario.federation.min_available == 3
+
+
+def test_error_lists_every_problem_with_the_file(tmp_path):
+    path = tmp_path / "two-problems.toml"
+    path.write_text("[train]\nlr = -1\n[privacy]\ndelta = 2\n")
+    with pytest.raises(ScenarioError) as caught:
+        load_scenario(str(path))
+    message = str(caught.value)
+    assert str(path) in message
+    assert "train.lr" in message and "0.0 < value <= 100.0" in message
+    assert "privacy.delta" in message and "0.0 < value < 1.0" in message
+
+
+def test_prepare_turns_scenario_errors_into_run_errors():
+    with pytest.raises(RunError, match=r"federation\.rounds"):
+        prepare("digits-dp", {"federation": {"rounds": 0}}, shrink_minimums=False)
