@@ -1,0 +1,65 @@
+"""The institution's local side: which device it trains on and which data it sees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from confide.client.app import _history, _store_history
+from confide.client.data import SimulatedInstitutions
+from confide.client.device import resolve_device
+from confide.tasks.config import DataConfig, TaskConfig
+
+
+def _context(partition: int, partitions: int = 3, run_config: dict | None = None) -> Context:
+    return Context(
+        run_id=1,
+        node_id=100 + partition,
+        node_config={"partition-id": partition, "num-partitions": partitions},
+        state=RecordDict(),
+        run_config=run_config or {},
+    )
+
+
+def test_auto_device_is_cuda_only_when_present():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_cuda_without_gpu_is_an_error_not_a_silent_fallback():
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(ValueError, match="auto, cpu or cuda"):
+        resolve_device("tpu")
+
+
+def test_each_virtual_institution_gets_its_own_shard():
+    source = SimulatedInstitutions(TaskConfig(), DataConfig(), 3, seed=0)
+    shards = [source(_context(i))[1].train for i in range(3)]
+    names = [source(_context(i))[0] for i in range(3)]
+    assert names == ["0", "1", "2"]
+    rows = [{row.tobytes() for row in shard.x} for shard in shards]
+    assert not (rows[0] & rows[1]) and not (rows[1] & rows[2])
+    expected = source.split().institutions[1].train
+    assert np.array_equal(shards[1].x, expected.x)
+
+
+def test_flower_run_config_defines_the_simulated_layout():
+    context = _context(0, partitions=4, run_config={"task.name": "breast-cancer", "seed": 3})
+    source = SimulatedInstitutions.from_context(context)
+    assert source.task.name == "breast-cancer" and source.seed == 3
+    assert source.institutions == 4
+
+
+def test_accountant_history_survives_in_the_node_state():
+    context = _context(0)
+    assert _history(context) == []
+    history = [(1.2, 0.1, 30), (0.9, 0.2, 5)]
+    _store_history(context, history)
+    assert _history(context) == history
