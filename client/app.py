@@ -70,13 +70,8 @@ def build_client_app(source: DataSource | None = None, device: str = "auto") -> 
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        institution, local = local_data(context)
-        reply = RecordDict(
-            {
-                "identity": ConfigRecord({"institution": institution}),
-                "metrics": MetricRecord({"num-examples": len(local.train)}),
-            }
-        )
+        institution, _ = local_data(context)
+        reply = RecordDict({"identity": ConfigRecord({"institution": institution})})
         return Message(reply, reply_to=message)
 
     @app.train()

@@ -94,13 +94,14 @@ class ConfideFedAvg(FedAvg):
                     reply.error.reason,
                 )
                 continue
-            institution = str(reply.content["identity"]["institution"])
-            self.roster[reply.metadata.src_node_id] = institution
-            spend = self.history.spend(institution)
-            spend.examples = int(reply.content["metrics"]["num-examples"])
+            self.roster[reply.metadata.src_node_id] = str(reply.content["identity"]["institution"])
         log(INFO, "roster: %d institutions", len(self.roster))
 
-    def _sample(self, grid: Grid, server_round: int, fraction: float, minimum: int, kind: str):
+    def _sample(
+        self, grid: Grid, server_round: int, fraction: float, minimum: int, kind: str
+    ) -> list[int]:
+        """Node ids of a reproducible sample: seeded by (job seed, kind, round), over the
+        roster sorted by institution name, so node ids (random in simulation) do not matter."""
         self._refresh_roster(grid)
         live = set(grid.get_node_ids())
         candidates = sorted((name, node) for node, name in self.roster.items() if node in live)
@@ -108,7 +109,14 @@ class ConfideFedAvg(FedAvg):
         rng = random.Random(derive_seed(self.seed, kind, server_round))
         return [node for _, node in sorted(rng.sample(candidates, size))]
 
-    def _messages(self, nodes, arrays, config, message_type, server_round) -> list[Message]:
+    def _messages(
+        self,
+        nodes: list[int],
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        message_type: str,
+        server_round: int,
+    ) -> list[Message]:
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
         return self._construct_messages(record, nodes, message_type)

@@ -128,6 +128,13 @@ def summary(console: Console, results: dict[str, Any], directory: str) -> None:
             )
     else:
         console.print("Privacy: none (DP off) - the updates carry no (epsilon, delta) guarantee.")
+    rejected = results["rejected_updates"]
+    if rejected:
+        console.print(
+            f"[bold yellow]warning:[/] {len(rejected)} update(s) or replies were refused or "
+            f"failed; first: institution {rejected[0]['institution']}: {rejected[0]['reason']} "
+            "(all in results.json, rejected_updates)"
+        )
     timing = results["timing"]
     console.print(
         f"{len(results['rounds'])} rounds in {timing['total_seconds']:.1f}s "

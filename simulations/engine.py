@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -125,21 +126,17 @@ def run_scenario(
         on_split(split)
     job = scenario.job()
     history = JobHistory()
-    failure: list[BaseException] = []
     server_app = ServerApp()
 
     @server_app.main()
-    def main(grid: Grid, context) -> None:
-        try:
-            run_job(job, grid, history, observer, split.test)
-        except BaseException as error:  # re-raised below: Flower only logs it
-            failure.append(error)
-            raise
+    def main(grid: Grid, context: Context) -> None:
+        run_job(job, grid, history, observer, split.test)
 
     client_app = build_client_app(source, scenario.simulation.device)
-    seconds, peak = simulate(server_app, client_app, scenario, verbose=verbose)
-    if failure:
-        raise RuntimeError(f"the simulation failed: {failure[0]}") from failure[0]
+    try:
+        seconds, peak = simulate(server_app, client_app, scenario, verbose=verbose)
+    except Exception as error:  # run_simulation re-raises the ServerApp's exception
+        raise RuntimeError(f"the simulation failed: {error}") from error
     if len(history.rounds) != job.federation.rounds:
         raise RuntimeError(
             f"the simulation stopped after {len(history.rounds)} of {job.federation.rounds} "
