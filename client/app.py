@@ -49,7 +49,10 @@ def _store_history(context: Context, history: list[HistoryEntry]) -> None:
     )
 
 
-def _model(instructions: RoundInstructions, local: InstitutionData, arrays: ArrayRecord):
+def _model(
+    instructions: RoundInstructions, local: InstitutionData, arrays: ArrayRecord
+) -> torch.nn.Module:
+    """The task's model with the coordinator's weights loaded (names and shapes must match)."""
     task = instructions.task
     model = get_task(task.name).build_model(
         task, local.train.features, local.train.classes, instructions.seed

@@ -34,10 +34,10 @@ def plot_epsilon(history: JobHistory, path: Path, title: str) -> None:
     """Cumulative epsilon of each institution after each round (sample level)."""
     figure, axis = plt.subplots(figsize=(7, 4))
     institutions = sorted({name for r in history.rounds for name in r.epsilons}, key=_order)
-    rounds = [r.round for r in history.rounds]
+    rounds = [0] + [r.round for r in history.rounds]
     many = len(institutions) > 20
     for name in institutions:
-        values, last = [], 0.0
+        values, last = [0.0], 0.0
         for record in history.rounds:
             last = record.epsilons.get(name, last)
             values.append(last)
@@ -51,7 +51,7 @@ def plot_epsilon(history: JobHistory, path: Path, title: str) -> None:
         )
     axis.plot(
         rounds,
-        [r.epsilon_max for r in history.rounds],
+        [0.0] + [r.epsilon_max for r in history.rounds],
         color="black",
         linestyle="--",
         label="max over institutions",

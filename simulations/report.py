@@ -13,8 +13,8 @@ from typing import Any
 import tomli_w
 
 from confide.server.history import JobHistory
+from confide.simulations.engine import SimulationOutcome
 from confide.simulations.scenario import ScenarioConfig
-from confide.tasks.splits import FederatedSplit
 
 RESULTS = "results.json"
 SCENARIO = "scenario.toml"
@@ -63,13 +63,8 @@ def privacy_statement(scenario: ScenarioConfig, history: JobHistory) -> str:
     )
 
 
-def build_results(
-    scenario: ScenarioConfig,
-    history: JobHistory,
-    split: FederatedSplit,
-    seconds: float,
-    peak_rss_bytes: int,
-) -> dict[str, Any]:
+def build_results(scenario: ScenarioConfig, outcome: SimulationOutcome) -> dict[str, Any]:
+    history, split = outcome.history, outcome.split
     dp = scenario.privacy.enabled
     final = history.rounds[-1]
     institutions = []
@@ -124,24 +119,20 @@ def build_results(
         "institutions": institutions,
         "rejected_updates": history.rejected,
         "timing": {
-            "total_seconds": round(seconds, 3),
+            "total_seconds": round(outcome.seconds, 3),
             "first_round_seconds": round(history.rounds[0].seconds, 4),
             "median_round_seconds": round(statistics.median(later), 4),
-            "peak_rss_mb": round(peak_rss_bytes / 2**20, 1),
+            "peak_rss_mb": round(outcome.peak_rss_bytes / 2**20, 1),
         },
     }
 
 
 def write_run(
-    directory: Path,
-    scenario: ScenarioConfig,
-    history: JobHistory,
-    split: FederatedSplit,
-    seconds: float,
-    peak_rss_bytes: int,
+    directory: Path, scenario: ScenarioConfig, outcome: SimulationOutcome
 ) -> dict[str, Any]:
     """Write every artefact of a finished run into `directory`; return the results dict."""
-    results = build_results(scenario, history, split, seconds, peak_rss_bytes)
+    history, split = outcome.history, outcome.split
+    results = build_results(scenario, outcome)
     resolved = scenario.model_dump(mode="json", exclude_none=True)
     write_atomic(directory / SCENARIO, tomli_w.dumps(resolved))
     write_atomic(directory / PARTITIONS, json.dumps(split.table, indent=1) + "\n")

@@ -79,13 +79,6 @@ def run_and_report(
     except RuntimeError as error:
         raise RunError(str(error)) from None
     directory = run_directory(out, scenario)
-    results = write_run(
-        directory,
-        scenario,
-        outcome.history,
-        outcome.split,
-        outcome.seconds,
-        outcome.peak_rss_bytes,
-    )
+    results = write_run(directory, scenario, outcome)
     display.summary(console, results, str(directory))
     return directory, results

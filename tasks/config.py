@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
+import annotated_types as at
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
@@ -143,10 +145,6 @@ def describe_errors(error: ValidationError, model: type[BaseModel]) -> list[str]
 
 def _allowed(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
     """The range (from ge/gt/le/lt constraints) or choices of the field at `loc`, if any."""
-    import typing
-
-    import annotated_types as at
-
     field = None
     current: Any = model
     for part in loc:
