@@ -11,6 +11,7 @@ rounds of a job. Raw data never leaves this function; replies carry weights and 
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 
 import torch
@@ -61,10 +62,28 @@ def _model(
     return model
 
 
-def build_client_app(source: DataSource | None = None, device: str = "auto") -> ClientApp:
-    """A ClientApp whose data comes from `source` (default: the run's simulated partition)."""
+def _one_thread() -> None:
+    # Module-level on purpose: Ray pickles the ClientApp's closures by value, and a closure
+    # that names `torch` directly drags the module into the pickle (which fails).
+    torch.set_num_threads(1)  # one institution per core in simulation; threads only contend
+
+
+def build_client_app(
+    source: DataSource | None = None, device: str = "auto", noise_seed: int | None = None
+) -> ClientApp:
+    """A ClientApp whose data comes from `source` (default: the run's simulated partition).
+
+    `noise_seed` is the institution's own: with None (the default) every round's Poisson
+    sampling and Gaussian noise are seeded from the operating system's CSPRNG, so nobody,
+    the coordinator included, can regenerate the noise and subtract it. A simulation sets it
+    to make runs reproducible; the coordinator's messages never choose it.
+    """
     app = ClientApp()
-    torch.set_num_threads(1)  # one simulated institution per core; threads would only contend
+
+    def round_seed(server_round: int, institution: str) -> int:
+        if noise_seed is None:
+            return secrets.randbits(31)
+        return derive_seed(noise_seed, "train", server_round, institution)
 
     def local_data(context: Context) -> tuple[str, InstitutionData]:
         if source is not None:
@@ -79,6 +98,7 @@ def build_client_app(source: DataSource | None = None, device: str = "auto") -> 
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
+        _one_thread()
         instructions = RoundInstructions.from_config(message.content["config"])
         server_round = int(message.content["config"]["server-round"])
         institution, local = local_data(context)
@@ -90,7 +110,7 @@ def build_client_app(source: DataSource | None = None, device: str = "auto") -> 
             instructions.privacy,
             history=_history(context),
             planned_rounds=instructions.rounds,
-            seed=derive_seed(instructions.seed, "train", server_round, institution),
+            seed=round_seed(server_round, institution),
             device=resolve_device(device),
         )
         _store_history(context, result.history)
@@ -118,6 +138,7 @@ def build_client_app(source: DataSource | None = None, device: str = "auto") -> 
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
+        _one_thread()
         instructions = RoundInstructions.from_config(message.content["config"])
         institution, local = local_data(context)
         metrics: dict[str, float | int] = {"num-examples": len(local.validation)}

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-
-Device = Literal["auto", "cpu", "cuda"]
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -78,14 +78,3 @@ def noise_for_budget(
             epsilon_tolerance=0.01,
         )
     )
-
-
-def merge_history(history: list[HistoryEntry], new: list[HistoryEntry]) -> list[HistoryEntry]:
-    """Append `new` to `history`, merging equal consecutive (sigma, q) entries."""
-    merged = [tuple(entry) for entry in history]
-    for sigma, rate, steps in new:
-        if merged and merged[-1][0] == sigma and merged[-1][1] == rate:
-            merged[-1] = (sigma, rate, merged[-1][2] + steps)
-        else:
-            merged.append((sigma, rate, steps))
-    return [(float(s), float(q), int(n)) for s, q, n in merged]

@@ -49,3 +49,14 @@ class PrivacyConfig(StrictModel):
                 "privacy.noise_multiplier"
             )
         return self
+
+    def describe(self) -> str:
+        """One line for people: the mechanism and its parameters."""
+        if not self.enabled:
+            return "no DP"
+        noise = (
+            f"target epsilon {self.target_epsilon:g}"
+            if self.target_epsilon is not None
+            else f"sigma {self.noise_multiplier:g}"
+        )
+        return f"DP-SGD ({noise}, delta {self.delta:g}, {self.accountant.upper()} accountant)"

@@ -23,6 +23,7 @@ from confide.privacy.accounting import (
 )
 from confide.privacy.config import PrivacyConfig, TrainConfig
 from confide.tasks.datasets import Dataset
+from confide.tasks.seeding import derive_seed
 
 
 class PrivacyError(ValueError):
@@ -93,8 +94,9 @@ def train_round(
     """Train `model` in place on `data` for `train.local_epochs` epochs.
 
     With privacy on, batches are Poisson-sampled, per-sample gradients clipped and noised, and
-    the accountant continues from `history`. `seed` fixes batch sampling and noise, so the same
-    inputs give the same result.
+    the accountant continues from `history`. `seed` fixes batch sampling and noise (through
+    separate derived streams), so the same inputs give the same result: whoever knows the
+    seed can regenerate the noise, so in deployment it must be the institution's secret.
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -102,7 +104,7 @@ def train_round(
     model.to(device).train()
     x = torch.as_tensor(data.x, device=device)
     y = torch.as_tensor(data.y, device=device)
-    batches = torch.Generator().manual_seed(seed)
+    batches = torch.Generator().manual_seed(derive_seed(seed, "batches"))
     criterion = nn.CrossEntropyLoss()
     optimizer = _optimizer(model, train)
 
@@ -126,12 +128,14 @@ def train_round(
 
     check_model(model)
     sigma = planned_noise(privacy, train, len(data), planned_rounds)
-    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    noise = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise"))
     loader = DataLoader(TensorDataset(x, y), batch_size=train.batch_size, generator=batches)
-    # Opacus warns on every call that secure_mode is off, and hooks warn that the input does
-    # not require grad; neither is actionable here.
+    # Two known warnings, neither actionable: Opacus says secure_mode is off on every call
+    # (the seed's source is the caller's choice, see build_client_app), and backward hooks
+    # note that the input does not require grad. Every other warning still shows.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         engine = PrivacyEngine(accountant=privacy.accountant)
         engine.accountant.history = [tuple(entry) for entry in history]
         private_model, private_optimizer, private_loader = engine.make_private(

@@ -8,11 +8,12 @@ from logging import INFO
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from pydantic import ValidationError
 
 from confide.server.history import JobHistory, RoundObserver, RoundRecord
 from confide.server.job import JobConfig
 from confide.server.strategy import ConfideFedAvg
-from confide.tasks.config import unflatten
+from confide.tasks.config import describe_errors, unflatten
 from confide.tasks.datasets import Dataset
 from confide.tasks.metrics import evaluate
 from confide.tasks.registry import get_task
@@ -51,7 +52,6 @@ def run(
     test = test_set if test_set is not None else split_test(job.task, job.data, job.seed)[1]
     task = get_task(job.task.name)
     model = task.build_model(job.task, test.features, test.classes, job.seed)
-    history.accountant = job.privacy.accountant
     strategy = ConfideFedAvg(job.federation, job.seed, history)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -99,7 +99,11 @@ def run(
 
 
 def _job_from_context(context: Context) -> JobConfig:
-    return JobConfig.model_validate(unflatten(dict(context.run_config)))
+    try:
+        return JobConfig.model_validate(unflatten(dict(context.run_config)))
+    except ValidationError as error:
+        lines = describe_errors(error, JobConfig)
+        raise ValueError("invalid run config:\n  " + "\n  ".join(lines)) from None
 
 
 # Entry point named in pyproject's [tool.flwr.app.components] (`flwr run .`): the job comes

@@ -11,10 +11,8 @@ class InstitutionSpend:
     """An institution's latest cumulative sample-level privacy spend in this job."""
 
     institution: str
-    examples: int = 0
     rounds_trained: int = 0
     epsilon: float = 0.0
-    delta: float = 0.0
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
     steps: int = 0
@@ -46,7 +44,6 @@ class JobHistory:
     rounds: list[RoundRecord] = field(default_factory=list)
     institutions: dict[str, InstitutionSpend] = field(default_factory=dict)
     rejected: list[dict[str, str | int]] = field(default_factory=list)
-    accountant: str = "rdp"
 
     def spend(self, institution: str) -> InstitutionSpend:
         return self.institutions.setdefault(institution, InstitutionSpend(institution))

@@ -141,22 +141,32 @@ class ConfideFedAvg(FedAvg):
         return self._messages(nodes, arrays, config, MessageType.EVALUATE, server_round)
 
     # -- aggregation ---------------------------------------------------------------------
-    def _ordered(self, replies: Iterable[Message]) -> list[tuple[str, Message]]:
+    def _reject(self, institution: str, server_round: int, phase: str, reason: str) -> None:
+        log(
+            WARNING,
+            "round %d: %s reply from %s refused: %s",
+            server_round,
+            phase,
+            institution,
+            reason,
+        )
+        self.history.rejected.append(
+            {"institution": institution, "round": server_round, "phase": phase, "reason": reason}
+        )
+
+    def _ordered(
+        self, replies: Iterable[Message], server_round: int, phase: str
+    ) -> list[tuple[str, Message]]:
+        """Replies without errors, in institution order; errors are recorded and dropped."""
         named = []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            institution = self.roster.get(
+                reply.metadata.src_node_id, str(reply.metadata.src_node_id)
+            )
             if reply.has_error():
-                log(
-                    WARNING,
-                    "institution %s failed: %s",
-                    self.roster.get(node, node),
-                    reply.error.reason,
-                )
-                self.history.rejected.append(
-                    {"institution": self.roster.get(node, str(node)), "reason": reply.error.reason}
-                )
-                continue
-            named.append((self.roster.get(node, str(node)), reply))
+                self._reject(institution, server_round, phase, reply.error.reason)
+            else:
+                named.append((institution, reply))
         return sorted(named, key=lambda item: item[0])
 
     def aggregate_train(
@@ -164,24 +174,19 @@ class ConfideFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[RecordDict] = []
         self.last_epsilons = {}
-        for institution, reply in self._ordered(replies):
+        for institution, reply in self._ordered(replies, server_round, "train"):
             try:
+                metrics = reply.content["metrics"]
+                # Privacy was spent whether or not the update is usable: record it first.
+                self._record_spend(institution, metrics)
+                if int(metrics["num-examples"]) < 1:
+                    raise UpdateRejected("num-examples must be at least 1")
                 assert self.global_arrays is not None
                 check_update(self.global_arrays, reply.content["arrays"])
-            except (UpdateRejected, KeyError) as error:
-                log(
-                    WARNING,
-                    "round %d: update from %s rejected: %s",
-                    server_round,
-                    institution,
-                    error,
-                )
-                self.history.rejected.append(
-                    {"institution": institution, "round": server_round, "reason": str(error)}
-                )
+            except (UpdateRejected, KeyError, TypeError, ValueError) as error:
+                self._reject(institution, server_round, "train", f"{type(error).__name__}: {error}")
                 continue
             accepted.append(reply.content)
-            self._record_spend(institution, reply.content["metrics"])
             self.last_epsilons[institution] = self.history.spend(institution).epsilon
         self.last_trained = len(accepted)
         if not accepted:
@@ -199,17 +204,16 @@ class ConfideFedAvg(FedAvg):
         return arrays, metrics
 
     def _record_spend(self, institution: str, metrics: MetricRecord) -> None:
+        """Update the institution's cumulative spend from its reply (KeyError if incomplete)."""
         spend = self.history.spend(institution)
-        spend.examples = int(metrics["num-examples"])
-        spend.rounds_trained += 1
-        if int(metrics.get(keys.DP_ENABLED, 0)):
+        if int(metrics[keys.DP_ENABLED]):
             spend.epsilon = float(metrics[keys.EPSILON])
-            spend.delta = float(metrics[keys.DELTA])
             spend.noise_multiplier = float(metrics[keys.NOISE_MULTIPLIER])
             spend.sample_rate = float(metrics[keys.SAMPLE_RATE])
             spend.steps = int(metrics[keys.TOTAL_STEPS])
         else:
             spend.steps += int(metrics[keys.STEPS])
+        spend.rounds_trained += 1
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -217,15 +221,19 @@ class ConfideFedAvg(FedAvg):
         """Example-weighted mean of the institutions' validation metrics."""
         totals: dict[str, float] = {}
         weight = 0
-        for _, reply in self._ordered(replies):
-            metrics = reply.content["metrics"]
-            examples = int(metrics["num-examples"])
-            if examples == 0:
+        for institution, reply in self._ordered(replies, server_round, "evaluate"):
+            try:
+                metrics = {key: float(value) for key, value in reply.content["metrics"].items()}
+                examples = int(metrics.pop("num-examples"))
+            except (KeyError, TypeError, ValueError) as error:
+                reason = f"{type(error).__name__}: {error}"
+                self._reject(institution, server_round, "evaluate", reason)
+                continue
+            if examples <= 0:
                 continue
             weight += examples
             for key, value in metrics.items():
-                if key != "num-examples":
-                    totals[key] = totals.get(key, 0.0) + examples * float(value)
+                totals[key] = totals.get(key, 0.0) + examples * value
         if weight == 0:
             self.last_evaluate_metrics = {}
             return None

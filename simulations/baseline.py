@@ -10,28 +10,28 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from confide.client.data import SimulatedInstitutions
 from confide.simulations.scenario import ScenarioConfig
 from confide.tasks.metrics import evaluate
 from confide.tasks.registry import get_task
+from confide.tasks.splits import FederatedSplit
 
 
-def plain_apps(scenario: ScenarioConfig, round_seconds: list[float], accuracy: list[float]):
+def plain_apps(
+    scenario: ScenarioConfig, round_seconds: list[float], accuracy: list[float]
+) -> tuple[ServerApp, ClientApp]:
     """(ServerApp, ClientApp); the server appends each round's seconds and test accuracy."""
-    source = SimulatedInstitutions(
-        scenario.task, scenario.data, scenario.simulation.institutions, scenario.seed
-    )
+    source = scenario.data_source()
     task = get_task(scenario.task.name)
     train_cfg = scenario.train
 
-    def new_model(split) -> nn.Module:
+    def new_model(split: FederatedSplit) -> nn.Module:
         return task.build_model(scenario.task, split.features, split.classes, scenario.seed)
 
     client = ClientApp()
@@ -105,7 +105,6 @@ def plain_apps(scenario: ScenarioConfig, round_seconds: list[float], accuracy: l
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=federation.rounds,
-            train_config=ConfigRecord({"lr": train_cfg.lr}),
             evaluate_fn=central,
         )
 

@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from confide.simulations.baseline import plain_apps
-from confide.simulations.engine import run_scenario, simulate
-from confide.simulations.report import write_atomic
+from confide.simulations.engine import SimulationError, run_scenario, simulate
+from confide.simulations.report import median_after_first, write_atomic
 from confide.simulations.runner import RunError
 from confide.simulations.scenario import ScenarioConfig, ScenarioError, load_scenario
 
@@ -40,17 +40,13 @@ class Measurement:
         return f"{self.median_round:.3f}"
 
 
-def _median_later(seconds: list[float]) -> float:
-    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
-
-
 def measure_confide(name: str, scenario: ScenarioConfig) -> Measurement:
     outcome = run_scenario(scenario)
     seconds = [r.seconds for r in outcome.history.rounds]
     return Measurement(
         name,
         seconds[0],
-        _median_later(seconds),
+        median_after_first(seconds),
         outcome.history.rounds[-1].accuracy,
         outcome.history.epsilon_max if scenario.privacy.enabled else None,
         outcome.peak_rss_bytes / 2**20,
@@ -69,7 +65,7 @@ def measure_plain(name: str, scenario: ScenarioConfig) -> Measurement:
     return Measurement(
         name,
         seconds[0],
-        _median_later(seconds),
+        median_after_first(seconds),
         accuracy[-1],
         None,
         peak / 2**20,
@@ -82,14 +78,11 @@ def local_training_ms(scenario: ScenarioConfig, repeats: int = 30) -> float:
     """Median milliseconds of one institution's local round (`train_round`), one thread."""
     import time
 
-    from confide.client.data import SimulatedInstitutions
     from confide.privacy.trainer import train_round
     from confide.tasks.registry import get_task
 
     torch.set_num_threads(1)
-    split = SimulatedInstitutions(
-        scenario.task, scenario.data, scenario.simulation.institutions, scenario.seed
-    ).split()
+    split = scenario.data_source().split()
     local = split.institutions[0].train
     task = get_task(scenario.task.name)
     timings = []
@@ -134,7 +127,10 @@ def run_benchmarks(
     results = []
     for label, measure in runs:
         console.print(f"benchmark: {label} ...")
-        results.append(measure())
+        try:
+            results.append(measure())
+        except SimulationError as error:
+            raise RunError(f"{label}: {error}") from None
     local = {"DP off": local_training_ms(dp_off), "DP on": local_training_ms(dp_on)}
     off, on, plain = results[0], results[1], results[2]
     ratios = {
@@ -166,7 +162,10 @@ def run_benchmarks(
     console.print(table)
     for label, value in ratios.items():
         console.print(f"{label}: {value:.3f}")
-    write_atomic(output, _markdown(dp_on, rounds, results, ratios, local))
+    try:
+        write_atomic(output, _markdown(dp_on, rounds, results, ratios, local))
+    except OSError as error:
+        raise RunError(f"--output {output}: {error}") from None
     console.print(f"written: {output}")
     return results
 

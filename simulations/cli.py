@@ -73,7 +73,7 @@ def run(
             console=console,
             quiet=quiet,
             verbose=verbose,
-            shrink_minimums=institutions is not None,
+            fit_minimums=institutions is not None,
         )
     except RunError as error:
         raise _fail(str(error)) from None
@@ -89,18 +89,11 @@ def list_scenarios() -> None:
         table.add_column(column)
     for name, path in sorted(bundled_scenarios().items()):
         scenario = load_scenario(str(path))
-        dp = (
-            f"epsilon <= {scenario.privacy.target_epsilon:g}"
-            if scenario.privacy.enabled and scenario.privacy.target_epsilon
-            else ("sigma = " + str(scenario.privacy.noise_multiplier))
-            if scenario.privacy.enabled
-            else "off"
-        )
         table.add_row(
             name,
             str(scenario.simulation.institutions),
             str(scenario.federation.rounds),
-            dp,
+            scenario.privacy.describe(),
             scenario.description,
         )
     console.print(table)

@@ -13,18 +13,20 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from flwr.app import Context
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import ServerApp
 
 from confide.client.app import build_client_app
-from confide.client.data import SimulatedInstitutions
-from confide.server.app import run as run_job
+from confide.client.device import resolve_device
+from confide.privacy.trainer import PrivacyError, check_model, planned_noise
+from confide.server.app import build_server_app
 from confide.server.history import JobHistory, RoundObserver
 from confide.simulations.environment import apply_defaults
 from confide.simulations.resources import MemorySampler
 from confide.simulations.scenario import ScenarioConfig
+from confide.tasks.registry import get_task
 from confide.tasks.splits import FederatedSplit
 
 
@@ -43,9 +45,9 @@ class _DropDeprecation(logging.Filter):
         return "DEPRECATED FEATURE" not in record.getMessage()
 
 
-def backend_config(scenario: ScenarioConfig) -> dict:
+def backend_config(scenario: ScenarioConfig) -> dict[str, Any]:
     settings = scenario.simulation
-    init_args: dict = {
+    init_args: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,
         "logging_level": logging.ERROR,
@@ -110,6 +112,44 @@ def simulate(
     return time.perf_counter() - started, memory.peak_bytes
 
 
+class SimulationError(RuntimeError):
+    """A simulation that cannot start or did not finish; the message is for the user."""
+
+
+def preflight(scenario: ScenarioConfig, split: FederatedSplit) -> None:
+    """Refuse, before Ray starts, what every institution would otherwise fail on each round."""
+    try:
+        resolve_device(scenario.simulation.device)
+    except (RuntimeError, ValueError) as error:
+        raise SimulationError(f"simulation.device: {error}") from None
+    privacy = scenario.privacy
+    if not privacy.enabled:
+        return
+    model = get_task(scenario.task.name).build_model(
+        scenario.task, split.features, split.classes, scenario.seed
+    )
+    try:
+        check_model(model)
+    except PrivacyError as error:
+        raise SimulationError(f"task.model: {error}") from None
+    for index, local in enumerate(split.institutions):
+        examples = len(local.train)
+        if privacy.delta >= 1.0 / examples:
+            raise SimulationError(
+                f"privacy.delta = {privacy.delta:g} is not below 1/n = {1 / examples:.3g} for "
+                f"institution {index} ({examples} training examples): with delta >= 1/n a "
+                "mechanism may publish a whole record. Choose delta well below 1/n."
+            )
+        try:
+            planned_noise(privacy, scenario.train, examples, scenario.federation.rounds)
+        except ValueError as error:  # Opacus: the target cannot be met at any noise level
+            raise SimulationError(
+                f"privacy.target_epsilon = {privacy.target_epsilon:g} cannot be met by "
+                f"institution {index} ({examples} examples, {scenario.federation.rounds} "
+                f"rounds): {error}"
+            ) from None
+
+
 def run_scenario(
     scenario: ScenarioConfig,
     *,
@@ -117,29 +157,30 @@ def run_scenario(
     verbose: bool = False,
     on_split: Callable[[FederatedSplit], None] | None = None,
 ) -> SimulationOutcome:
-    """Partition the data, run every round, and return what the coordinator recorded."""
-    source = SimulatedInstitutions(
-        scenario.task, scenario.data, scenario.simulation.institutions, scenario.seed
-    )
+    """Partition the data, run every round, and return what the coordinator recorded.
+
+    Virtual institutions seed their noise from the scenario seed, so runs are reproducible;
+    see `build_client_app` for why a deployed institution must not do that.
+    """
+    source = scenario.data_source()
     split = source.split()  # validates the partition before Ray starts
+    preflight(scenario, split)
     if on_split is not None:
         on_split(split)
     job = scenario.job()
     history = JobHistory()
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_job(job, grid, history, observer, split.test)
-
-    client_app = build_client_app(source, scenario.simulation.device)
+    server_app = build_server_app(job, history=history, observer=observer, test_set=split.test)
+    client_app = build_client_app(source, scenario.simulation.device, noise_seed=scenario.seed)
     try:
         seconds, peak = simulate(server_app, client_app, scenario, verbose=verbose)
     except Exception as error:  # run_simulation re-raises the ServerApp's exception
-        raise RuntimeError(f"the simulation failed: {error}") from error
+        raise SimulationError(f"the simulation failed: {type(error).__name__}: {error}") from error
     if len(history.rounds) != job.federation.rounds:
-        raise RuntimeError(
+        raise SimulationError(
             f"the simulation stopped after {len(history.rounds)} of {job.federation.rounds} "
             "rounds; run with --verbose to see Flower's log"
         )
+    if not any(record.trained for record in history.rounds):
+        first = history.rejected[0]["reason"] if history.rejected else "no reply"
+        raise SimulationError(f"no institution delivered a usable update; first failure: {first}")
     return SimulationOutcome(history, split, seconds, peak)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -46,7 +47,23 @@ def run_directory(root: Path, scenario: ScenarioConfig) -> Path:
             return path
         except FileExistsError:
             continue
-    raise RuntimeError(f"cannot create a run directory under {root}")
+    raise OSError(f"1000 run folders for {scenario.name} in one second under {root}")
+
+
+def median_after_first(seconds: list[float]) -> float:
+    """Median round time without round 1, which pays Ray's start-up."""
+    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
+
+
+def _json_number(value: Any) -> Any:
+    """NaN and infinity (a diverged model's loss) are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_number(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_number(item) for item in value]
+    return value
 
 
 def privacy_statement(scenario: ScenarioConfig, history: JobHistory) -> str:
@@ -59,7 +76,8 @@ def privacy_statement(scenario: ScenarioConfig, history: JobHistory) -> str:
         f"as computed by Opacus's {privacy.accountant.upper()} accountant over all rounds of "
         "this run. This bounds what the shared model updates reveal about any single training "
         "example; it does not hide an institution's participation, its example count, or its "
-        "local validation metrics."
+        "local validation metrics. In this simulation the noise is seeded from the scenario "
+        "seed for reproducibility; a deployed institution draws it from a secret source."
     )
 
 
@@ -84,7 +102,6 @@ def build_results(scenario: ScenarioConfig, outcome: SimulationOutcome) -> dict[
                 "accountant": scenario.privacy.accountant if dp else None,
             }
         )
-    later = [r.seconds for r in history.rounds[1:]] or [history.rounds[0].seconds]
     return {
         "scenario": scenario.name,
         "seed": scenario.seed,
@@ -121,7 +138,9 @@ def build_results(scenario: ScenarioConfig, outcome: SimulationOutcome) -> dict[
         "timing": {
             "total_seconds": round(outcome.seconds, 3),
             "first_round_seconds": round(history.rounds[0].seconds, 4),
-            "median_round_seconds": round(statistics.median(later), 4),
+            "median_round_seconds": round(
+                median_after_first([r.seconds for r in history.rounds]), 4
+            ),
             "peak_rss_mb": round(outcome.peak_rss_bytes / 2**20, 1),
         },
     }
@@ -141,5 +160,7 @@ def write_run(
     plot_metrics(history, directory / "metrics.png", scenario.name)
     if scenario.privacy.enabled:
         plot_epsilon(history, directory / "epsilon.png", scenario.name)
-    write_atomic(directory / RESULTS, json.dumps(results, indent=2) + "\n")
+    write_atomic(
+        directory / RESULTS, json.dumps(_json_number(results), indent=2, allow_nan=False) + "\n"
+    )
     return results

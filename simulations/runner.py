@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from confide.simulations.scenario import ScenarioConfig, ScenarioError, load_scenario
+from confide.tasks.splits import FederatedSplit
 
 
 class RunError(RuntimeError):
     """A run that cannot start or did not finish; the message is for the user."""
 
 
-def shrink_to(tree: dict[str, Any], institutions: int, scenario: str) -> dict[str, Any]:
-    """With `--institutions N`, cap the scenario's minimum counts at N."""
-    base = load_scenario(scenario)
-    federation = dict(tree.get("federation", {}))
-    for field in ("min_available", "min_train", "min_evaluate"):
-        federation[field] = min(getattr(base.federation, field), institutions)
-    return tree | {"federation": federation}
-
-
-def prepare(scenario: str, tree: dict[str, Any], shrink_minimums: bool) -> ScenarioConfig:
+def prepare(scenario: str, tree: dict[str, Any], fit_minimums: bool) -> ScenarioConfig:
     try:
-        if shrink_minimums:
-            tree = shrink_to(tree, tree["simulation"]["institutions"], scenario)
-        return load_scenario(scenario, tree)
+        return load_scenario(scenario, tree, fit_minimums=fit_minimums)
     except ScenarioError as error:
         raise RunError(str(error)) from None
 
@@ -40,31 +31,27 @@ def run_and_report(
     console: Console,
     quiet: bool = False,
     verbose: bool = False,
-    shrink_minimums: bool = False,
+    fit_minimums: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     from confide.simulations import display
-    from confide.simulations.engine import run_scenario
+    from confide.simulations.engine import SimulationError, run_scenario
     from confide.simulations.report import run_directory, write_run
     from confide.tasks.datasets import DatasetError
     from confide.tasks.partition import PartitionError
 
-    scenario = prepare(scenario_name, tree, shrink_minimums)
-    dp = scenario.privacy.enabled
+    scenario = prepare(scenario_name, tree, fit_minimums)
     console.print(
         f"[bold]{scenario.name}[/]: {scenario.simulation.institutions} institutions, "
         f"{scenario.federation.rounds} rounds, task {scenario.task.name}, "
-        + (
-            f"DP-SGD (target epsilon {scenario.privacy.target_epsilon:g}, delta "
-            f"{scenario.privacy.delta:g})"
-            if dp and scenario.privacy.target_epsilon
-            else f"DP-SGD (sigma {scenario.privacy.noise_multiplier})"
-            if dp
-            else "no DP"
-        )
-        + f", seed {scenario.seed}"
+        f"{scenario.privacy.describe()}, seed {scenario.seed}",
+        highlight=False,
     )
+    try:  # before the simulation: an unwritable --out must not cost a whole run
+        directory = run_directory(out, scenario)
+    except OSError as error:
+        raise RunError(f"--out {out}: cannot create the results folder: {error}") from None
 
-    def show_split(split) -> None:
+    def show_split(split: FederatedSplit) -> None:
         if not quiet:
             display.partition_table(console, split)
 
@@ -72,13 +59,14 @@ def run_and_report(
         if quiet or verbose:
             outcome = run_scenario(scenario, verbose=verbose, on_split=show_split)
         else:
-            with display.RoundProgress(console, scenario.federation.rounds, dp) as progress:
+            with display.RoundProgress(
+                console, scenario.federation.rounds, scenario.privacy.enabled
+            ) as progress:
                 outcome = run_scenario(scenario, observer=progress, on_split=show_split)
-    except (DatasetError, PartitionError) as error:
+        results = write_run(directory, scenario, outcome)
+    except (DatasetError, PartitionError, SimulationError, OSError) as error:
+        if not any(directory.iterdir()):
+            shutil.rmtree(directory, ignore_errors=True)
         raise RunError(str(error)) from None
-    except RuntimeError as error:
-        raise RunError(str(error)) from None
-    directory = run_directory(out, scenario)
-    results = write_run(directory, scenario, outcome)
     display.summary(console, results, str(directory))
     return directory, results

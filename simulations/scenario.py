@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from confide.server.job import JobConfig
+from confide.client.data import SimulatedInstitutions
+from confide.server.job import FederationConfig, JobConfig
 from confide.tasks.config import StrictModel, describe_errors
 
 
@@ -49,6 +50,10 @@ class ScenarioConfig(JobConfig):
                     "the simulation would wait forever"
                 )
         return self
+
+    def data_source(self) -> SimulatedInstitutions:
+        """The virtual institutions' data: this scenario's task split among them."""
+        return SimulatedInstitutions(self.task, self.data, self.simulation.institutions, self.seed)
 
     def job(self) -> JobConfig:
         return JobConfig.model_validate(self.model_dump(include=set(JobConfig.model_fields)))
@@ -87,16 +92,43 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_scenario(name_or_path: str, overrides: dict[str, Any] | None = None) -> ScenarioConfig:
-    """Read, override and validate a scenario; every problem is reported at once."""
+def _fit_minimums(tree: dict[str, Any]) -> dict[str, Any]:
+    """Cap the federation's minimum counts at the number of institutions."""
+    institutions = tree.get("simulation", {}).get("institutions")
+    if not isinstance(institutions, int):
+        return tree
+    federation = dict(tree.get("federation", {}))
+    for field in ("min_available", "min_train", "min_evaluate"):
+        value = federation.get(field, FederationConfig.model_fields[field].default)
+        if isinstance(value, int):
+            federation[field] = min(value, institutions)
+    return tree | {"federation": federation}
+
+
+def load_scenario(
+    name_or_path: str,
+    overrides: dict[str, Any] | None = None,
+    *,
+    fit_minimums: bool = False,
+) -> ScenarioConfig:
+    """Read, override and validate a scenario; every problem is reported at once.
+
+    With `fit_minimums`, minimum institution counts above `simulation.institutions` are
+    lowered to it (what `--institutions N` means on the command line).
+    """
     path = resolve_path(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ScenarioError(f"{path}: not valid TOML: {error}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ScenarioError(f"{path}: cannot read the file: {error}") from None
     raw.setdefault("name", path.stem)
+    tree = _merge(raw, overrides or {})
+    if fit_minimums:
+        tree = _fit_minimums(tree)
     try:
-        return ScenarioConfig.model_validate(_merge(raw, overrides or {}))
+        return ScenarioConfig.model_validate(tree)
     except ValidationError as error:
         lines = describe_errors(error, ScenarioConfig)
         raise ScenarioError(f"{path}: invalid scenario\n  " + "\n  ".join(lines)) from None

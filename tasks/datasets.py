@@ -67,8 +67,9 @@ def load_breast_cancer() -> Dataset:
     """scikit-learn's Wisconsin breast cancer set (569 patients, 30 features, binary).
 
     Features are positive and span five orders of magnitude. They are log-transformed and
-    scaled to [0, 1] with each feature's minimum and maximum as published in the dataset's
-    description (scikit-learn's DESCR): public metadata, not statistics of anyone's shard.
+    scaled to [0, 1] with each feature's minimum and maximum over the whole public dataset
+    (the ranges its description in scikit-learn's DESCR publishes): public metadata, not
+    statistics of any institution's shard.
     """
     from sklearn.datasets import load_breast_cancer as sk_cancer
 
@@ -143,6 +144,10 @@ def load_csv(path: Path, label_column: str) -> Dataset:
             raise DatasetError(
                 f"{path}: no label column '{label_column}' (columns: {', '.join(header)})"
             )
+        if len(header) < 2:
+            raise DatasetError(
+                f"{path}:1: needs at least one feature column besides '{label_column}'"
+            )
         label_at = header.index(label_column)
         features: list[list[float]] = []
         labels: list[str] = []
@@ -153,6 +158,9 @@ def load_csv(path: Path, label_column: str) -> Dataset:
                 raise DatasetError(
                     f"{path}:{line_number}: {len(row)} fields, the header has {len(header)}"
                 )
+            label = row[label_at].strip()
+            if not label:
+                raise DatasetError(f"{path}:{line_number}: empty label in column '{label_column}'")
             values: list[float] = []
             for column, cell in enumerate(row):
                 if column == label_at:
@@ -169,7 +177,7 @@ def load_csv(path: Path, label_column: str) -> Dataset:
                     )
                 values.append(value)
             features.append(values)
-            labels.append(row[label_at].strip())
+            labels.append(label)
     if not features:
         raise DatasetError(f"{path}: no data rows")
     x = np.asarray(features, dtype=np.float32)
@@ -200,8 +208,16 @@ def load_npz(path: Path) -> Dataset:
             raise DatasetError(f"{path}: X and y must be numeric arrays, not objects") from None
     if x.ndim != 2:
         raise DatasetError(f"{path}: X must be 2-D (examples, features), got shape {x.shape}")
+    if x.shape[1] == 0:
+        raise DatasetError(f"{path}: X has shape {x.shape}; needs at least one feature column")
     if raw_y.shape != (len(x),):
         raise DatasetError(f"{path}: y must have shape ({len(x)},), got {raw_y.shape}")
+    if np.issubdtype(raw_y.dtype, np.inexact):
+        bad = np.flatnonzero(~np.isfinite(raw_y))
+        if len(bad):
+            raise DatasetError(
+                f"{path}: non-finite label at index {bad[0]} of y: {raw_y[bad[0]].item()}"
+            )
     try:
         x = x.astype(np.float32)
     except (TypeError, ValueError):

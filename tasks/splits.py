@@ -2,7 +2,8 @@
 each cut into a training part and a local validation part.
 
 Everything is a pure function of (task, data config, institutions, seed), so a coordinator and
-every simulated institution derive the same layout without exchanging data.
+every simulated institution derive the same layout without exchanging data. Each cut draws
+from its own stream derived from the seed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from confide.tasks.config import DataConfig, TaskConfig
 from confide.tasks.datasets import Dataset
 from confide.tasks.partition import PartitionError, label_table, partition_indices
 from confide.tasks.registry import get_task
+from confide.tasks.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -64,20 +66,23 @@ def split_test(task: TaskConfig, data: DataConfig, seed: int) -> tuple[Dataset, 
     full = get_task(task.name).load(task, seed)
     if len(full) < 4:
         raise PartitionError(f"task '{task.name}' has only {len(full)} examples")
-    pool, test = _split(full, data.test_fraction, seed, "data.test_fraction")
+    pool, test = _split(full, data.test_fraction, derive_seed(seed, "test"), "data.test_fraction")
     return full.subset(pool), full.subset(test)
 
 
 def federate(task: TaskConfig, data: DataConfig, institutions: int, seed: int) -> FederatedSplit:
     """Split the task's data into a test set and `institutions` local datasets."""
     pool, test = split_test(task, data, seed)
-    parts = partition_indices(pool.y, institutions, data.partition, seed)
+    parts = partition_indices(pool.y, institutions, data.partition, derive_seed(seed, "partition"))
     local: list[InstitutionData] = []
-    for part in parts:
+    for index, part in enumerate(parts):
         shard = pool.subset(part)
         if data.validation_fraction > 0 and len(shard) >= 2:
             train, validation = _split(
-                shard, data.validation_fraction, seed, "data.validation_fraction"
+                shard,
+                data.validation_fraction,
+                derive_seed(seed, "validation", index),
+                "data.validation_fraction",
             )
             local.append(InstitutionData(shard.subset(train), shard.subset(validation)))
         else:

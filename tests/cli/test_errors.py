@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
+
 from confide.simulations.scenario import bundled_scenarios
 
 
@@ -77,3 +80,46 @@ def test_help_explains_commands(simulate):
     run_help = simulate("run", "--help").stdout
     for flag in ("--rounds", "--institutions", "--seed", "--out", "--device"):
         assert flag in run_help
+
+
+def _scenario_with(tmp_path: Path, old: str, new: str) -> str:
+    bundled = bundled_scenarios()["digits-dp"].read_text()
+    assert old in bundled
+    return _write(tmp_path, bundled.replace(old, new))
+
+
+def test_delta_not_below_one_over_n_is_refused_before_ray_starts(simulate, tmp_path):
+    result = simulate("run", _scenario_with(tmp_path, "delta = 1e-5", "delta = 0.01"))
+    assert result.returncode == 2
+    assert "privacy.delta" in result.stderr and "1/n" in result.stderr
+    assert not any((tmp_path / "results").iterdir())
+
+
+def test_unreachable_target_epsilon_is_refused_before_ray_starts(simulate, tmp_path):
+    path = _scenario_with(tmp_path, "target_epsilon = 8.0", "target_epsilon = 0.001")
+    result = simulate("run", path)
+    assert result.returncode == 2
+    assert "privacy.target_epsilon" in result.stderr and "cannot be met" in result.stderr
+
+
+def test_unwritable_results_folder_is_refused_before_the_run(simulate, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = simulate("run", "digits-dp", "--out", str(blocker / "results"))
+    assert result.returncode == 2
+    assert "--out" in result.stderr
+
+
+def test_scenario_that_is_not_utf8_is_refused_with_the_file(simulate, tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('description = "caf\xe9"\n'.encode("latin-1"))
+    result = simulate("run", str(path))
+    assert result.returncode == 2
+    assert "latin1.toml" in result.stderr and "cannot read" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal exists only without a GPU")
+def test_cuda_without_a_gpu_is_refused_before_ray_starts(simulate):
+    result = simulate("run", "digits-dp", "--device", "cuda")
+    assert result.returncode == 2
+    assert "simulation.device" in result.stderr

@@ -63,3 +63,16 @@ def test_accountant_history_survives_in_the_node_state():
     history = [(1.2, 0.1, 30), (0.9, 0.2, 5)]
     _store_history(context, history)
     assert _history(context) == history
+
+
+@pytest.mark.parametrize("noise_seed", [None, 7])
+def test_client_app_pickles_for_ray(noise_seed):
+    # Ray ships the ClientApp with every message; a closure that cannot be pickled makes every
+    # institution fail in simulation.
+    import ray.cloudpickle
+
+    from confide.client.app import build_client_app
+
+    source = SimulatedInstitutions(TaskConfig(), DataConfig(), 3, seed=0)
+    app = build_client_app(source, "cpu", noise_seed=noise_seed)
+    assert ray.cloudpickle.loads(ray.cloudpickle.dumps(app)) is not None

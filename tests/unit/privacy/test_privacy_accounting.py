@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from confide.privacy import accounting
 from confide.privacy.accounting import (
     epsilon,
-    merge_history,
     noise_for_budget,
     sample_rate_and_steps,
 )
@@ -123,46 +122,6 @@ def test_sample_rate_and_steps_never_plan_fewer_steps_than_opacus_takes():
 def test_sample_rate_is_one_when_the_batch_holds_every_example():
     assert sample_rate_and_steps(10, 10) == (1.0, 1)
     assert sample_rate_and_steps(10, 1000) == (1.0, 1)
-
-
-def test_merge_history_merges_equal_consecutive_entries():
-    merged = merge_history([(1.0, 0.1, 10)], [(1.0, 0.1, 5), (1.0, 0.1, 7)])
-    assert merged == [(1.0, 0.1, 22)]
-
-
-def test_merge_history_keeps_different_entries_in_order():
-    history = [(1.0, 0.1, 10)]
-    new = [(2.0, 0.1, 5), (2.0, 0.2, 3), (1.0, 0.1, 4)]
-    assert merge_history(history, new) == [
-        (1.0, 0.1, 10),
-        (2.0, 0.1, 5),
-        (2.0, 0.2, 3),
-        (1.0, 0.1, 4),
-    ]
-
-
-def test_merge_history_into_empty_history_and_of_nothing():
-    assert merge_history([], [(1.0, 0.1, 3)]) == [(1.0, 0.1, 3)]
-    assert merge_history([(1.0, 0.1, 3)], []) == [(1.0, 0.1, 3)]
-    assert merge_history([], []) == []
-
-
-def test_merge_history_does_not_mutate_inputs_and_accepts_lists():
-    history = [[1.0, 0.1, 10]]
-    new = [(1.0, 0.1, 5)]
-    merged = merge_history(history, new)
-    assert merged == [(1.0, 0.1, 15)]
-    assert history == [[1.0, 0.1, 10]]
-    assert new == [(1.0, 0.1, 5)]
-    assert all(isinstance(entry, tuple) for entry in merged)
-
-
-def test_merge_history_preserves_epsilon():
-    history = [(1.0, 0.1, 10), (1.5, 0.05, 20)]
-    new = [(1.5, 0.05, 30), (1.0, 0.1, 10)]
-    merged = merge_history(history, new)
-    assert len(merged) == 3
-    assert epsilon(merged, DELTA) == pytest.approx(epsilon(history + new, DELTA), rel=1e-12)
 
 
 def test_rdp_orders_are_opacus_defaults():

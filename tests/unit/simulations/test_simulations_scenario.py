@@ -42,7 +42,7 @@ def test_job_is_the_scenario_without_simulation_settings():
 
 
 def test_institutions_flag_shrinks_minimums_to_fit():
-    scenario = prepare("digits-dp", {"simulation": {"institutions": 3}}, shrink_minimums=True)
+    scenario = prepare("digits-dp", {"simulation": {"institutions": 3}}, fit_minimums=True)
     assert scenario.simulation.institutions == 3
     assert scenario.federation.min_available == 3
 
@@ -60,4 +60,4 @@ def test_error_lists_every_problem_with_the_file(tmp_path):
 
 def test_prepare_turns_scenario_errors_into_run_errors():
     with pytest.raises(RunError, match=r"federation\.rounds"):
-        prepare("digits-dp", {"federation": {"rounds": 0}}, shrink_minimums=False)
+        prepare("digits-dp", {"federation": {"rounds": 0}}, fit_minimums=False)

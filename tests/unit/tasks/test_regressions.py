@@ -75,3 +75,37 @@ def test_integer_csv_labels_are_ordered_numerically(tmp_path):
 )
 def test_derived_seeds_do_not_collide_for_different_parts(left, right):
     assert derive_seed(*left) != derive_seed(*right)
+
+
+@pytest.mark.parametrize("cell", ["", "   "])
+def test_csv_row_with_empty_label_is_refused_with_its_line_number(tmp_path, cell):
+    path = tmp_path / "data.csv"
+    path.write_text(f"a,label\n1,0\n2,1\n3,{cell}\n")
+    with pytest.raises(DatasetError, match=r"data\.csv:4: empty label in column 'label'"):
+        load_csv(path, "label")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_npz_with_non_finite_float_label_is_refused_naming_the_index(tmp_path, bad):
+    path = tmp_path / "data.npz"
+    np.savez(path, X=np.ones((4, 2)), y=np.array([0.0, 1.0, bad, 1.0]))
+    with pytest.raises(DatasetError, match=r"data\.npz: non-finite label at index 2"):
+        load_npz(path)
+
+
+@pytest.mark.parametrize("y", [np.array([0, 1, 1, 0]), np.array(["a", "b", "b", "a"])])
+def test_npz_integer_and_string_labels_still_load(tmp_path, y):
+    path = tmp_path / "data.npz"
+    np.savez(path, X=np.ones((4, 2)), y=y)
+    assert load_npz(path).classes == 2
+
+
+def test_csv_or_npz_without_a_feature_column_is_refused(tmp_path):
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("label\n0\n1\n")
+    with pytest.raises(DatasetError, match=r"data\.csv:1: needs at least one feature column"):
+        load_csv(csv_path, "label")
+    npz_path = tmp_path / "data.npz"
+    np.savez(npz_path, X=np.ones((2, 0)), y=np.array([0, 1]))
+    with pytest.raises(DatasetError, match=r"data\.npz: .*needs at least one feature column"):
+        load_npz(npz_path)
