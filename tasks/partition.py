@@ -1,13 +1,12 @@
 """Split a labelled set among institutions: IID, Dirichlet label skew, or label shards.
 
-The non-IID schemes use flwr-datasets' partitioners (`DirichletPartitioner`,
-`ShardPartitioner`); IID is a seeded shuffle cut into near-equal parts. Every scheme is a pure
-function of (labels, institutions, config, seed).
+The non-IID schemes follow the algorithms of flwr-datasets' `DirichletPartitioner` and
+`ShardPartitioner`, written here over NumPy arrays: the library itself works on Hugging Face
+datasets and would add some twenty packages to every install for two functions. Every scheme
+is a pure function of (labels, institutions, config, seed).
 """
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 
@@ -29,11 +28,13 @@ def partition_indices(
         raise PartitionError(
             f"{len(labels)} examples cannot be split among {institutions} institutions"
         )
+    rng = np.random.default_rng(seed)
     if config.scheme == "iid":
-        order = np.random.default_rng(seed).permutation(len(labels))
-        parts = np.array_split(order, institutions)
+        parts = np.array_split(rng.permutation(len(labels)), institutions)
+    elif config.scheme == "dirichlet":
+        parts = _dirichlet(labels, institutions, config, rng)
     else:
-        parts = _flwr_partitions(labels, institutions, config, seed)
+        parts = _shards(labels, institutions, config, rng)
     parts = [np.sort(np.asarray(part, dtype=np.int64)) for part in parts]
     empty = [i for i, part in enumerate(parts) if len(part) == 0]
     if empty:
@@ -44,49 +45,57 @@ def partition_indices(
     return parts
 
 
-def _flwr_partitions(
-    labels: np.ndarray, institutions: int, config: PartitionConfig, seed: int
-) -> list[np.ndarray]:
-    from datasets import Dataset as HFDataset
-    from flwr_datasets.partitioner import DirichletPartitioner, ShardPartitioner
+MAX_DIRICHLET_DRAWS = 10
 
-    table = HFDataset.from_dict({"index": np.arange(len(labels)), "label": labels})
-    if config.scheme == "dirichlet":
-        if config.min_examples * institutions > len(labels):
-            raise PartitionError(
-                f"dirichlet: min_examples={config.min_examples} x {institutions} institutions "
-                f"exceeds the {len(labels)} examples available"
-            )
-        partitioner = DirichletPartitioner(
-            num_partitions=institutions,
-            partition_by="label",
-            alpha=config.alpha,
-            min_partition_size=config.min_examples,
-            self_balancing=False,
-            shuffle=True,
-            seed=seed,
+
+def _dirichlet(
+    labels: np.ndarray, institutions: int, config: PartitionConfig, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Label skew (Hsu et al. 2019): each class is split among institutions in proportions
+    drawn from Dirichlet(alpha); the draw is repeated until every institution holds at least
+    `min_examples` (flwr-datasets' DirichletPartitioner does the same)."""
+    if config.min_examples * institutions > len(labels):
+        raise PartitionError(
+            f"dirichlet: min_examples={config.min_examples} x {institutions} institutions "
+            f"exceeds the {len(labels)} examples available"
         )
-    else:
-        shards = institutions * config.shards_per_institution
-        if shards > len(labels):
-            raise PartitionError(
-                f"shards: {institutions} institutions x {config.shards_per_institution} shards "
-                f"needs at least {shards} examples, have {len(labels)}"
-            )
-        partitioner = ShardPartitioner(
-            num_partitions=institutions,
-            partition_by="label",
-            num_shards_per_partition=config.shards_per_institution,
-            shuffle=True,
-            seed=seed,
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    for _ in range(MAX_DIRICHLET_DRAWS):
+        parts: list[list[np.ndarray]] = [[] for _ in range(institutions)]
+        for members in by_class:
+            shares = rng.dirichlet(np.full(institutions, config.alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for institution, chunk in enumerate(np.split(members, cuts)):
+                parts[institution].append(chunk)
+        merged = [np.concatenate(chunks) for chunks in parts]
+        if min(len(part) for part in merged) >= config.min_examples:
+            return merged
+    raise PartitionError(
+        f"dirichlet: no draw in {MAX_DIRICHLET_DRAWS} gave every institution "
+        f"min_examples={config.min_examples}; raise alpha, lower min_examples or use fewer "
+        "institutions"
+    )
+
+
+def _shards(
+    labels: np.ndarray, institutions: int, config: PartitionConfig, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Pathological non-IID (McMahan et al. 2017): sort by label, cut into equal shards, deal
+    `shards_per_institution` random shards to each institution; an incomplete last shard is
+    dropped."""
+    shards = institutions * config.shards_per_institution
+    if shards > len(labels):
+        raise PartitionError(
+            f"shards: {institutions} institutions x {config.shards_per_institution} shards "
+            f"needs at least {shards} examples, have {len(labels)}"
         )
-    partitioner.dataset = table
-    try:
-        with warnings.catch_warnings():  # each failed draw warns; the final error says it all
-            warnings.simplefilter("ignore")
-            return [np.asarray(partitioner.load_partition(i)["index"]) for i in range(institutions)]
-    except ValueError as error:  # flwr-datasets gives up after too many draws
-        raise PartitionError(f"{config.scheme}: {error}") from None
+    size = len(labels) // shards
+    # Shuffle within each label first so a shard is a random sample of its label(s).
+    order = rng.permutation(len(labels))
+    order = order[np.argsort(labels[order], kind="stable")]
+    pieces = order[: shards * size].reshape(shards, size)
+    dealt = rng.permutation(shards).reshape(institutions, config.shards_per_institution)
+    return [pieces[row].ravel() for row in dealt]
 
 
 def label_table(
