@@ -1,0 +1,108 @@
+"""`confide-server`: set up a coordinator and invite institutions."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Run a confide coordinator: a private CA, TLS, and join tokens for institutions.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+token_app = typer.Typer(help="Join tokens: single-use, expiring invitations.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+console = Console()
+errors = Console(stderr=True)
+
+StateOption = Annotated[Path, typer.Option("--dir", help="the coordinator's state directory")]
+
+
+def _fail(message: str) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def init(
+    state: StateOption,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a DNS name or IP address institutions use to reach this server "
+            "(repeat; default localhost and 127.0.0.1)"
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing state directory")] = False,
+) -> None:
+    """Create a state directory: CA, TLS server certificate, database and settings."""
+    from confide.server import pki
+    from confide.server.settings import ServerSettings, StateDir
+    from confide.server.state import open_database
+
+    directory = StateDir(state)
+    if state.exists() and any(state.iterdir()) and not force:
+        raise _fail(
+            f"{state} exists and is not empty; use --force to replace it (this makes a "
+            "new CA: every enrolled institution must join again)"
+        )
+    settings = ServerSettings(hosts=host) if host else ServerSettings()
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)  # it holds the CA key
+    ca_key, ca = pki.create_ca()
+    server_key, server = pki.issue_server_certificate(ca_key, ca, settings.hosts)
+    pki.write_private_key(directory.ca_key, ca_key)
+    pki.write_certificate(directory.ca_certificate, ca)
+    pki.write_private_key(directory.server_key, server_key)
+    pki.write_certificate(directory.server_certificate, server, ca)
+    directory.save_settings(settings)
+    database = directory.database_url(settings)
+    open_database(database).dispose()
+    if database.startswith("sqlite:///"):
+        Path(database.removeprefix("sqlite:///")).chmod(0o600)
+    console.print(f"coordinator state created in {state}", highlight=False)
+    console.print(f"  hosts in the TLS certificate: {', '.join(settings.hosts)}", highlight=False)
+    console.print(f"  CA fingerprint (sha256): {pki.fingerprint(ca)}", highlight=False)
+    console.print(
+        f"  secrets (mode 0600): {directory.ca_key}, {directory.server_key}", highlight=False
+    )
+
+
+@token_app.command("create")
+def token_create(
+    state: StateOption,
+    institution: Annotated[str, typer.Option(help="the institution's name (a-z, 0-9, -)")],
+    ttl: Annotated[str, typer.Option(help="lifetime: 90m, 24h, 7d")] = "24h",
+) -> None:
+    """Print a single-use join token for one institution (stored only as a hash)."""
+    from confide.server import pki
+    from confide.server.settings import StateDir, StateError
+    from confide.server.state import open_database
+    from confide.server.tokens import TokenError, create_token, parse_ttl
+
+    directory = StateDir(state)
+    try:
+        settings = directory.load_settings()
+        lifetime = parse_ttl(ttl)
+        ca = pki.load_certificate(directory.ca_certificate)
+        engine = open_database(directory.database_url(settings))
+        token = create_token(engine, institution, lifetime, pki.fingerprint(ca))
+        engine.dispose()
+    except (StateError, TokenError, pki.PKIError) as error:
+        raise _fail(str(error)) from None
+    errors.print(f"join token for {institution}, valid {ttl}, single use:", highlight=False)
+    print(token)  # stdout carries the token alone, for scripts
+
+
+def main() -> None:
+    app(prog_name="confide-server")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

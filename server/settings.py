@@ -1,0 +1,65 @@
+"""The coordinator's state directory and its settings file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import tomli_w
+from pydantic import Field, ValidationError
+
+from confide.server.pki import write_file
+from confide.tasks.config import StrictModel, describe_errors
+
+SETTINGS = "settings.toml"
+
+
+class StateError(ValueError):
+    """A state directory that cannot be used; the message says what and where."""
+
+
+class ServerSettings(StrictModel):
+    """Where the coordinator listens and keeps its state (written by `confide-server init`)."""
+
+    hosts: list[str] = Field(
+        default=["localhost", "127.0.0.1"], min_length=1, description="names in the TLS cert"
+    )
+    fleet_port: int = Field(default=9092, ge=1, le=65535, description="SuperNodes connect here")
+    control_port: int = Field(default=9093, ge=1, le=65535, description="Flower's Control API")
+    serverappio_port: int = Field(default=9091, ge=1, le=65535)
+    enrollment_port: int = Field(default=9094, ge=1, le=65535, description="join tokens")
+    database: str = Field(default="sqlite:///{state}/confide.db", description="SQLAlchemy URL")
+
+
+class StateDir:
+    """Paths inside a coordinator state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    ca_certificate = property(lambda self: self.root / "ca.pem")
+    ca_key = property(lambda self: self.root / "ca.key")
+    server_certificate = property(lambda self: self.root / "server.pem")
+    server_key = property(lambda self: self.root / "server.key")
+    settings_file = property(lambda self: self.root / SETTINGS)
+
+    def database_url(self, settings: ServerSettings) -> str:
+        return settings.database.replace("{state}", str(self.root.resolve()))
+
+    def save_settings(self, settings: ServerSettings) -> None:
+        write_file(self.settings_file, tomli_w.dumps(settings.model_dump()).encode(), 0o644)
+
+    def load_settings(self) -> ServerSettings:
+        path = self.settings_file
+        if not path.is_file():
+            raise StateError(
+                f"{self.root}: not a coordinator state directory (no {SETTINGS}); "
+                "create one with `confide-server init`"
+            )
+        try:
+            return ServerSettings.model_validate(tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as error:
+            raise StateError(f"{path}: not valid TOML: {error}") from None
+        except ValidationError as error:
+            lines = describe_errors(error, ServerSettings)
+            raise StateError(f"{path}: invalid settings\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,34 @@
+"""The coordinator's database: enrolled institutions and join tokens (SQLAlchemy).
+
+SQLite in the state directory by default; any SQLAlchemy URL (PostgreSQL) works. Secrets are
+never stored: a join token is kept as the SHA-256 of its secret part.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from sqlalchemy import DateTime, Engine, String, create_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JoinTokenRow(Base):
+    __tablename__ = "join_tokens"
+
+    token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    institution: Mapped[str] = mapped_column(String(64), index=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+def open_database(url: str) -> Engine:
+    """Connect and create missing tables (idempotent)."""
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    return engine
