@@ -11,14 +11,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-import os
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from confide.tasks.files import write_atomic
 
 CA_YEARS = 10
 SERVER_DAYS = 825  # the longest lifetime common TLS clients accept for a server certificate
@@ -119,33 +119,17 @@ def pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically (temporary file, fsync, rename) with `mode` from the first byte on, so a
-    secret is never readable by others, even briefly, and a crash never leaves half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(handle, mode)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    write_file(path, data, 0o600)
+    write_atomic(path, data, 0o600)
 
 
 def write_certificate(path: Path, *certificates: x509.Certificate) -> None:
-    write_file(path, b"".join(pem(c) for c in certificates), 0o644)
+    write_atomic(path, b"".join(pem(c) for c in certificates), 0o644)
 
 
 def load_certificate(path: Path) -> x509.Certificate:

@@ -8,8 +8,8 @@ from pathlib import Path
 import tomli_w
 from pydantic import Field, ValidationError
 
-from confide.server.pki import write_file
 from confide.tasks.config import StrictModel, describe_errors
+from confide.tasks.files import write_atomic
 
 SETTINGS = "settings.toml"
 
@@ -47,7 +47,7 @@ class StateDir:
         return settings.database.replace("{state}", str(self.root.resolve()))
 
     def save_settings(self, settings: ServerSettings) -> None:
-        write_file(self.settings_file, tomli_w.dumps(settings.model_dump()).encode(), 0o644)
+        write_atomic(self.settings_file, tomli_w.dumps(settings.model_dump()))
 
     def load_settings(self) -> ServerSettings:
         path = self.settings_file

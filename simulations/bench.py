@@ -19,9 +19,10 @@ from rich.table import Table
 
 from confide.simulations.baseline import plain_apps
 from confide.simulations.engine import SimulationError, run_scenario, simulate
-from confide.simulations.report import median_after_first, write_atomic
+from confide.simulations.report import median_after_first
 from confide.simulations.runner import RunError
 from confide.simulations.scenario import ScenarioConfig, ScenarioError, load_scenario
+from confide.tasks.files import write_atomic
 
 
 @dataclass

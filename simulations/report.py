@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,24 +14,11 @@ import tomli_w
 from confide.server.history import JobHistory
 from confide.simulations.engine import SimulationOutcome
 from confide.simulations.scenario import ScenarioConfig
+from confide.tasks.files import write_atomic
 
 RESULTS = "results.json"
 SCENARIO = "scenario.toml"
 PARTITIONS = "partitions.json"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def run_directory(root: Path, scenario: ScenarioConfig) -> Path:
