@@ -24,10 +24,12 @@ class ServerSettings(StrictModel):
     hosts: list[str] = Field(
         default=["localhost", "127.0.0.1"], min_length=1, description="names in the TLS cert"
     )
-    fleet_port: int = Field(default=9092, ge=1, le=65535, description="SuperNodes connect here")
-    control_port: int = Field(default=9093, ge=1, le=65535, description="Flower's Control API")
-    serverappio_port: int = Field(default=9091, ge=1, le=65535)
-    enrollment_port: int = Field(default=9094, ge=1, le=65535, description="join tokens")
+    # Flower 1.41's SuperLink serves its Fleet, Control and ServerAppIo APIs over HTTPS on
+    # one port; 9094 is taken by a SuperNode on the same host, so enrollment uses 9100.
+    superlink_port: int = Field(
+        default=9091, ge=1, le=65535, description="SuperLink (HTTPS): institutions and the CLI"
+    )
+    enrollment_port: int = Field(default=9100, ge=1, le=65535, description="join tokens (gRPC)")
     database: str = Field(default="sqlite:///{state}/confide.db", description="SQLAlchemy URL")
 
 
