@@ -121,3 +121,11 @@ def parse_ttl(text: str) -> datetime.timedelta:
         raise TokenError(f"--ttl {text!r}: use a positive number with m, h or d, e.g. 24h")
     unit = {"m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
     return datetime.timedelta(**{unit: int(match.group(1))})
+
+
+def release_token(engine: Engine, token: JoinToken) -> None:
+    """Make a redeemed token usable again: its registration failed after redemption."""
+    with Session(engine) as session, session.begin():
+        session.execute(
+            update(JoinTokenRow).where(JoinTokenRow.token_id == token.token_id).values(used_at=None)
+        )

@@ -1,0 +1,161 @@
+"""The enrollment service: institutions redeem join tokens and register their public keys.
+
+The service runs next to the SuperLink, over TLS with the same server certificate. It never
+sees an institution's private key or data: a `Register` call carries the join token and the
+institution's public key, which the coordinator registers with the SuperLink so that the
+institution's SuperNode can authenticate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent import futures
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import Engine
+
+from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
+from confide.server.pki import fingerprint, load_certificate
+from confide.server.tokens import JoinToken, TokenError, redeem_token, release_token
+
+NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+CONNECTION = "confide"
+
+
+class RegistrationError(RuntimeError):
+    """The SuperLink did not register the key; the message says why."""
+
+
+class Registrar(Protocol):
+    def register(self, public_key_openssh: bytes, institution: str) -> int:
+        """Register the key with the SuperLink under `institution`; return the node id."""
+        ...
+
+
+def write_flower_connection(flwr_home: Path, address: str, ca_certificate: Path) -> None:
+    """The `flwr` CLI connection the coordinator uses to reach its own SuperLink."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "{address}"\n'
+        f'root-certificates = "{ca_certificate.resolve()}"\n'
+    )
+
+
+class FlowerRegistrar:
+    """Registers keys through `flwr supernode register`, Flower's own Control API client."""
+
+    def __init__(self, flwr_home: Path, timeout: float = 60.0) -> None:
+        self.flwr_home = flwr_home
+        self.timeout = timeout
+
+    def register(self, public_key_openssh: bytes, institution: str) -> int:
+        flwr = Path(sys.executable).with_name("flwr")
+        with tempfile.TemporaryDirectory() as scratch:
+            key_file = Path(scratch) / f"{institution}.pub"
+            key_file.write_bytes(public_key_openssh)
+            command = [
+                str(flwr),
+                "supernode",
+                "register",
+                str(key_file),
+                CONNECTION,
+                "--name",
+                institution,
+                "--format",
+                "json",
+            ]
+            env = os.environ | {"FLWR_HOME": str(self.flwr_home)}
+            try:
+                result = subprocess.run(
+                    command, capture_output=True, text=True, env=env, timeout=self.timeout
+                )
+            except subprocess.TimeoutExpired:
+                raise RegistrationError("the SuperLink did not answer in time") from None
+        try:
+            reply = json.loads(result.stdout[result.stdout.index("{") :])
+        except ValueError:
+            raise RegistrationError(
+                f"unexpected reply from flwr: {result.stderr.strip()}"
+            ) from None
+        if not reply.get("success"):
+            raise RegistrationError(reply.get("error-message", "registration refused").strip())
+        return int(reply["node-id"])
+
+
+def check_public_key(data: bytes) -> None:
+    """An OpenSSH-format EC public key on a NIST curve, as Flower's node auth requires."""
+    try:
+        key = serialization.load_ssh_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as error:
+        raise ValueError(f"not an OpenSSH public key: {error}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, NIST_CURVES):
+        raise ValueError("the key must be an EC key on a NIST curve (P-256, P-384 or P-521)")
+
+
+class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
+    def __init__(
+        self, ca_certificate: Path, engine: Engine, registrar: Registrar, superlink_address: str
+    ) -> None:
+        self.ca_pem = ca_certificate.read_bytes()
+        self.ca_fingerprint = fingerprint(load_certificate(ca_certificate))
+        self.engine = engine
+        self.registrar = registrar
+        self.superlink_address = superlink_address
+
+    def GetCaCertificate(
+        self, request: enrollment_pb2.GetCaCertificateRequest, context: grpc.ServicerContext
+    ) -> enrollment_pb2.GetCaCertificateResponse:
+        return enrollment_pb2.GetCaCertificateResponse(ca_certificate_pem=self.ca_pem)
+
+    def Register(
+        self, request: enrollment_pb2.RegisterRequest, context: grpc.ServicerContext
+    ) -> enrollment_pb2.RegisterResponse:
+        try:
+            token = JoinToken.parse(request.token)
+        except TokenError as error:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+        if token.ca_fingerprint != self.ca_fingerprint:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this token was issued by another coordinator (CA fingerprint differs)",
+            )
+        try:
+            check_public_key(request.public_key_openssh)
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        try:
+            institution = redeem_token(self.engine, token)
+        except TokenError as error:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+        try:
+            node_id = self.registrar.register(request.public_key_openssh, institution)
+        except RegistrationError as error:
+            release_token(self.engine, token)  # nothing was registered: the token stays valid
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"SuperLink refused: {error}")
+        return enrollment_pb2.RegisterResponse(
+            institution=institution, node_id=node_id, superlink_address=self.superlink_address
+        )
+
+
+def serve(
+    service: EnrollmentService, address: str, server_key: Path, server_certificate: Path
+) -> tuple[grpc.Server, int]:
+    """Start the service over TLS on `address` (`HOST:PORT`, port 0 = any); return the port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(service, server)
+    credentials = grpc.ssl_server_credentials(
+        [(server_key.read_bytes(), server_certificate.read_bytes())]
+    )
+    port = server.add_secure_port(address, credentials)
+    server.start()
+    return server, port
