@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 app = typer.Typer(
@@ -39,12 +40,18 @@ def init(
             "(repeat; default localhost and 127.0.0.1)"
         ),
     ] = None,
+    superlink_port: Annotated[int, typer.Option(help="SuperLink port (HTTPS)")] = 9091,
+    enrollment_port: Annotated[
+        int, typer.Option(help="enrollment service port (gRPC, TLS)")
+    ] = 9100,
+    bind: Annotated[str, typer.Option(help="address both services listen on")] = "0.0.0.0",
     force: Annotated[bool, typer.Option(help="replace an existing state directory")] = False,
 ) -> None:
     """Create a state directory: CA, TLS server certificate, database and settings."""
     from confide.server import pki
     from confide.server.settings import ServerSettings, StateDir
     from confide.server.state import open_database
+    from confide.tasks.config import describe_errors
 
     directory = StateDir(state)
     if state.exists() and any(state.iterdir()) and not force:
@@ -52,7 +59,14 @@ def init(
             f"{state} exists and is not empty; use --force to replace it (this makes a "
             "new CA: every enrolled institution must join again)"
         )
-    settings = ServerSettings(hosts=host) if host else ServerSettings()
+    # The coordinator reaches its own SuperLink locally, so the certificate names it too.
+    hosts = list(dict.fromkeys([*(host or []), "localhost", "127.0.0.1"]))
+    try:
+        settings = ServerSettings(
+            hosts=hosts, superlink_port=superlink_port, enrollment_port=enrollment_port, bind=bind
+        )
+    except ValidationError as error:
+        raise _fail("; ".join(describe_errors(error, ServerSettings))) from None
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)  # it holds the CA key
     ca_key, ca = pki.create_ca()
@@ -98,6 +112,20 @@ def token_create(
         raise _fail(str(error)) from None
     errors.print(f"join token for {institution}, valid {ttl}, single use:", highlight=False)
     print(token)  # stdout carries the token alone, for scripts
+
+
+@app.command()
+def start(state: StateOption) -> None:
+    """Run the SuperLink (TLS, institution authentication) and the enrollment service."""
+    from confide.server.coordinator import CoordinatorError, run_coordinator
+    from confide.server.settings import StateDir, StateError
+
+    directory = StateDir(state)
+    try:
+        settings = directory.load_settings()
+        run_coordinator(directory, settings, lambda line: console.print(line, highlight=False))
+    except (StateError, CoordinatorError, OSError) as error:
+        raise _fail(str(error)) from None
 
 
 def main() -> None:

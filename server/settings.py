@@ -30,6 +30,7 @@ class ServerSettings(StrictModel):
         default=9091, ge=1, le=65535, description="SuperLink (HTTPS): institutions and the CLI"
     )
     enrollment_port: int = Field(default=9100, ge=1, le=65535, description="join tokens (gRPC)")
+    bind: str = Field(default="0.0.0.0", description="the address both services listen on")
     database: str = Field(default="sqlite:///{state}/confide.db", description="SQLAlchemy URL")
 
 
@@ -44,6 +45,9 @@ class StateDir:
     server_certificate = property(lambda self: self.root / "server.pem")
     server_key = property(lambda self: self.root / "server.key")
     settings_file = property(lambda self: self.root / SETTINGS)
+    superlink_database = property(lambda self: self.root / "superlink.db")
+    flwr_home = property(lambda self: self.root / "flwr")
+    logs = property(lambda self: self.root / "logs")
 
     def database_url(self, settings: ServerSettings) -> str:
         return settings.database.replace("{state}", str(self.root.resolve()))

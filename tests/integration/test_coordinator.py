@@ -1,0 +1,131 @@
+"""`confide-server start` as an operator runs it: real SuperLink and enrollment over TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+ENV = os.environ | {"COLUMNS": "200", "NO_COLOR": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def server_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "confide-server"), *args], capture_output=True, text=True, timeout=120, env=ENV
+    )
+
+
+def read_until(process: subprocess.Popen[str], marker: str, seconds: float) -> str:
+    seen, deadline = "", time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            seen += process.stdout.readline()
+            if marker in seen:
+                return seen
+    raise AssertionError(f"no {marker!r} within {seconds}s; output so far:\n{seen}")
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory):
+    state = tmp_path_factory.mktemp("coordinator") / "state"
+    ports = {"superlink": free_port(), "enrollment": free_port()}
+    init = server_cli(
+        "init",
+        "--dir",
+        str(state),
+        "--bind",
+        "127.0.0.1",
+        "--superlink-port",
+        str(ports["superlink"]),
+        "--enrollment-port",
+        str(ports["enrollment"]),
+    )
+    assert init.returncode == 0, init.stderr
+    process = subprocess.Popen(
+        [str(BIN / "confide-server"), "start", "--dir", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
+    try:
+        banner = read_until(process, "ready", 120)
+        yield {"state": state, "process": process, "banner": banner, **ports}
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def register(coordinator, token: str) -> enrollment_pb2.RegisterResponse:
+    ca = (coordinator["state"] / "ca.pem").read_bytes()
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{coordinator['enrollment']}", grpc.ssl_channel_credentials(ca)
+    )
+    key = (
+        ec.generate_private_key(ec.SECP384R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    request = enrollment_pb2.RegisterRequest(token=token, public_key_openssh=key)
+    return enrollment_pb2_grpc.EnrollmentStub(channel).Register(request, timeout=60)
+
+
+def test_start_reports_where_both_services_listen(coordinator):
+    assert f"127.0.0.1:{coordinator['superlink']}" in coordinator["banner"]
+    assert f"127.0.0.1:{coordinator['enrollment']}" in coordinator["banner"]
+    leaf = ssl.get_server_certificate(("127.0.0.1", coordinator["enrollment"]))
+    assert "BEGIN CERTIFICATE" in leaf
+
+
+def test_a_token_registers_the_institution_with_the_superlink(coordinator):
+    created = server_cli(
+        "token", "create", "--dir", str(coordinator["state"]), "--institution", "hospital-a"
+    )
+    assert created.returncode == 0, created.stderr
+    reply = register(coordinator, created.stdout.strip())
+    assert reply.institution == "hospital-a" and reply.node_id > 0
+    listing = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "list", "confide", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV | {"FLWR_HOME": str(coordinator["state"] / "flwr")},
+    )
+    nodes = json.loads(listing.stdout[listing.stdout.index("{") :])["nodes"]
+    assert str(reply.node_id) in {node["node-id"] for node in nodes}
+    with pytest.raises(grpc.RpcError) as reused:
+        register(coordinator, created.stdout.strip())
+    assert reused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_sigterm_stops_the_coordinator_and_its_superlink(coordinator):
+    process = coordinator["process"]
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", coordinator["superlink"]), timeout=2).close()
