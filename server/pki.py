@@ -9,7 +9,6 @@ travels inside every join token.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from confide.protos.join_token import certificate_fingerprint
 from confide.tasks.files import write_atomic
 
 CA_YEARS = 10
@@ -109,10 +109,7 @@ def issue_server_certificate(
     return key, certificate
 
 
-def fingerprint(certificate: x509.Certificate) -> str:
-    """SHA-256 of the DER encoding, as lowercase hex (what `openssl x509 -fingerprint
-    -sha256` prints, without colons)."""
-    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+fingerprint = certificate_fingerprint  # the token format defines it; one definition
 
 
 def pem(certificate: x509.Certificate) -> bytes:

@@ -1,8 +1,7 @@
 """Join tokens: single-use, expiring invitations for one institution.
 
-A token reads `confide1.<id>.<secret>.<ca-sha256>`. The coordinator stores only the SHA-256
-of the secret; the CA fingerprint lets the institution check, before it trusts anything, that
-it reached the coordinator that issued the token (no blind trust on first use).
+The token's format is shared with institutions (`confide.protos.join_token`); this module
+issues and redeems them. The coordinator stores only the SHA-256 of a token's secret.
 """
 
 from __future__ import annotations
@@ -12,40 +11,16 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from confide.protos.join_token import JoinToken, TokenError
 from confide.server.state import JoinTokenRow
 
-PREFIX = "confide1"
+__all__ = ["JoinToken", "TokenError", "create_token", "parse_ttl", "redeem_token", "release_token"]
+
 _INSTITUTION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_TOKEN = re.compile(r"^confide1\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})\.([0-9a-f]{64})$")
-
-
-class TokenError(ValueError):
-    """A token that is malformed, unknown, expired or already used."""
-
-
-@dataclass(frozen=True)
-class JoinToken:
-    token_id: str
-    secret: str
-    ca_fingerprint: str
-
-    def __str__(self) -> str:
-        return f"{PREFIX}.{self.token_id}.{self.secret}.{self.ca_fingerprint}"
-
-    @classmethod
-    def parse(cls, text: str) -> JoinToken:
-        match = _TOKEN.match(text.strip())
-        if not match:
-            raise TokenError(
-                "malformed join token: expected confide1.<16 hex>.<43 base64url>.<64 hex>, "
-                "as printed by `confide-server token create`"
-            )
-        return cls(*match.groups())
 
 
 def check_institution_name(name: str) -> str:

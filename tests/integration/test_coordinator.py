@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -121,6 +122,171 @@ def test_a_token_registers_the_institution_with_the_superlink(coordinator):
     with pytest.raises(grpc.RpcError) as reused:
         register(coordinator, created.stdout.strip())
     assert reused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def client_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "confide-client"), *args], capture_output=True, text=True, timeout=120, env=ENV
+    )
+
+
+def new_token(coordinator, institution: str) -> str:
+    created = server_cli(
+        "token", "create", "--dir", str(coordinator["state"]), "--institution", institution
+    )
+    assert created.returncode == 0, created.stderr
+    return created.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "local.csv"
+    rows = ["a,b,label"] + [f"{i},{i % 7},{i % 2}" for i in range(40)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def supernodes(coordinator) -> dict[str, str]:
+    listing = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "list", "confide", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV | {"FLWR_HOME": str(coordinator["state"] / "flwr")},
+    )
+    nodes = json.loads(listing.stdout[listing.stdout.index("{") :])["nodes"]
+    return {node["node-id"]: node["status"] for node in nodes}
+
+
+def test_two_institutions_join_and_their_supernodes_come_online(coordinator, data_file, tmp_path):
+    server = f"127.0.0.1:{coordinator['enrollment']}"
+    running = []
+    try:
+        for name in ("hospital-b", "hospital-c"):
+            state = tmp_path / name
+            joined = client_cli(
+                "join",
+                "--server",
+                server,
+                "--token",
+                new_token(coordinator, name),
+                "--dir",
+                str(state),
+                "--data",
+                str(data_file),
+                "--port",
+                str(free_port()),
+                "--no-start",
+            )
+            assert joined.returncode == 0, joined.stderr
+            assert (state / "institution.key").stat().st_mode & 0o777 == 0o600
+            running.append(
+                subprocess.Popen(
+                    [str(BIN / "confide-client"), "start", "--dir", str(state)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env=ENV,
+                    start_new_session=True,
+                )
+            )
+        ids = [
+            str(tomllib.loads((tmp_path / n / "institution.toml").read_text())["node_id"])
+            for n in ("hospital-b", "hospital-c")
+        ]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = supernodes(coordinator)
+            if all(status.get(i) == "online" for i in ids):
+                break
+            time.sleep(1)
+        assert all(supernodes(coordinator).get(i) == "online" for i in ids)
+    finally:
+        for process in running:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+
+
+def test_join_refusals_leave_nothing_registered(coordinator, data_file, tmp_path):
+    server = f"127.0.0.1:{coordinator['enrollment']}"
+    token = new_token(coordinator, "hospital-d")
+    before = set(supernodes(coordinator))
+    # A token whose CA fingerprint is not this coordinator's: refused before registering.
+    forged = token[:-64] + "0" * 64
+    refused = client_cli(
+        "join",
+        "--server",
+        server,
+        "--token",
+        forged,
+        "--dir",
+        str(tmp_path / "d1"),
+        "--data",
+        str(data_file),
+        "--no-start",
+    )
+    assert refused.returncode == 2 and "CA fingerprint mismatch" in refused.stderr
+    # No TLS at the address: refused, never downgraded to plaintext.
+    plain = socket.socket()
+    plain.bind(("127.0.0.1", 0))
+    plain.listen()
+    try:
+        plaintext = client_cli(
+            "join",
+            "--server",
+            f"127.0.0.1:{plain.getsockname()[1]}",
+            "--token",
+            token,
+            "--dir",
+            str(tmp_path / "d2"),
+            "--data",
+            str(data_file),
+            "--no-start",
+        )
+    finally:
+        plain.close()
+    assert plaintext.returncode == 2 and "TLS" in plaintext.stderr
+    # Unreadable data: refused before anything is registered.
+    bad = client_cli(
+        "join",
+        "--server",
+        server,
+        "--token",
+        token,
+        "--dir",
+        str(tmp_path / "d3"),
+        "--data",
+        str(tmp_path / "missing.csv"),
+    )
+    assert bad.returncode == 2 and "--data" in bad.stderr
+    assert set(supernodes(coordinator)) == before
+    # The token survived all of that; once used, it is refused.
+    ok = client_cli(
+        "join",
+        "--server",
+        server,
+        "--token",
+        token,
+        "--dir",
+        str(tmp_path / "d4"),
+        "--data",
+        str(data_file),
+        "--no-start",
+    )
+    assert ok.returncode == 0, ok.stderr
+    again = client_cli(
+        "join",
+        "--server",
+        server,
+        "--token",
+        token,
+        "--dir",
+        str(tmp_path / "d5"),
+        "--data",
+        str(data_file),
+        "--no-start",
+    )
+    assert again.returncode == 2 and "already used" in again.stderr
+    assert not (tmp_path / "d5" / "institution.toml").exists()
 
 
 def test_sigterm_stops_the_coordinator_and_its_superlink(coordinator):

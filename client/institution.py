@@ -1,0 +1,61 @@
+"""An institution's own state directory: its key pair, the coordinator's CA, its settings.
+
+Everything here is decided by the institution: the coordinator learns only the public key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+from pydantic import Field, ValidationError
+
+from confide.tasks.config import StrictModel, describe_errors
+from confide.tasks.files import write_atomic
+
+SETTINGS = "institution.toml"
+
+
+class InstitutionError(ValueError):
+    """An institution directory that cannot be used; the message says what and where."""
+
+
+class InstitutionConfig(StrictModel):
+    name: str = Field(description="as registered by the coordinator")
+    node_id: int = Field(ge=0, description="the SuperLink's id for this institution")
+    superlink: str = Field(description="HOST:PORT the SuperNode connects to")
+    enrollment: str = Field(description="HOST:PORT of the coordinator's enrollment service")
+    data: Path = Field(description="the local data file (CSV or NPZ); never leaves this host")
+    label_column: str = "label"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    port: int = Field(default=9094, ge=1, le=65535, description="the SuperNode's local port")
+
+
+class InstitutionDir:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    private_key = property(lambda self: self.root / "institution.key")
+    public_key = property(lambda self: self.root / "institution.pub")
+    ca_certificate = property(lambda self: self.root / "ca.pem")
+    settings_file = property(lambda self: self.root / SETTINGS)
+
+    def save(self, config: InstitutionConfig) -> None:
+        write_atomic(self.settings_file, tomli_w.dumps(config.model_dump(mode="json")))
+
+    def load(self) -> InstitutionConfig:
+        path = self.settings_file
+        if not path.is_file():
+            raise InstitutionError(
+                f"{self.root}: not an institution directory (no {SETTINGS}); "
+                "join first with `confide-client join`"
+            )
+        try:
+            return InstitutionConfig.model_validate(tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as error:
+            raise InstitutionError(f"{path}: not valid TOML: {error}") from None
+        except ValidationError as error:
+            lines = describe_errors(error, InstitutionConfig)
+            raise InstitutionError(f"{path}: invalid settings\n  " + "\n  ".join(lines)) from None
