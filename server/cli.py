@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+
+if TYPE_CHECKING:
+
+    pass
 
 app = typer.Typer(
     help="Run a confide coordinator: a private CA, TLS, and join tokens for institutions.",
@@ -19,6 +23,8 @@ app = typer.Typer(
 )
 token_app = typer.Typer(help="Join tokens: single-use, expiring invitations.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+institutions_app = typer.Typer(help="Enrolled institutions: list and revoke.", no_args_is_help=True)
+app.add_typer(institutions_app, name="institutions")
 console = Console()
 errors = Console(stderr=True)
 
@@ -112,6 +118,62 @@ def token_create(
         raise _fail(str(error)) from None
     errors.print(f"join token for {institution}, valid {ttl}, single use:", highlight=False)
     print(token)  # stdout carries the token alone, for scripts
+
+
+def _open(state: Path):
+    from confide.server.enrollment import FlowerRegistrar
+    from confide.server.settings import StateDir, StateError
+    from confide.server.state import open_database
+
+    directory = StateDir(state)
+    try:
+        settings = directory.load_settings()
+    except StateError as error:
+        raise _fail(str(error)) from None
+    engine = open_database(directory.database_url(settings))
+    return engine, FlowerRegistrar(directory.flwr_home, timeout=30)
+
+
+@institutions_app.command("list")
+def institutions_list(state: StateOption) -> None:
+    """Enrolled institutions, their node ids and live status from the SuperLink."""
+    from rich.table import Table
+
+    from confide.server.enrollment import RegistrationError
+    from confide.server.institutions import list_institutions
+
+    engine, registrar = _open(state)
+    try:
+        rows = list_institutions(engine, registrar)
+    except RegistrationError as error:
+        errors.print(f"warning: SuperLink not reachable ({error}); status unknown", highlight=False)
+        rows = list_institutions(engine, None)
+    table = Table(title=f"Institutions enrolled at {state}")
+    for column in ("name", "node id", "status", "registered (UTC)"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.name, str(row.node_id), row.status, f"{row.registered_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
+@institutions_app.command("revoke")
+def institutions_revoke(
+    name: Annotated[str, typer.Argument(help="the institution to cut off")],
+    state: StateOption,
+) -> None:
+    """Unregister the institution's key: its SuperNode is cut off and the key cannot return."""
+    from confide.server.enrollment import RegistrationError
+    from confide.server.institutions import InstitutionError, revoke
+
+    engine, registrar = _open(state)
+    try:
+        node_id = revoke(engine, registrar, name)
+    except (InstitutionError, RegistrationError) as error:
+        raise _fail(str(error)) from None
+    console.print(
+        f"revoked {name} (node {node_id}); a new join token re-enrolls it with a new key",
+        highlight=False,
+    )
 
 
 @app.command()

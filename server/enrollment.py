@@ -15,7 +15,7 @@ import sys
 import tempfile
 from concurrent import futures
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine
 
 from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
+from confide.server.institutions import enrolled, record_enrollment
 from confide.server.pki import fingerprint, load_certificate
 from confide.server.tokens import JoinToken, TokenError, redeem_token, release_token
 
@@ -52,35 +53,26 @@ def write_flower_connection(flwr_home: Path, address: str, ca_certificate: Path)
 
 
 class FlowerRegistrar:
-    """Registers keys through `flwr supernode register`, Flower's own Control API client."""
+    """Registers and unregisters keys through `flwr supernode ...`, Flower's own Control API
+    client, against the connection `write_flower_connection` wrote."""
 
     def __init__(self, flwr_home: Path, timeout: float = 60.0) -> None:
         self.flwr_home = flwr_home
         self.timeout = timeout
 
-    def register(self, public_key_openssh: bytes, institution: str) -> int:
+    def _flwr(self, *args: str) -> dict[str, Any]:
         flwr = Path(sys.executable).with_name("flwr")
-        with tempfile.TemporaryDirectory() as scratch:
-            key_file = Path(scratch) / f"{institution}.pub"
-            key_file.write_bytes(public_key_openssh)
-            command = [
-                str(flwr),
-                "supernode",
-                "register",
-                str(key_file),
-                CONNECTION,
-                "--name",
-                institution,
-                "--format",
-                "json",
-            ]
-            env = os.environ | {"FLWR_HOME": str(self.flwr_home)}
-            try:
-                result = subprocess.run(
-                    command, capture_output=True, text=True, env=env, timeout=self.timeout
-                )
-            except subprocess.TimeoutExpired:
-                raise RegistrationError("the SuperLink did not answer in time") from None
+        env = os.environ | {"FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0"}
+        try:
+            result = subprocess.run(
+                [str(flwr), *args, "--format", "json"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=self.timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise RegistrationError("the SuperLink did not answer in time") from None
         try:
             reply = json.loads(result.stdout[result.stdout.index("{") :])
         except ValueError:
@@ -88,8 +80,26 @@ class FlowerRegistrar:
                 f"unexpected reply from flwr: {result.stderr.strip()}"
             ) from None
         if not reply.get("success"):
-            raise RegistrationError(reply.get("error-message", "registration refused").strip())
+            message = reply.get("error-message", "refused").strip().splitlines()[-1]
+            raise RegistrationError(message)
+        return reply
+
+    def register(self, public_key_openssh: bytes, institution: str) -> int:
+        with tempfile.TemporaryDirectory() as scratch:
+            key_file = Path(scratch) / f"{institution}.pub"
+            key_file.write_bytes(public_key_openssh)
+            reply = self._flwr(
+                "supernode", "register", str(key_file), CONNECTION, "--name", institution
+            )
         return int(reply["node-id"])
+
+    def unregister(self, node_id: int) -> None:
+        self._flwr("supernode", "unregister", str(node_id), CONNECTION)
+
+    def statuses(self) -> dict[int, str]:
+        """Node id -> status (`registered`, `online`, `offline`, `unregistered`)."""
+        reply = self._flwr("supernode", "list", CONNECTION)
+        return {int(node["node-id"]): node["status"] for node in reply.get("nodes", [])}
 
 
 def check_public_key(data: bytes) -> None:
@@ -137,11 +147,18 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             institution = redeem_token(self.engine, token)
         except TokenError as error:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+        if enrolled(self.engine, institution):
+            release_token(self.engine, token)
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{institution} is already enrolled; revoke it first to enroll a new key",
+            )
         try:
             node_id = self.registrar.register(request.public_key_openssh, institution)
         except RegistrationError as error:
             release_token(self.engine, token)  # nothing was registered: the token stays valid
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"SuperLink refused: {error}")
+        record_enrollment(self.engine, institution, node_id, request.public_key_openssh)
         return enrollment_pb2.RegisterResponse(
             institution=institution, node_id=node_id, superlink_address=self.superlink_address
         )

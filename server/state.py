@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 
-from sqlalchemy import DateTime, Engine, String, create_engine
+from sqlalchemy import DateTime, Engine, LargeBinary, String, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -25,6 +25,19 @@ class JoinTokenRow(Base):
     created_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
     used_at: Mapped[datetime.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class InstitutionRow(Base):
+    """An enrolled institution: its name, the SuperLink's node id and its public key."""
+
+    __tablename__ = "institutions"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Node ids are unsigned 64-bit; SQL integers are signed, so they are stored as text.
+    node_id: Mapped[str] = mapped_column(String(20))
+    public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    registered_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 def open_database(url: str) -> Engine:

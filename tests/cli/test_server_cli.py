@@ -33,7 +33,8 @@ def test_init_creates_ca_certificate_database_and_settings_with_safe_modes(tmp_p
     chain = directory.server_certificate.read_bytes().count(b"BEGIN CERTIFICATE")
     assert chain == 2  # leaf, then the CA: clients can verify the full chain
     pki.load_certificate(directory.server_certificate).verify_directly_issued_by(ca)
-    assert directory.load_settings().hosts == ["coordinator.example"]
+    # the coordinator reaches its own SuperLink locally, so those names are always included
+    assert directory.load_settings().hosts == ["coordinator.example", "localhost", "127.0.0.1"]
     for secret in (directory.ca_key, directory.server_key, state / "confide.db"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
     assert stat.S_IMODE(state.stat().st_mode) == 0o700

@@ -289,6 +289,68 @@ def test_join_refusals_leave_nothing_registered(coordinator, data_file, tmp_path
     assert not (tmp_path / "d5" / "institution.toml").exists()
 
 
+def test_revoked_institution_is_cut_off_and_cannot_return(coordinator, data_file, tmp_path):
+    server = f"127.0.0.1:{coordinator['enrollment']}"
+    state = tmp_path / "hospital-e"
+    joined = client_cli(
+        "join",
+        "--server",
+        server,
+        "--token",
+        new_token(coordinator, "hospital-e"),
+        "--dir",
+        str(state),
+        "--data",
+        str(data_file),
+        "--port",
+        str(free_port()),
+        "--no-start",
+    )
+    assert joined.returncode == 0, joined.stderr
+    node_id = str(tomllib.loads((state / "institution.toml").read_text())["node_id"])
+    supernode = subprocess.Popen(
+        [str(BIN / "confide-client"), "start", "--dir", str(state)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while supernodes(coordinator).get(node_id) != "online" and time.monotonic() < deadline:
+            time.sleep(1)
+        listed = server_cli("institutions", "list", "--dir", str(coordinator["state"]))
+        assert "hospital-e" in listed.stdout and "online" in listed.stdout
+        revoked = server_cli(
+            "institutions", "revoke", "hospital-e", "--dir", str(coordinator["state"])
+        )
+        assert revoked.returncode == 0, revoked.stderr
+        # Cut off: the connected SuperNode stops (bounded wait).
+        assert supernode.wait(timeout=90) is not None
+    finally:
+        if supernode.poll() is None:
+            os.killpg(supernode.pid, signal.SIGKILL)
+            supernode.wait()
+    assert supernodes(coordinator).get(node_id) in (None, "unregistered")
+    # The old key cannot come back: the SuperLink refuses to activate it.
+    returning = subprocess.Popen(
+        [str(BIN / "confide-client"), "start", "--dir", str(state)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        start_new_session=True,
+    )
+    try:
+        time.sleep(10)
+        assert supernodes(coordinator).get(node_id) in (None, "unregistered")
+    finally:
+        if returning.poll() is None:
+            os.killpg(returning.pid, signal.SIGKILL)
+            returning.wait()
+    again = server_cli("institutions", "revoke", "hospital-e", "--dir", str(coordinator["state"]))
+    assert again.returncode == 2 and "already revoked" in again.stderr
+
+
 def test_sigterm_stops_the_coordinator_and_its_superlink(coordinator):
     process = coordinator["process"]
     os.killpg(process.pid, signal.SIGTERM)
