@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -39,14 +39,25 @@ def server_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def read_until(process: subprocess.Popen[str], marker: str, seconds: float) -> str:
-    seen, deadline = "", time.monotonic() + seconds
-    while time.monotonic() < deadline and process.poll() is None:
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
-        if ready:
-            seen += process.stdout.readline()
-            if marker in seen:
-                return seen
-    raise AssertionError(f"no {marker!r} within {seconds}s; output so far:\n{seen}")
+    """Collect the process's output until `marker` appears (a reader thread, so lines that
+    arrive together in one chunk are not left in a buffer that select() cannot see)."""
+    lines: list[str] = []
+
+    def collect() -> None:
+        for line in process.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(marker in line for line in lines):
+            return "".join(lines)
+        if process.poll() is not None:
+            reader.join(timeout=5)
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"no {marker!r} within {seconds}s; output so far:\n{''.join(lines)}")
 
 
 @pytest.fixture(scope="module")
