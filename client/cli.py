@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from confide.tasks.terminal import fail
+
 if TYPE_CHECKING:
     pass
 
@@ -22,13 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-errors = Console(stderr=True)
 DirOption = Annotated[Path, typer.Option("--dir", help="this institution's state directory")]
-
-
-def _fail(message: str) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code=2)
 
 
 def _check_data(path: Path, label_column: str) -> None:
@@ -41,7 +37,7 @@ def _check_data(path: Path, label_column: str) -> None:
         else:
             load_csv(path, label_column)
     except DatasetError as error:
-        raise _fail(f"--data: {error}") from None
+        raise fail(f"--data: {error}") from None
 
 
 @app.command()
@@ -64,12 +60,12 @@ def join(
 
     directory = InstitutionDir(state)
     if directory.settings_file.exists():
-        raise _fail(f"{state} already holds an institution; use `confide-client start`")
+        raise fail(f"{state} already holds an institution; use `confide-client start`")
     _check_data(data, label_column)
     try:
         enrollment = enroll(server, token, directory)
     except JoinError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     config = InstitutionConfig(
         name=enrollment.institution,
         node_id=enrollment.node_id,
@@ -94,7 +90,7 @@ def run_supernode(directory) -> None:
     try:
         config = directory.load()
     except InstitutionError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     node_config = (
         f'data-path="{config.data}" label-column="{config.label_column}" '
         f'device="{config.device}" institution="{config.name}"'

@@ -5,14 +5,13 @@ Everything here is decided by the institution: the coordinator learns only the p
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 import tomli_w
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from confide.tasks.config import StrictModel, describe_errors
+from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 from confide.tasks.files import write_atomic
 
 SETTINGS = "institution.toml"
@@ -53,9 +52,6 @@ class InstitutionDir:
                 "join first with `confide-client join`"
             )
         try:
-            return InstitutionConfig.model_validate(tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as error:
-            raise InstitutionError(f"{path}: not valid TOML: {error}") from None
-        except ValidationError as error:
-            lines = describe_errors(error, InstitutionConfig)
-            raise InstitutionError(f"{path}: invalid settings\n  " + "\n  ".join(lines)) from None
+            return validate_file(read_toml(path), InstitutionConfig, path, "settings")
+        except ConfigFileError as error:
+            raise InstitutionError(str(error)) from None

@@ -11,8 +11,9 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-if TYPE_CHECKING:
+from confide.tasks.terminal import errors, fail
 
+if TYPE_CHECKING:
     pass
 
 app = typer.Typer(
@@ -26,14 +27,8 @@ app.add_typer(token_app, name="token")
 institutions_app = typer.Typer(help="Enrolled institutions: list and revoke.", no_args_is_help=True)
 app.add_typer(institutions_app, name="institutions")
 console = Console()
-errors = Console(stderr=True)
 
 StateOption = Annotated[Path, typer.Option("--dir", help="the coordinator's state directory")]
-
-
-def _fail(message: str) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code=2)
 
 
 @app.command()
@@ -61,7 +56,7 @@ def init(
 
     directory = StateDir(state)
     if state.exists() and any(state.iterdir()) and not force:
-        raise _fail(
+        raise fail(
             f"{state} exists and is not empty; use --force to replace it (this makes a "
             "new CA: every enrolled institution must join again)"
         )
@@ -72,7 +67,7 @@ def init(
             hosts=hosts, superlink_port=superlink_port, enrollment_port=enrollment_port, bind=bind
         )
     except ValidationError as error:
-        raise _fail("; ".join(describe_errors(error, ServerSettings))) from None
+        raise fail("; ".join(describe_errors(error, ServerSettings))) from None
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)  # it holds the CA key
     ca_key, ca = pki.create_ca()
@@ -115,7 +110,7 @@ def token_create(
         token = create_token(engine, institution, lifetime, pki.fingerprint(ca))
         engine.dispose()
     except (StateError, TokenError, pki.PKIError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     errors.print(f"join token for {institution}, valid {ttl}, single use:", highlight=False)
     print(token)  # stdout carries the token alone, for scripts
 
@@ -129,7 +124,7 @@ def _open(state: Path):
     try:
         settings = directory.load_settings()
     except StateError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     engine = open_database(directory.database_url(settings))
     return engine, FlowerRegistrar(directory.flwr_home, timeout=30)
 
@@ -169,7 +164,7 @@ def institutions_revoke(
     try:
         node_id = revoke(engine, registrar, name)
     except (InstitutionError, RegistrationError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     console.print(
         f"revoked {name} (node {node_id}); a new join token re-enrolls it with a new key",
         highlight=False,
@@ -187,7 +182,7 @@ def start(state: StateOption) -> None:
         settings = directory.load_settings()
         run_coordinator(directory, settings, lambda line: console.print(line, highlight=False))
     except (StateError, CoordinatorError, OSError) as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
 
 
 def main() -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import tomli_w
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from confide.tasks.config import StrictModel, describe_errors
+from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 from confide.tasks.files import write_atomic
 
 SETTINGS = "settings.toml"
@@ -63,9 +62,6 @@ class StateDir:
                 "create one with `confide-server init`"
             )
         try:
-            return ServerSettings.model_validate(tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as error:
-            raise StateError(f"{path}: not valid TOML: {error}") from None
-        except ValidationError as error:
-            lines = describe_errors(error, ServerSettings)
-            raise StateError(f"{path}: invalid settings\n  " + "\n  ".join(lines)) from None
+            return validate_file(read_toml(path), ServerSettings, path, "settings")
+        except ConfigFileError as error:
+            raise StateError(str(error)) from None

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from confide.simulations.environment import apply_defaults
+from confide.tasks.terminal import fail
 
 apply_defaults()  # before Flower or Ray is imported anywhere
 
@@ -22,12 +23,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-errors = Console(stderr=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code=2)
 
 
 def overrides(
@@ -76,7 +71,7 @@ def run(
             fit_minimums=institutions is not None,
         )
     except RunError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
 
 
 @app.command("list")
@@ -115,7 +110,7 @@ def bench(
     try:
         run_benchmarks(scenario, rounds, output, scale=scale, console=console)
     except RunError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
 
 
 def main() -> None:

@@ -6,16 +6,15 @@ bundled scenarios live in `simulations/scenarios/` and can be named without a pa
 
 from __future__ import annotations
 
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from confide.client.data import SimulatedInstitutions
 from confide.server.job import FederationConfig, JobConfig
-from confide.tasks.config import StrictModel, describe_errors
+from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 
 
 class ScenarioError(ValueError):
@@ -118,17 +117,14 @@ def load_scenario(
     """
     path = resolve_path(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ScenarioError(f"{path}: not valid TOML: {error}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ScenarioError(f"{path}: cannot read the file: {error}") from None
+        raw = read_toml(path)
+    except ConfigFileError as error:
+        raise ScenarioError(str(error)) from None
     raw.setdefault("name", path.stem)
     tree = _merge(raw, overrides or {})
     if fit_minimums:
         tree = _fit_minimums(tree)
     try:
-        return ScenarioConfig.model_validate(tree)
-    except ValidationError as error:
-        lines = describe_errors(error, ScenarioConfig)
-        raise ScenarioError(f"{path}: invalid scenario\n  " + "\n  ".join(lines)) from None
+        return validate_file(tree, ScenarioConfig, path, "scenario")
+    except ConfigFileError as error:
+        raise ScenarioError(str(error)) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -174,3 +175,29 @@ def _allowed(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
     if typing.get_origin(field.annotation) is typing.Literal:
         return ", ".join(repr(c) for c in choices)
     return ""
+
+
+ModelT = typing.TypeVar("ModelT", bound=BaseModel)
+
+
+class ConfigFileError(ValueError):
+    """A configuration file that cannot be read or is invalid; names the file and fields."""
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file, turning every way it can fail into a ConfigFileError naming it."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigFileError(f"{path}: not valid TOML: {error}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigFileError(f"{path}: cannot read the file: {error}") from None
+
+
+def validate_file(tree: dict[str, Any], model: type[ModelT], path: Path, what: str) -> ModelT:
+    """`model` from `tree` (read from `path`), every problem listed with its allowed range."""
+    try:
+        return model.model_validate(tree)
+    except ValidationError as error:
+        lines = describe_errors(error, model)
+        raise ConfigFileError(f"{path}: invalid {what}\n  " + "\n  ".join(lines)) from None
