@@ -63,13 +63,10 @@ def run(
         federated = strategy.last_evaluate_metrics
         record = RoundRecord(
             round=server_round,
-            accuracy=metrics["accuracy"],
-            loss=metrics["loss"],
-            f1_macro=metrics["f1_macro"],
+            metrics=metrics,
             epsilon_max=history.epsilon_max,
             seconds=time.perf_counter() - strategy.round_started,
             trained=strategy.last_trained,
-            metrics=metrics,
             federated_metrics=federated,
             epsilons=dict(strategy.last_epsilons),
         )

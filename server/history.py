@@ -21,15 +21,24 @@ class InstitutionSpend:
 @dataclass
 class RoundRecord:
     round: int
-    accuracy: float
-    loss: float
-    f1_macro: float
+    metrics: dict[str, float]  # the global model on the coordinator's test set
     epsilon_max: float
     seconds: float
     trained: int
-    metrics: dict[str, float] = field(default_factory=dict)
     federated_metrics: dict[str, float] = field(default_factory=dict)
     epsilons: dict[str, float] = field(default_factory=dict)  # of the institutions that trained
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics["accuracy"]
+
+    @property
+    def loss(self) -> float:
+        return self.metrics["loss"]
+
+    @property
+    def f1_macro(self) -> float:
+        return self.metrics["f1_macro"]
 
 
 class RoundObserver(Protocol):

@@ -107,6 +107,18 @@ def register(coordinator, token: str) -> enrollment_pb2.RegisterResponse:
     return enrollment_pb2_grpc.EnrollmentStub(channel).Register(request, timeout=60)
 
 
+def supernodes(coordinator) -> dict[str, str]:
+    listing = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "list", "confide", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV | {"FLWR_HOME": str(coordinator["state"] / "flwr")},
+    )
+    nodes = json.loads(listing.stdout[listing.stdout.index("{") :])["nodes"]
+    return {node["node-id"]: node["status"] for node in nodes}
+
+
 def test_start_reports_where_both_services_listen(coordinator):
     assert f"127.0.0.1:{coordinator['superlink']}" in coordinator["banner"]
     assert f"127.0.0.1:{coordinator['enrollment']}" in coordinator["banner"]
@@ -121,15 +133,7 @@ def test_a_token_registers_the_institution_with_the_superlink(coordinator):
     assert created.returncode == 0, created.stderr
     reply = register(coordinator, created.stdout.strip())
     assert reply.institution == "hospital-a" and reply.node_id > 0
-    listing = subprocess.run(
-        [str(BIN / "flwr"), "supernode", "list", "confide", "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=ENV | {"FLWR_HOME": str(coordinator["state"] / "flwr")},
-    )
-    nodes = json.loads(listing.stdout[listing.stdout.index("{") :])["nodes"]
-    assert str(reply.node_id) in {node["node-id"] for node in nodes}
+    assert str(reply.node_id) in supernodes(coordinator)
     with pytest.raises(grpc.RpcError) as reused:
         register(coordinator, created.stdout.strip())
     assert reused.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -157,59 +161,61 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-def supernodes(coordinator) -> dict[str, str]:
-    listing = subprocess.run(
-        [str(BIN / "flwr"), "supernode", "list", "confide", "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=ENV | {"FLWR_HOME": str(coordinator["state"] / "flwr")},
+def join(coordinator, data_file: Path, state: Path, name: str) -> str:
+    """Join `name` into `state` without starting it; return its node id."""
+    joined = client_cli(
+        "join",
+        "--server",
+        f"127.0.0.1:{coordinator['enrollment']}",
+        "--token",
+        new_token(coordinator, name),
+        "--dir",
+        str(state),
+        "--data",
+        str(data_file),
+        "--port",
+        str(free_port()),
+        "--no-start",
     )
-    nodes = json.loads(listing.stdout[listing.stdout.index("{") :])["nodes"]
-    return {node["node-id"]: node["status"] for node in nodes}
+    assert joined.returncode == 0, joined.stderr
+    return str(tomllib.loads((state / "institution.toml").read_text())["node_id"])
+
+
+def start_client(state: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(BIN / "confide-client"), "start", "--dir", str(state)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        start_new_session=True,
+    )
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def wait_online(coordinator, node_ids: list[str], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status = supernodes(coordinator)
+        if all(status.get(i) == "online" for i in node_ids):
+            return
+        time.sleep(1)
 
 
 def test_two_institutions_join_and_their_supernodes_come_online(coordinator, data_file, tmp_path):
-    server = f"127.0.0.1:{coordinator['enrollment']}"
     running = []
     try:
+        ids = []
         for name in ("hospital-b", "hospital-c"):
             state = tmp_path / name
-            joined = client_cli(
-                "join",
-                "--server",
-                server,
-                "--token",
-                new_token(coordinator, name),
-                "--dir",
-                str(state),
-                "--data",
-                str(data_file),
-                "--port",
-                str(free_port()),
-                "--no-start",
-            )
-            assert joined.returncode == 0, joined.stderr
+            ids.append(join(coordinator, data_file, state, name))
             assert (state / "institution.key").stat().st_mode & 0o777 == 0o600
-            running.append(
-                subprocess.Popen(
-                    [str(BIN / "confide-client"), "start", "--dir", str(state)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    env=ENV,
-                    start_new_session=True,
-                )
-            )
-        ids = [
-            str(tomllib.loads((tmp_path / n / "institution.toml").read_text())["node_id"])
-            for n in ("hospital-b", "hospital-c")
-        ]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            status = supernodes(coordinator)
-            if all(status.get(i) == "online" for i in ids):
-                break
-            time.sleep(1)
+            running.append(start_client(state))
+        wait_online(coordinator, ids)
         assert all(supernodes(coordinator).get(i) == "online" for i in ids)
     finally:
         for process in running:
@@ -301,35 +307,11 @@ def test_join_refusals_leave_nothing_registered(coordinator, data_file, tmp_path
 
 
 def test_revoked_institution_is_cut_off_and_cannot_return(coordinator, data_file, tmp_path):
-    server = f"127.0.0.1:{coordinator['enrollment']}"
     state = tmp_path / "hospital-e"
-    joined = client_cli(
-        "join",
-        "--server",
-        server,
-        "--token",
-        new_token(coordinator, "hospital-e"),
-        "--dir",
-        str(state),
-        "--data",
-        str(data_file),
-        "--port",
-        str(free_port()),
-        "--no-start",
-    )
-    assert joined.returncode == 0, joined.stderr
-    node_id = str(tomllib.loads((state / "institution.toml").read_text())["node_id"])
-    supernode = subprocess.Popen(
-        [str(BIN / "confide-client"), "start", "--dir", str(state)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-        start_new_session=True,
-    )
+    node_id = join(coordinator, data_file, state, "hospital-e")
+    supernode = start_client(state)
     try:
-        deadline = time.monotonic() + 60
-        while supernodes(coordinator).get(node_id) != "online" and time.monotonic() < deadline:
-            time.sleep(1)
+        wait_online(coordinator, [node_id])
         listed = server_cli("institutions", "list", "--dir", str(coordinator["state"]))
         assert "hospital-e" in listed.stdout and "online" in listed.stdout
         revoked = server_cli(
@@ -339,25 +321,15 @@ def test_revoked_institution_is_cut_off_and_cannot_return(coordinator, data_file
         # Cut off: the connected SuperNode stops (bounded wait).
         assert supernode.wait(timeout=90) is not None
     finally:
-        if supernode.poll() is None:
-            os.killpg(supernode.pid, signal.SIGKILL)
-            supernode.wait()
+        kill(supernode)
     assert supernodes(coordinator).get(node_id) in (None, "unregistered")
     # The old key cannot come back: the SuperLink refuses to activate it.
-    returning = subprocess.Popen(
-        [str(BIN / "confide-client"), "start", "--dir", str(state)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-        start_new_session=True,
-    )
+    returning = start_client(state)
     try:
         time.sleep(10)
         assert supernodes(coordinator).get(node_id) in (None, "unregistered")
     finally:
-        if returning.poll() is None:
-            os.killpg(returning.pid, signal.SIGKILL)
-            returning.wait()
+        kill(returning)
     again = server_cli("institutions", "revoke", "hospital-e", "--dir", str(coordinator["state"]))
     assert again.returncode == 2 and "already revoked" in again.stderr
 
