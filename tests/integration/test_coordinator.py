@@ -88,9 +88,15 @@ def coordinator(tmp_path_factory):
         banner = read_until(process, "ready", 120)
         yield {"state": state, "process": process, "banner": banner, **ports}
     finally:
+        # SIGTERM first: the coordinator then stops its SuperLink, which runs in its own
+        # session and would outlive a SIGKILL of the coordinator.
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def register(coordinator, token: str) -> enrollment_pb2.RegisterResponse:
