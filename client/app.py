@@ -1,8 +1,9 @@
 """The institution's Flower ClientApp (Message API).
 
 - `query`: says who it is (the coordinator builds a roster to sample deterministically);
-- `train`: loads the global model, trains locally (DP-SGD unless the job turns it off) and
-  replies with weights, example count and the round's privacy spend;
+- `train`: checks the institution's own privacy limits, loads the global model, trains
+  locally (DP-SGD unless the job turns it off) and replies with weights, example count and
+  the round's privacy spend, or with a refusal that says which limit the round would break;
 - `evaluate`: scores the global model on the local validation split.
 
 The accountant history lives in the node's `context.state`, so epsilon is cumulative over the
@@ -12,25 +13,27 @@ rounds of a job. Raw data never leaves this function; replies carry weights and 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import Error
 
-from confide.client.data import SimulatedInstitutions
+from confide.client.data import LocalInstitution, Resolver, resolve
 from confide.client.device import resolve_device
 from confide.privacy import instructions as keys
 from confide.privacy.accounting import HistoryEntry
+from confide.privacy.config import PrivacyConfig
 from confide.privacy.instructions import RoundInstructions
-from confide.privacy.trainer import train_round
+from confide.privacy.policy import REFUSED_BY_POLICY, PolicyRefusal, check_round
+from confide.privacy.trainer import planned_noise, train_round
 from confide.tasks.metrics import evaluate as evaluate_model
 from confide.tasks.registry import get_task
 from confide.tasks.seeding import derive_seed
 from confide.tasks.splits import InstitutionData
 
-DataSource = Callable[[Context], tuple[str, InstitutionData]]
 HISTORY = "confide.privacy.history"
+NOISE = "confide.privacy.noise"
 
 
 def _history(context: Context) -> list[HistoryEntry]:
@@ -50,14 +53,37 @@ def _store_history(context: Context, history: list[HistoryEntry]) -> None:
     )
 
 
+def _fixed_noise(context: Context, instructions: RoundInstructions, examples: int) -> PrivacyConfig:
+    """The job's privacy terms with sigma computed once per job and kept in the node's state.
+
+    Finding the sigma that meets a target epsilon is a bisection over the accountant that takes
+    seconds, and a deployed ClientApp is a new process for every message; the answer depends
+    only on the job's terms and the example count, so it is the same every round.
+    """
+    privacy, train = instructions.privacy, instructions.train
+    if not privacy.enabled or privacy.noise_multiplier is not None:
+        return privacy
+    key = (
+        f"{privacy.target_epsilon}|{privacy.delta}|{privacy.accountant}|{examples}|"
+        f"{train.batch_size}|{train.local_epochs}|{instructions.rounds}"
+    )
+    cache = context.state[NOISE] if NOISE in context.state else ConfigRecord()
+    if key not in cache:
+        cache[key] = planned_noise(privacy, train, examples, instructions.rounds)
+        context.state[NOISE] = cache
+    return privacy.model_copy(
+        update={"noise_multiplier": float(cache[key]), "target_epsilon": None}
+    )
+
+
 def _model(
     instructions: RoundInstructions, local: InstitutionData, arrays: ArrayRecord
 ) -> torch.nn.Module:
     """The task's model with the coordinator's weights loaded (names and shapes must match)."""
     task = instructions.task
-    model = get_task(task.name).build_model(
-        task, local.train.features, local.train.classes, instructions.seed
-    )
+    features = instructions.features or local.train.features
+    classes = len(instructions.labels) if instructions.labels else local.train.classes
+    model = get_task(task.name).build_model(task, features, classes, instructions.seed)
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     return model
 
@@ -68,10 +94,9 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # one institution per core in simulation; threads only contend
 
 
-def build_client_app(
-    source: DataSource | None = None, device: str = "auto", noise_seed: int | None = None
-) -> ClientApp:
-    """A ClientApp whose data comes from `source` (default: the run's simulated partition).
+def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None) -> ClientApp:
+    """A ClientApp for the institution `resolver` finds in each message's context (by default
+    a deployed institution's state directory, or the run's simulated partition).
 
     `noise_seed` is the institution's own: with None (the default) every round's Poisson
     sampling and Gaussian noise are seeded from the operating system's CSPRNG, so nobody,
@@ -85,15 +110,9 @@ def build_client_app(
             return secrets.randbits(31)
         return derive_seed(noise_seed, "train", server_round, institution)
 
-    def local_data(context: Context) -> tuple[str, InstitutionData]:
-        if source is not None:
-            return source(context)
-        return SimulatedInstitutions.from_context(context)(context)
-
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        institution, _ = local_data(context)
-        reply = RecordDict({"identity": ConfigRecord({"institution": institution})})
+        reply = RecordDict({"identity": ConfigRecord({"institution": resolver(context).name})})
         return Message(reply, reply_to=message)
 
     @app.train()
@@ -101,17 +120,34 @@ def build_client_app(
         _one_thread()
         instructions = RoundInstructions.from_config(message.content["config"])
         server_round = int(message.content["config"]["server-round"])
-        institution, local = local_data(context)
+        me: LocalInstitution = resolver(context)
+        institution = me.name
+        local = me.load(instructions)
+        history = _history(context)
+        privacy = _fixed_noise(context, instructions, len(local.train))
+        if me.policy is not None:
+            try:
+                check_round(
+                    me.policy,
+                    privacy,
+                    instructions.train,
+                    len(local.train),
+                    history,
+                    instructions.rounds,
+                )
+            except PolicyRefusal as refusal:
+                reason = f"{institution} refuses round {server_round}: {refusal}"
+                return Message(error=Error(REFUSED_BY_POLICY, reason), reply_to=message)
         model = _model(instructions, local, message.content["arrays"])
         result = train_round(
             model,
             local.train,
             instructions.train,
-            instructions.privacy,
-            history=_history(context),
+            privacy,
+            history=history,
             planned_rounds=instructions.rounds,
             seed=round_seed(server_round, institution),
-            device=resolve_device(device),
+            device=resolve_device(me.device),
         )
         _store_history(context, result.history)
         metrics = {
@@ -140,7 +176,8 @@ def build_client_app(
     def evaluate(message: Message, context: Context) -> Message:
         _one_thread()
         instructions = RoundInstructions.from_config(message.content["config"])
-        institution, local = local_data(context)
+        me = resolver(context)
+        institution, local = me.name, me.load(instructions)
         metrics: dict[str, float | int] = {"num-examples": len(local.validation)}
         if len(local.validation):
             model = _model(instructions, local, message.content["arrays"])
@@ -159,5 +196,6 @@ def build_client_app(
     return app
 
 
-# Entry point named in pyproject's [tool.flwr.app.components] (`flwr run .`).
+# Entry point of `flwr run` (the project's pyproject and every job `confide-server submit`
+# sends): a deployed institution when the SuperNode names its state directory.
 app = build_client_app()

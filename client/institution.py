@@ -11,6 +11,7 @@ from typing import Literal
 import tomli_w
 from pydantic import Field
 
+from confide.privacy.policy import LocalPolicy
 from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 from confide.tasks.files import write_atomic
 
@@ -28,8 +29,14 @@ class InstitutionConfig(StrictModel):
     enrollment: str = Field(description="HOST:PORT of the coordinator's enrollment service")
     data: Path = Field(description="the local data file (CSV or NPZ); never leaves this host")
     label_column: str = "label"
+    validation_fraction: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="held out locally to score the global model"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     port: int = Field(default=9094, ge=1, le=65535, description="the SuperNode's local port")
+    privacy: LocalPolicy = Field(
+        default=LocalPolicy(), description="this institution's limits for every job"
+    )
 
 
 class InstitutionDir:

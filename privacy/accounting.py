@@ -18,14 +18,16 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
+
+# Opacus is imported inside the functions: importing it pulls in torch.distributed (about 2 s
+# on this class of machine), and a deployed ClientApp is a new process for every message; the
+# messages that do not train (query, evaluate) should not pay for it.
 
 # (noise_multiplier, sample_rate, steps), Opacus's own history format.
 HistoryEntry = tuple[float, float, int]
 
-RDP_ORDERS: list[float] = list(RDPAccountant.DEFAULT_ALPHAS)
+# Opacus's RDPAccountant.DEFAULT_ALPHAS (checked by a test).
+RDP_ORDERS: list[float] = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
 
 def epsilon(history: list[HistoryEntry], delta: float, accountant: str = "rdp") -> float:
@@ -36,6 +38,9 @@ def epsilon(history: list[HistoryEntry], delta: float, accountant: str = "rdp") 
     """
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     if accountant == "rdp":
         total = sum(steps * _rdp_per_step(sigma, rate) for sigma, rate, steps in history)
         eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
@@ -47,6 +52,8 @@ def epsilon(history: list[HistoryEntry], delta: float, accountant: str = "rdp") 
 
 @lru_cache(maxsize=1024)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     return np.asarray(
         rdp_analysis.compute_rdp(
             q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS
@@ -68,6 +75,8 @@ def noise_for_budget(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:
     """Smallest sigma whose `steps` steps at rate `sample_rate` stay within (epsilon, delta)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

@@ -24,6 +24,11 @@ class RoundInstructions(StrictModel):
     privacy: PrivacyConfig = PrivacyConfig(target_epsilon=8.0)
     rounds: int = Field(default=10, ge=1, le=100_000, description="planned rounds of the job")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    # The global model's shape, from the coordinator's test set: a deployed institution
+    # encodes its labels with these names, so every institution maps class k to the same
+    # output even when it holds only some classes.
+    features: int | None = Field(default=None, ge=1, le=1_000_000)
+    labels: list[str] | None = Field(default=None, min_length=2, max_length=100_000)
 
     def to_config(self) -> dict[str, Any]:
         """Flat, ConfigRecord-ready dict (None values omitted, paths as strings)."""

@@ -1,23 +1,39 @@
-"""The coordinator's Flower ServerApp: FedAvg rounds with central evaluation every round."""
+"""The coordinator's Flower ServerApp: FedAvg rounds with central evaluation every round.
+
+Two entry points: `build_server_app` (simulation passes the job and collects the history) and
+the module-level `app` that `flwr run` starts on a SuperLink. The latter reads the job from
+the run config (`confide-server submit` puts it there as JSON) and, when the coordinator set
+`CONFIDE_RESULTS_DIR`, writes the run's results there in the same format as a simulation.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from logging import INFO
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from pydantic import ValidationError
 
+from confide.server.flower import RESULTS_ENV
 from confide.server.history import JobHistory, RoundObserver, RoundRecord
 from confide.server.job import JobConfig
+from confide.server.polling import PromptGrid
+from confide.server.results import build_results, institution_row, write_results
 from confide.server.strategy import ConfideFedAvg
 from confide.tasks.config import describe_errors, unflatten
 from confide.tasks.datasets import Dataset
 from confide.tasks.metrics import evaluate
 from confide.tasks.registry import get_task
 from confide.tasks.splits import split_test
+
+# Run config keys `confide-server submit` sets.
+JOB_KEY = "confide-job"
+NAME_KEY = "confide-job-name"
 
 
 def build_server_app(
@@ -49,7 +65,7 @@ def run(
     observer: RoundObserver | None,
     test_set: Dataset | None,
 ) -> JobHistory:
-    test = test_set if test_set is not None else split_test(job.task, job.data, job.seed)[1]
+    test = test_set if test_set is not None else coordinator_test_set(job)
     task = get_task(job.task.name)
     model = task.build_model(job.task, test.features, test.classes, job.seed)
     strategy = ConfideFedAvg(job.federation, job.seed, history)
@@ -82,7 +98,8 @@ def run(
             observer(record, history)
         return MetricRecord(metrics)
 
-    config = ConfigRecord(job.instructions().to_config())
+    labels = list(test.label_names) or [str(k) for k in range(test.classes)]
+    config = ConfigRecord(job.instructions(test.features, labels).to_config())
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
@@ -95,19 +112,57 @@ def run(
     return history
 
 
-def _job_from_context(context: Context) -> JobConfig:
+def coordinator_test_set(job: JobConfig) -> Dataset:
+    """The data the coordinator scores the global model on: the whole file for a task that
+    reads one (the coordinator's own held-out file), else the task's held-out split (the
+    examples simulated institutions never see). Its columns and class names define the
+    global model's input width and label encoding."""
+    if get_task(job.task.name).needs_path:
+        return get_task(job.task.name).load(job.task, job.seed)
+    return split_test(job.task, job.data, job.seed)[1]
+
+
+def job_from_run_config(run_config: dict[str, object]) -> tuple[str, JobConfig]:
+    """(name, job) from a run config: JSON under `confide-job`, else flat dotted keys (the
+    defaults in the project's pyproject, for `flwr run .`)."""
+    if JOB_KEY in run_config:
+        tree = json.loads(str(run_config[JOB_KEY]))
+    else:
+        tree = unflatten(dict(run_config))
+    name = str(run_config.get(NAME_KEY, "job"))
     try:
-        return JobConfig.model_validate(unflatten(dict(context.run_config)))
+        return name, JobConfig.model_validate(tree)
     except ValidationError as error:
         lines = describe_errors(error, JobConfig)
         raise ValueError("invalid run config:\n  " + "\n  ".join(lines)) from None
 
 
-# Entry point named in pyproject's [tool.flwr.app.components] (`flwr run .`): the job comes
-# from the run config (pyproject defaults, overridden with `--run-config`).
+def write_deployed_results(
+    directory: Path, name: str, job: JobConfig, history: JobHistory, seconds: float
+) -> None:
+    """results.json, job.toml and plots of a finished deployed run."""
+    rows = [
+        institution_row(key, job.privacy, history, key, spend.examples, spend.validation_examples)
+        for key, spend in sorted(history.institutions.items())
+    ]
+    document = build_results(name, job, history, rows, {"total_seconds": seconds}, simulated=False)
+    resolved = job.model_dump(mode="json", exclude_none=True)
+    write_results(directory, document, history, ("job.toml", resolved))
+
+
+# Entry point of `flwr run` (named in the pyproject of the project and of every submitted job).
 app = ServerApp()
 
 
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
-    run(_job_from_context(context), grid, JobHistory(), None, None)
+    name, job = job_from_run_config(dict(context.run_config))
+    history = JobHistory()
+    started = time.perf_counter()
+    # Flower's deployed grid waits 3 s between pulls of replies; see confide.server.polling.
+    run(job, PromptGrid(grid), history, None, None)  # type: ignore[arg-type]
+    root = os.environ.get(RESULTS_ENV)
+    if root and history.rounds:
+        directory = Path(root) / f"run-{context.run_id}"
+        write_deployed_results(directory, name, job, history, time.perf_counter() - started)
+        log(INFO, "results written to %s", directory)

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     pass
 
 app = typer.Typer(
-    help="Run a confide coordinator: a private CA, TLS, and join tokens for institutions.",
+    help="Run a confide coordinator: a private CA, TLS, join tokens for institutions, and "
+    "training jobs on the institutions that joined.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -117,16 +118,23 @@ def token_create(
 
 def _open(state: Path):
     from confide.server.enrollment import FlowerRegistrar
-    from confide.server.settings import StateDir, StateError
     from confide.server.state import open_database
+
+    directory = _state(state)
+    engine = open_database(directory.database_url(directory.load_settings()))
+    return engine, FlowerRegistrar(directory.flwr_home, timeout=30)
+
+
+def _state(state: Path):
+    """The coordinator's state folder, refused with a clear message if it is not one."""
+    from confide.server.settings import StateDir, StateError
 
     directory = StateDir(state)
     try:
-        settings = directory.load_settings()
+        directory.load_settings()
     except StateError as error:
         raise fail(str(error)) from None
-    engine = open_database(directory.database_url(settings))
-    return engine, FlowerRegistrar(directory.flwr_home, timeout=30)
+    return directory
 
 
 @institutions_app.command("list")
@@ -183,6 +191,106 @@ def start(state: StateOption) -> None:
         run_coordinator(directory, settings, lambda line: console.print(line, highlight=False))
     except (StateError, CoordinatorError, OSError) as error:
         raise fail(str(error)) from None
+
+
+RunArgument = Annotated[int, typer.Argument(help="the run id `submit` printed")]
+
+
+@app.command()
+def submit(
+    job: Annotated[Path, typer.Argument(help="job file (TOML; a scenario's schema)")],
+    state: StateOption,
+    follow: Annotated[
+        bool, typer.Option(help="stream the run's log until it ends (--no-follow returns)")
+    ] = True,
+) -> None:
+    """Validate a job and run it on the enrolled institutions; results go to STATE/runs/."""
+    from confide.server.jobs import JobError, logs
+    from confide.server.jobs import submit as start_job
+
+    directory = _state(state)
+    try:
+        submitted = start_job(directory, job)
+    except JobError as error:
+        raise fail(str(error)) from None
+    if submitted.ignored_simulation:
+        console.print(f"note: {job}: the [simulation] table is ignored in deployment")
+    console.print(
+        f"submitted {submitted.name} as run {submitted.run_id}; results will be in "
+        f"{submitted.results}",
+        highlight=False,
+    )
+    if not follow:
+        console.print(
+            f"follow it with `confide-server logs {submitted.run_id} --dir {state}`",
+            highlight=False,
+        )
+        return
+    code = logs(directory, submitted.run_id, follow=True)
+    _report(directory, submitted.run_id)
+    if code:
+        raise typer.Exit(code)
+
+
+def _report(directory, run_id: int) -> None:
+    """A finished run's final accuracy and privacy spend, from its results.json."""
+    import json
+
+    from confide.server.results import RESULTS
+
+    path = directory.runs / f"run-{run_id}" / RESULTS
+    if not path.is_file():
+        errors.print(f"run {run_id} wrote no results (see `confide-server status`)")
+        return
+    results = json.loads(path.read_text())
+    final = results["final"]
+    line = f"run {run_id}: final accuracy {final['accuracy']:.4f}"
+    if results["dp"]:
+        line += f", max epsilon {final['epsilon_max']:.3f} at delta {final['delta']:g} (sample)"
+    console.print(f"{line}; {path}", highlight=False)
+
+
+@app.command()
+def status(
+    state: StateOption,
+    run: Annotated[int | None, typer.Option(help="only this run")] = None,
+) -> None:
+    """Runs on the SuperLink: status, elapsed time and where their results are."""
+    from rich.table import Table
+
+    from confide.server.jobs import JobError, runs
+
+    directory = _state(state)
+    try:
+        listed = runs(directory, run)
+    except JobError as error:
+        raise fail(str(error)) from None
+    table = Table(title=f"Runs at {state}")
+    for column in ("run", "job", "status", "elapsed", "results"):
+        table.add_column(column)
+    for row in listed:
+        table.add_row(
+            str(row["run-id"]),
+            str(row["fab-name"]),
+            str(row["status"]),
+            str(row["elapsed"]),
+            row["results"] or "-",
+        )
+    console.print(table)
+
+
+@app.command("logs")
+def show_logs(
+    run: RunArgument,
+    state: StateOption,
+    follow: Annotated[bool, typer.Option(help="keep streaming until the run ends")] = False,
+) -> None:
+    """The coordinator's log of a run (rounds, accuracy, epsilon, refused updates)."""
+    from confide.server.jobs import logs
+
+    code = logs(_state(state), run, follow=follow)
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:

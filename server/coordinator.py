@@ -8,54 +8,21 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable
-from pathlib import Path
 
-from confide.server.enrollment import (
-    EnrollmentService,
-    FlowerRegistrar,
-    serve,
-    write_flower_connection,
-)
+from confide.server.enrollment import EnrollmentService, FlowerRegistrar, serve
+from confide.server.flower import executable, flower_environment, write_connection
 from confide.server.settings import ServerSettings, StateDir
 from confide.server.state import open_database
+from confide.tasks.environment import wait_until_listening
 
 STARTUP_SECONDS = 90.0
 
 
 class CoordinatorError(RuntimeError):
     """The coordinator could not start; the message says why and where to look."""
-
-
-def flower_environment(directory: StateDir) -> dict[str, str]:
-    """Flower's processes: quiet, offline, with their state in the state directory."""
-    bin_dir = str(Path(sys.executable).parent)  # the SuperLink spawns flower-superexec
-    return os.environ | {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_HOME": str(directory.flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise CoordinatorError(
-                f"the SuperLink exited with code {process.returncode}; see {log}"
-            )
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.25)
-    raise CoordinatorError(f"the SuperLink did not listen on port {port} in {STARTUP_SECONDS:.0f}s")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -76,9 +43,9 @@ def run_coordinator(
     directory.logs.mkdir(exist_ok=True)
     log = directory.logs / "superlink.log"
     local = f"127.0.0.1:{settings.superlink_port}"
-    write_flower_connection(directory.flwr_home, local, directory.ca_certificate)
+    write_connection(directory.flwr_home, local, directory.ca_certificate)
     command = [
-        str(Path(sys.executable).with_name("flower-superlink")),
+        executable("flower-superlink"),
         "--ssl-ca-certfile",
         str(directory.ca_certificate),
         "--ssl-certfile",
@@ -103,12 +70,15 @@ def run_coordinator(
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=flower_environment(directory),
+            env=flower_environment(directory.flwr_home, directory.runs),
         )
     enrollment = None
     engine = open_database(directory.database_url(settings))
     try:
-        _wait_for_port(settings.superlink_port, superlink, log)
+        try:
+            wait_until_listening(settings.superlink_port, superlink, STARTUP_SECONDS)
+        except (ChildProcessError, TimeoutError) as error:
+            raise CoordinatorError(f"the SuperLink {error}; see {log}") from None
         service = EnrollmentService(
             directory.ca_certificate,
             engine,

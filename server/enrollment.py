@@ -8,10 +8,6 @@ institution's SuperNode can authenticate.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from concurrent import futures
 from pathlib import Path
@@ -24,12 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine
 
 from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
+from confide.server.flower import CONNECTION, FlowerError, flwr_json
 from confide.server.institutions import enrolled, record_enrollment
 from confide.server.pki import fingerprint, load_certificate
 from confide.server.tokens import JoinToken, TokenError, redeem_token, release_token
 
 NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
-CONNECTION = "confide"
 
 
 class RegistrationError(RuntimeError):
@@ -42,47 +38,19 @@ class Registrar(Protocol):
         ...
 
 
-def write_flower_connection(flwr_home: Path, address: str, ca_certificate: Path) -> None:
-    """The `flwr` CLI connection the coordinator uses to reach its own SuperLink."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{address}"\n'
-        f'root-certificates = "{ca_certificate.resolve()}"\n'
-    )
-
-
 class FlowerRegistrar:
     """Registers and unregisters keys through `flwr supernode ...`, Flower's own Control API
-    client, against the connection `write_flower_connection` wrote."""
+    client, against the coordinator's own SuperLink (`confide.server.flower`)."""
 
     def __init__(self, flwr_home: Path, timeout: float = 60.0) -> None:
         self.flwr_home = flwr_home
         self.timeout = timeout
 
     def _flwr(self, *args: str) -> dict[str, Any]:
-        flwr = Path(sys.executable).with_name("flwr")
-        env = os.environ | {"FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0"}
         try:
-            result = subprocess.run(
-                [str(flwr), *args, "--format", "json"],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=self.timeout,
-            )
-        except subprocess.TimeoutExpired:
-            raise RegistrationError("the SuperLink did not answer in time") from None
-        try:
-            reply = json.loads(result.stdout[result.stdout.index("{") :])
-        except ValueError:
-            raise RegistrationError(
-                f"unexpected reply from flwr: {result.stderr.strip()}"
-            ) from None
-        if not reply.get("success"):
-            message = reply.get("error-message", "refused").strip().splitlines()[-1]
-            raise RegistrationError(message)
-        return reply
+            return flwr_json(self.flwr_home, *args, timeout=self.timeout)
+        except FlowerError as error:
+            raise RegistrationError(str(error)) from None
 
     def register(self, public_key_openssh: bytes, institution: str) -> int:
         with tempfile.TemporaryDirectory() as scratch:

@@ -11,6 +11,8 @@ class InstitutionSpend:
     """An institution's latest cumulative sample-level privacy spend in this job."""
 
     institution: str
+    examples: int = 0  # training examples, as the institution last reported them
+    validation_examples: int = 0
     rounds_trained: int = 0
     epsilon: float = 0.0
     noise_multiplier: float = 0.0

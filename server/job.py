@@ -41,11 +41,27 @@ class JobConfig(StrictModel):
             )
         return self
 
-    def instructions(self) -> RoundInstructions:
+    def instructions(
+        self, features: int | None = None, labels: list[str] | None = None
+    ) -> RoundInstructions:
+        """What every institution is asked to do; `features` and `labels` (the global model's
+        input width and class names) are known once the coordinator has its test set."""
         return RoundInstructions(
             task=self.task,
             train=self.train,
             privacy=self.privacy,
             rounds=self.federation.rounds,
             seed=self.seed,
+            features=features,
+            labels=labels,
         )
+
+
+class JobFile(JobConfig):
+    """A job as written in a file: a job plus a name for its runs and results."""
+
+    name: str = Field(default="job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    description: str = ""
+
+    def job(self) -> JobConfig:
+        return JobConfig.model_validate(self.model_dump(include=set(JobConfig.model_fields)))

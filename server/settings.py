@@ -47,6 +47,8 @@ class StateDir:
     superlink_database = property(lambda self: self.root / "superlink.db")
     flwr_home = property(lambda self: self.root / "flwr")
     logs = property(lambda self: self.root / "logs")
+    jobs = property(lambda self: self.root / "jobs")  # the Flower app of each submitted job
+    runs = property(lambda self: self.root / "runs")  # results, one folder per run
 
     def database_url(self, settings: ServerSettings) -> str:
         return settings.database.replace("{state}", str(self.root.resolve()))

@@ -94,7 +94,9 @@ class ConfideFedAvg(FedAvg):
                     reply.error.reason,
                 )
                 continue
-            self.roster[reply.metadata.src_node_id] = str(reply.content["identity"]["institution"])
+            name = str(reply.content["identity"]["institution"])
+            self.roster[reply.metadata.src_node_id] = name
+            self.history.spend(name)  # listed in the results even if never sampled
         log(INFO, "roster: %d institutions", len(self.roster))
 
     def _sample(
@@ -214,6 +216,7 @@ class ConfideFedAvg(FedAvg):
         else:
             spend.steps += int(metrics[keys.STEPS])
         spend.rounds_trained += 1
+        spend.examples = int(metrics["num-examples"])
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -229,6 +232,7 @@ class ConfideFedAvg(FedAvg):
                 reason = f"{type(error).__name__}: {error}"
                 self._reject(institution, server_round, "evaluate", reason)
                 continue
+            self.history.spend(institution).validation_examples = examples
             if examples <= 0:
                 continue
             weight += examples

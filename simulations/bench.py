@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,9 +18,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from confide.server.results import median_after_first
 from confide.simulations.baseline import plain_apps
+from confide.simulations.deployment_bench import kept_section, replace_section
 from confide.simulations.engine import SimulationError, run_scenario, simulate
-from confide.simulations.report import median_after_first
 from confide.simulations.runner import RunError
 from confide.simulations.scenario import ScenarioConfig, ScenarioError, load_scenario
 from confide.tasks.files import write_atomic
@@ -163,8 +165,12 @@ def run_benchmarks(
     console.print(table)
     for label, value in ratios.items():
         console.print(f"{label}: {value:.3f}")
+    document = _markdown(dp_on, rounds, results, ratios, local)
+    previous = output.read_text() if output.is_file() else ""
+    if (deployed := kept_section(previous)) is not None:
+        document = replace_section(document, deployed)
     try:
-        write_atomic(output, _markdown(dp_on, rounds, results, ratios, local))
+        write_atomic(output, document)
     except OSError as error:
         raise RunError(f"--output {output}: {error}") from None
     console.print(f"written: {output}")
@@ -241,3 +247,28 @@ def _cpus() -> int:
     import os
 
     return os.cpu_count() or 1
+
+
+def run_deployed_benchmark(rounds: int, output: Path, *, console: Console) -> None:
+    """Time a deployed job on this host and update its section of OUTPUT."""
+    from confide.simulations.deployment_bench import (
+        DeploymentBenchError,
+        deployed_section,
+        measure_deployed,
+    )
+
+    console.print(f"benchmark: coordinator + 2 institutions on 127.0.0.1, {rounds} rounds ...")
+    try:
+        measured = measure_deployed(rounds)
+    except (DeploymentBenchError, OSError, subprocess.TimeoutExpired) as error:
+        raise RunError(f"deployed benchmark: {error}") from None
+    console.print(
+        f"deployed: {measured.median_round:.1f} s/round (median of rounds 2..), round 1 "
+        f"{measured.seconds[0]:.1f} s, accuracy {measured.accuracy:.4f}"
+    )
+    previous = output.read_text() if output.is_file() else "# Benchmarks\n"
+    try:
+        write_atomic(output, replace_section(previous, deployed_section(measured)))
+    except OSError as error:
+        raise RunError(f"--output {output}: {error}") from None
+    console.print(f"written: {output}")

@@ -102,15 +102,49 @@ def bench(
     scale: Annotated[
         bool, typer.Option(help="also run synthetic-1000 and record its round time and memory")
     ] = False,
+    deployed: Annotated[
+        bool,
+        typer.Option(
+            help="instead: time a real coordinator and 2 institutions on 127.0.0.1 "
+            "(ROUNDS rounds) and update only that section of OUTPUT"
+        ),
+    ] = False,
 ) -> None:
     """Compare DP off, DP on and plain Flower on one workload; write the ratios to OUTPUT."""
-    from confide.simulations.bench import run_benchmarks
+    from confide.simulations.bench import run_benchmarks, run_deployed_benchmark
     from confide.simulations.runner import RunError
 
     try:
-        run_benchmarks(scenario, rounds, output, scale=scale, console=console)
+        if deployed:
+            run_deployed_benchmark(rounds, output, console=console)
+        else:
+            run_benchmarks(scenario, rounds, output, scale=scale, console=console)
     except RunError as error:
         raise fail(str(error)) from None
+
+
+@app.command()
+def export(
+    scenario: Annotated[str, typer.Argument(help="a scenario file, or a bundled name")],
+    out: Annotated[Path, typer.Option(help="folder for institution-<i>.csv")] = Path("data"),
+    institutions: Annotated[
+        int | None, typer.Option(help="override simulation.institutions")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="override the seed")] = None,
+) -> None:
+    """Write each virtual institution's data as a CSV file (to try a deployment locally)."""
+    from confide.simulations.export import export_institutions
+    from confide.simulations.runner import RunError, prepare
+    from confide.tasks.datasets import DatasetError
+    from confide.tasks.partition import PartitionError
+
+    try:
+        loaded = prepare(scenario, overrides(None, institutions, seed, None), True)
+        paths = export_institutions(loaded, out)
+    except (RunError, DatasetError, PartitionError, OSError) as error:
+        raise fail(str(error)) from None
+    for path in paths:
+        console.print(f"{path}  (label column: label)", highlight=False)
 
 
 def main() -> None:

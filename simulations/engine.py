@@ -170,7 +170,7 @@ def run_scenario(
     job = scenario.job()
     history = JobHistory()
     server_app = build_server_app(job, history=history, observer=observer, test_set=split.test)
-    client_app = build_client_app(source, scenario.simulation.device, noise_seed=scenario.seed)
+    client_app = build_client_app(source, noise_seed=scenario.seed)
     try:
         seconds, peak = simulate(server_app, client_app, scenario, verbose=verbose)
     except Exception as error:  # run_simulation re-raises the ServerApp's exception

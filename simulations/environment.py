@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 
-QUIET_DEFAULTS = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
+from confide.tasks.environment import FLOWER_DEFAULTS
+
+QUIET_DEFAULTS = FLOWER_DEFAULTS | {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",

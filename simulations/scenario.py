@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from confide.client.data import SimulatedInstitutions
-from confide.server.job import FederationConfig, JobConfig
+from confide.server.job import FederationConfig, JobFile
 from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 
 
@@ -33,9 +33,8 @@ class SimulationSettings(StrictModel):
     )
 
 
-class ScenarioConfig(JobConfig):
+class ScenarioConfig(JobFile):
     name: str = Field(default="scenario", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    description: str = ""
     simulation: SimulationSettings = SimulationSettings()
 
     @model_validator(mode="after")
@@ -52,10 +51,9 @@ class ScenarioConfig(JobConfig):
 
     def data_source(self) -> SimulatedInstitutions:
         """The virtual institutions' data: this scenario's task split among them."""
-        return SimulatedInstitutions(self.task, self.data, self.simulation.institutions, self.seed)
-
-    def job(self) -> JobConfig:
-        return JobConfig.model_validate(self.model_dump(include=set(JobConfig.model_fields)))
+        return SimulatedInstitutions(
+            self.task, self.data, self.simulation.institutions, self.seed, self.simulation.device
+        )
 
 
 def bundled_scenarios() -> dict[str, Path]:

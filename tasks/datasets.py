@@ -46,6 +46,15 @@ class Dataset:
     def subset(self, indices: np.ndarray) -> Dataset:
         return Dataset(self.x[indices], self.y[indices], self.classes, self.label_names)
 
+    @staticmethod
+    def concatenate(first: Dataset, second: Dataset) -> Dataset:
+        return Dataset(
+            np.concatenate([first.x, second.x]),
+            np.concatenate([first.y, second.y]),
+            first.classes,
+            first.label_names,
+        )
+
 
 def load_digits() -> Dataset:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes).
@@ -102,12 +111,36 @@ def make_synthetic(samples: int, features: int, classes: int, seed: int) -> Data
     return Dataset(x.astype(np.float32), y.astype(np.int64), classes)
 
 
-def _encode_labels(raw: np.ndarray, where: str) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Map arbitrary label values to 0..k-1 in sorted order; refuse a single class."""
-    names, codes = np.unique(raw, return_inverse=True)
-    if len(names) < 2:
-        raise DatasetError(f"{where}: the label has {len(names)} distinct value(s); need >= 2")
-    return codes.astype(np.int64), tuple(str(n) for n in names)
+def _encode_labels(
+    raw: np.ndarray, where: str, classes: tuple[str, ...] | None = None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Map label values to class indices.
+
+    Without `classes`, the file's own distinct values in sorted order become 0..k-1 (a single
+    class is refused). With `classes` (a job's class names, in the coordinator's order), every
+    value must be one of them: the mapping is then the same at every institution, even at one
+    that holds only some of the classes. A value that is not a name but an integer index in
+    0..k-1 is taken as that index (files exported with numeric codes).
+    """
+    if classes is None:
+        names, codes = np.unique(raw, return_inverse=True)
+        if len(names) < 2:
+            raise DatasetError(f"{where}: the label has {len(names)} distinct value(s); need >= 2")
+        return codes.astype(np.int64), tuple(str(n) for n in names)
+    index = {name: position for position, name in enumerate(classes)}
+    codes = np.empty(len(raw), dtype=np.int64)
+    for row, value in enumerate(raw):
+        text = str(value)
+        if text in index:
+            codes[row] = index[text]
+        elif isinstance(value, np.integer) and 0 <= int(value) < len(classes):
+            codes[row] = int(value)
+        else:
+            raise DatasetError(
+                f"{where}: label {text!r} (example {row}) is not one of the job's classes "
+                f"{', '.join(classes)}"
+            )
+    return codes, tuple(classes)
 
 
 def _numeric_if_possible(labels: list[str]) -> np.ndarray:
@@ -128,9 +161,17 @@ def _require_finite(x: np.ndarray, where: str) -> None:
         raise DatasetError(f"{where}: non-finite value at row {row}, feature {col}")
 
 
-def load_csv(path: Path, label_column: str) -> Dataset:
-    """A CSV file with a header row, numeric feature columns and one label column."""
-    path = Path(path)
+def load_csv(path: Path, label_column: str, classes: tuple[str, ...] | None = None) -> Dataset:
+    """A CSV file with a header row, numeric feature columns and one label column.
+
+    `classes`: the class names to encode labels with (see `_encode_labels`)."""
+    x, labels = _read_csv(Path(path), label_column)
+    y, names = _encode_labels(labels, str(path), classes)
+    return Dataset(x, y, len(names), names)
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features and raw label values of a CSV file, refusing bad cells with file:line."""
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     # utf-8-sig: spreadsheets often save a byte-order mark before the first column name.
@@ -180,14 +221,21 @@ def load_csv(path: Path, label_column: str) -> Dataset:
             labels.append(label)
     if not features:
         raise DatasetError(f"{path}: no data rows")
-    x = np.asarray(features, dtype=np.float32)
-    y, names = _encode_labels(_numeric_if_possible(labels), str(path))
+    return np.asarray(features, dtype=np.float32), _numeric_if_possible(labels)
+
+
+def load_npz(path: Path, classes: tuple[str, ...] | None = None) -> Dataset:
+    """A NumPy `.npz` archive with arrays `X` (n, d) and `y` (n,)."""
+    x, raw_y = _read_npz(Path(path))
+    if classes is not None and np.issubdtype(raw_y.dtype, np.floating):
+        whole = raw_y == np.round(raw_y)
+        raw_y = raw_y.astype(np.int64) if whole.all() else raw_y
+    y, names = _encode_labels(raw_y, str(path), classes)
     return Dataset(x, y, len(names), names)
 
 
-def load_npz(path: Path) -> Dataset:
-    """A NumPy `.npz` archive with arrays `X` (n, d) and `y` (n,)."""
-    path = Path(path)
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Features and raw labels of an `.npz` archive, refusing anything but numeric X and y."""
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
     try:
@@ -223,5 +271,32 @@ def load_npz(path: Path) -> Dataset:
     except (TypeError, ValueError):
         raise DatasetError(f"{path}: X is not numeric (dtype {x.dtype})") from None
     _require_finite(x, str(path))
-    y, names = _encode_labels(raw_y, str(path))
-    return Dataset(x, y, len(names), names)
+    return x, raw_y
+
+
+def read_file(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features and raw label values of an institution's file (`.npz` by suffix, else CSV),
+    with every problem refused as a `DatasetError`; labels are not encoded yet."""
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        return _read_npz(path)
+    return _read_csv(path, label_column)
+
+
+def load_file(path: Path, label_column: str, classes: tuple[str, ...] | None = None) -> Dataset:
+    """An institution's own data file: `.npz` by its suffix, CSV otherwise."""
+    if Path(path).suffix.lower() == ".npz":
+        return load_npz(path, classes)
+    return load_csv(path, label_column, classes)
+
+
+def to_csv(data: Dataset, label_column: str = "label") -> str:
+    """`data` as CSV text: columns `x0..x{d-1}` and `label_column`, labels by class name when
+    the dataset has names (so a file reads the same under any job's class list)."""
+    names = data.label_names or tuple(str(k) for k in range(data.classes))
+    lines = [",".join([*(f"x{j}" for j in range(data.features)), label_column])]
+    lines += [
+        ",".join([*(f"{value:.6g}" for value in row), names[label]])
+        for row, label in zip(data.x, data.y, strict=True)
+    ]
+    return "\n".join(lines) + "\n"

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from confide.tasks.config import DataConfig, TaskConfig
 from confide.tasks.datasets import Dataset
@@ -55,6 +54,8 @@ def _split(data: Dataset, fraction: float, seed: int, what: str) -> tuple[np.nda
     counts = np.bincount(data.y, minlength=data.classes)
     present = int((counts > 0).sum())
     stratified = counts[counts > 0].min() >= 2 and min(held_size, len(data) - held_size) >= present
+    from sklearn.model_selection import train_test_split  # lazily: 0.7 s to import
+
     keep, held = train_test_split(
         indices, test_size=held_size, random_state=seed, stratify=data.y if stratified else None
     )
@@ -74,17 +75,24 @@ def federate(task: TaskConfig, data: DataConfig, institutions: int, seed: int) -
     """Split the task's data into a test set and `institutions` local datasets."""
     pool, test = split_test(task, data, seed)
     parts = partition_indices(pool.y, institutions, data.partition, derive_seed(seed, "partition"))
-    local: list[InstitutionData] = []
-    for index, part in enumerate(parts):
-        shard = pool.subset(part)
-        if data.validation_fraction > 0 and len(shard) >= 2:
-            train, validation = _split(
-                shard,
-                data.validation_fraction,
-                derive_seed(seed, "validation", index),
-                "data.validation_fraction",
-            )
-            local.append(InstitutionData(shard.subset(train), shard.subset(validation)))
-        else:
-            local.append(InstitutionData(shard, shard.subset(np.arange(0))))
+    local = [
+        split_validation(
+            pool.subset(part),
+            data.validation_fraction,
+            derive_seed(seed, "validation", index),
+            "data.validation_fraction",
+        )
+        for index, part in enumerate(parts)
+    ]
     return FederatedSplit(test, local, label_table(pool.y, parts, pool.classes))
+
+
+def split_validation(
+    shard: Dataset, fraction: float, seed: int, what: str = "validation_fraction"
+) -> InstitutionData:
+    """One institution's data cut into training and local validation (none if `fraction` is 0
+    or the shard has fewer than two examples); `what` names the setting in errors."""
+    if fraction > 0 and len(shard) >= 2:
+        train, validation = _split(shard, fraction, seed, what)
+        return InstitutionData(shard.subset(train), shard.subset(validation))
+    return InstitutionData(shard, shard.subset(np.arange(0)))

@@ -123,3 +123,30 @@ def test_cuda_without_a_gpu_is_refused_before_ray_starts(simulate):
     result = simulate("run", "digits-dp", "--device", "cuda")
     assert result.returncode == 2
     assert "simulation.device" in result.stderr
+
+
+def test_export_writes_one_csv_per_institution_readable_by_join(simulate, tmp_path):
+    from confide.tasks.datasets import load_csv
+
+    result = simulate("export", "digits-dp", "--institutions", "3", "--out", "shares")
+    assert result.returncode == 0, result.stderr
+    files = sorted((tmp_path / "shares").glob("institution-*.csv"))
+    assert [f.name for f in files] == [f"institution-{i}.csv" for i in range(3)]
+    sizes = [len(load_csv(f, "label", tuple(str(k) for k in range(10)))) for f in files]
+    assert sum(sizes) == 1797 - 360  # everything but the coordinator's held-out test set
+
+
+def test_join_needs_exactly_one_token_source(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    client = Path(sys.executable).with_name("confide-client")
+    data = tmp_path / "d.csv"
+    data.write_text("a,label\n1,0\n2,1\n")
+    refused = subprocess.run(
+        [str(client), "join", "--server", "127.0.0.1:1", "--dir", str(tmp_path / "i"),
+         "--data", str(data)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "exactly one of --token and --token-file" in refused.stderr

@@ -76,3 +76,32 @@ def test_token_create_refusals_are_clear(tmp_path):
     assert bad_name.returncode == 2 and "institution name" in bad_name.stderr
     bad_ttl = server("token", "create", "--dir", str(state), "--institution", "a", "--ttl", "1w")
     assert bad_ttl.returncode == 2 and "--ttl" in bad_ttl.stderr
+
+
+def test_submit_refuses_a_bad_job_before_contacting_the_superlink(tmp_path):
+    state = tmp_path / "state"
+    assert server("init", "--dir", str(state)).returncode == 0
+    job = tmp_path / "job.toml"
+    job.write_text("[privacy]\ndelta = 2.0\n")
+    refused = server("submit", str(job), "--dir", str(state))
+    assert refused.returncode == 2
+    assert "job.toml: invalid job" in refused.stderr and "privacy.delta" in refused.stderr
+    assert not StateDir(state).jobs.exists() or not any(StateDir(state).jobs.iterdir())
+
+
+def test_jobs_commands_need_a_coordinator_state_directory(tmp_path):
+    for args in (["submit", "job.toml"], ["status"], ["logs", "1"]):
+        refused = server(*args, "--dir", str(tmp_path / "nowhere"))
+        assert refused.returncode == 2 and "confide-server init" in refused.stderr, args
+
+
+def test_status_says_when_the_superlink_is_not_running(tmp_path):
+    state = tmp_path / "state"
+    assert server("init", "--dir", str(state), "--superlink-port", "1").returncode == 0
+    (state / "flwr").mkdir()
+    (state / "flwr" / "config.toml").write_text(
+        '[superlink]\ndefault = "confide"\n[superlink.confide]\naddress = "127.0.0.1:1"\n'
+        f'root-certificates = "{state / "ca.pem"}"\n'
+    )
+    refused = server("status", "--dir", str(state))
+    assert refused.returncode == 2 and "cannot list runs" in refused.stderr

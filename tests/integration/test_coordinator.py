@@ -167,7 +167,7 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-def join(coordinator, data_file: Path, state: Path, name: str) -> str:
+def join(coordinator, data_file: Path, state: Path, name: str, *extra: str) -> str:
     """Join `name` into `state` without starting it; return its node id."""
     joined = client_cli(
         "join",
@@ -182,6 +182,7 @@ def join(coordinator, data_file: Path, state: Path, name: str) -> str:
         "--port",
         str(free_port()),
         "--no-start",
+        *extra,
     )
     assert joined.returncode == 0, joined.stderr
     return str(tomllib.loads((state / "institution.toml").read_text())["node_id"])
@@ -338,6 +339,152 @@ def test_revoked_institution_is_cut_off_and_cannot_return(coordinator, data_file
         kill(returning)
     again = server_cli("institutions", "revoke", "hospital-e", "--dir", str(coordinator["state"]))
     assert again.returncode == 2 and "already revoked" in again.stderr
+
+
+@pytest.fixture(scope="module")
+def digits_files(tmp_path_factory) -> list[Path]:
+    """Two institutions' CSV files cut from the digits examples the coordinator's test set
+    excludes; the second holds no 9s, so labels must be encoded with the job's classes."""
+    from confide.tasks.config import DataConfig, TaskConfig
+    from confide.tasks.splits import federate
+
+    folder = tmp_path_factory.mktemp("digits")
+    split = federate(TaskConfig(name="digits"), DataConfig(validation_fraction=0.0), 2, 0)
+    paths = []
+    for index, local in enumerate(split.institutions):
+        keep = local.train.y != 9 if index == 1 else local.train.y >= 0
+        lines = [",".join([*(f"p{j}" for j in range(64)), "digit"])]
+        lines += [
+            ",".join([*(f"{value:.4f}" for value in row), str(label)])
+            for row, label in zip(local.train.x[keep], local.train.y[keep], strict=True)
+        ]
+        paths.append(folder / f"hospital-{index}.csv")
+        paths[-1].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+JOB = """
+name = "digits-deployed"
+seed = 0
+[task]
+name = "digits"
+[train]
+batch_size = 64
+lr = 1.0
+[privacy]
+target_epsilon = 8.0
+delta = 1e-5
+[federation]
+rounds = 2
+min_available = 2
+min_train = 2
+min_evaluate = 2
+timeout = 180
+"""
+
+
+def test_two_institutions_train_a_dp_job_and_its_results_are_written(
+    coordinator, digits_files, tmp_path
+):
+    running = []
+    try:
+        ids = []
+        for index, data in enumerate(digits_files):
+            state = tmp_path / f"train-{index}"
+            ids.append(join(coordinator, data, state, f"train-{index}", "--label-column", "digit"))
+            running.append(start_client(state))
+        wait_online(coordinator, ids)
+        job = tmp_path / "job.toml"
+        job.write_text(JOB)
+        submitted = subprocess.run(
+            [str(BIN / "confide-server"), "submit", str(job), "--dir", str(coordinator["state"])],
+            capture_output=True,
+            text=True,
+            timeout=400,
+            env=ENV,
+        )
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    finally:
+        for process in running:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+    run_id = submitted.stdout.split("as run ")[1].split(";")[0].strip()
+    folder = coordinator["state"] / "runs" / f"run-{run_id}"
+    results = json.loads((folder / "results.json").read_text())
+    assert {path.name for path in folder.iterdir()} >= {"job.toml", "metrics.png", "epsilon.png"}
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(r["institutions_trained"] == 2 for r in results["rounds"])
+    assert results["rejected_updates"] == []
+    assert results["final"]["accuracy"] > results["initial"]["accuracy"] + 0.2
+    trained = {row["id"]: row for row in results["institutions"]}
+    assert set(trained) == {"train-0", "train-1"}
+    for row in trained.values():
+        assert row["rounds_trained"] == 2 and row["accountant"] == "rdp"
+        assert 0 < row["epsilon"] <= 8.0 and row["delta"] == 1e-5
+    assert "final accuracy" in submitted.stdout
+    status = server_cli("status", "--dir", str(coordinator["state"]), "--run", run_id)
+    assert status.returncode == 0 and "finished" in status.stdout, status.stdout
+    logs = server_cli("logs", run_id, "--dir", str(coordinator["state"]))
+    assert "round 2: accuracy" in logs.stdout
+
+
+def test_a_plaintext_client_is_refused_by_both_services(coordinator):
+    token = new_token(coordinator, "hospital-plain")
+    channel = grpc.insecure_channel(f"127.0.0.1:{coordinator['enrollment']}")
+    request = enrollment_pb2.RegisterRequest(token=token, public_key_openssh=b"x")
+    with pytest.raises(grpc.RpcError) as refused:
+        enrollment_pb2_grpc.EnrollmentStub(channel).Register(request, timeout=20)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The SuperLink speaks HTTPS only: a plaintext server would answer any HTTP request with
+    # a status line (404 included); a TLS server closes or sends a TLS alert.
+    with socket.create_connection(("127.0.0.1", coordinator["superlink"]), timeout=10) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw.settimeout(10)
+        try:
+            reply = raw.recv(200)
+        except (TimeoutError, ConnectionResetError):
+            reply = b""
+    assert not reply.startswith(b"HTTP/")
+
+
+def test_an_unregistered_key_is_refused_by_the_superlink(coordinator, tmp_path):
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = tmp_path / "stranger"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    private.chmod(0o600)
+    before = supernodes(coordinator)
+    stranger = subprocess.Popen(
+        [
+            str(BIN / "flower-supernode"),
+            "--root-certificates",
+            str(coordinator["state"] / "ca.pem"),
+            "--superlink",
+            f"127.0.0.1:{coordinator['superlink']}",
+            "--auth-supernode-private-key",
+            str(private),
+            "--port",
+            str(free_port()),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
+    try:
+        output = read_until(stranger, "2004", 60)
+    finally:
+        if stranger.poll() is None:
+            os.killpg(stranger.pid, signal.SIGKILL)
+        stranger.wait()
+    assert "SuperNode ID" not in output
+    assert supernodes(coordinator) == before
 
 
 def test_sigterm_stops_the_coordinator_and_its_superlink(coordinator):

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from confide.server import pki
-from confide.server.enrollment import FlowerRegistrar, RegistrationError, write_flower_connection
+from confide.server.enrollment import FlowerRegistrar, RegistrationError
+from confide.server.flower import write_connection
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -79,7 +80,7 @@ def superlink(tmp_path_factory):
     )
     try:
         wait_for_port(port, process)
-        write_flower_connection(state / "flwr", f"127.0.0.1:{port}", state / "ca.pem")
+        write_connection(state / "flwr", f"127.0.0.1:{port}", state / "ca.pem")
         yield FlowerRegistrar(state / "flwr")
     finally:
         os.killpg(process.pid, signal.SIGTERM)

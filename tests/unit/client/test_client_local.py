@@ -10,6 +10,7 @@ from flwr.app import Context, RecordDict
 from confide.client.app import _history, _store_history
 from confide.client.data import SimulatedInstitutions
 from confide.client.device import resolve_device
+from confide.privacy.instructions import RoundInstructions
 from confide.tasks.config import DataConfig, TaskConfig
 
 
@@ -41,8 +42,8 @@ def test_unknown_device_is_refused():
 
 def test_each_virtual_institution_gets_its_own_shard():
     source = SimulatedInstitutions(TaskConfig(), DataConfig(), 3, seed=0)
-    shards = [source(_context(i))[1].train for i in range(3)]
-    names = [source(_context(i))[0] for i in range(3)]
+    shards = [source(_context(i)).load(RoundInstructions()).train for i in range(3)]
+    names = [source(_context(i)).name for i in range(3)]
     assert names == ["0", "1", "2"]
     rows = [{row.tobytes() for row in shard.x} for shard in shards]
     assert not (rows[0] & rows[1]) and not (rows[1] & rows[2])
@@ -74,5 +75,5 @@ def test_client_app_pickles_for_ray(noise_seed):
     from confide.client.app import build_client_app
 
     source = SimulatedInstitutions(TaskConfig(), DataConfig(), 3, seed=0)
-    app = build_client_app(source, "cpu", noise_seed=noise_seed)
+    app = build_client_app(source, noise_seed=noise_seed)
     assert ray.cloudpickle.loads(ray.cloudpickle.dumps(app)) is not None

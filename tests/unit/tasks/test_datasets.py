@@ -304,3 +304,45 @@ def test_npz_missing_file_error_names_the_file(tmp_path: Path):
         load_npz(path)
     assert str(path) in str(caught.value)
     assert "no such file" in str(caught.value)
+
+
+# --- labels encoded with a job's classes (deployment) -------------------------------------------
+
+
+def test_job_classes_keep_the_global_encoding_when_a_class_is_missing(write_csv):
+    path = write_csv("a,label\n0.1,0\n0.2,2\n0.3,2\n")
+    data = load_csv(path, "label", classes=("0", "1", "2"))
+    assert data.classes == 3
+    assert data.y.tolist() == [0, 2, 2]  # not re-numbered to 0, 1
+
+
+def test_job_classes_match_names_first_then_integer_indices(write_csv):
+    classes = ("malignant", "benign")
+    named = load_csv(write_csv("a,label\n1,benign\n2,malignant\n"), "label", classes)
+    assert named.y.tolist() == [1, 0]
+    coded = load_csv(write_csv("a,label\n1,1\n2,0\n", "coded.csv"), "label", classes)
+    assert coded.y.tolist() == [1, 0]
+
+
+def test_a_single_class_file_is_accepted_with_job_classes(write_csv):
+    data = load_csv(write_csv("a,label\n1,1\n2,1\n"), "label", classes=("0", "1"))
+    assert data.y.tolist() == [1, 1] and data.classes == 2
+
+
+def test_a_label_outside_the_job_classes_is_refused_with_its_value(write_csv):
+    with pytest.raises(DatasetError, match=r"label '7' \(example 1\) is not one of the job's"):
+        load_csv(write_csv("a,label\n1,1\n2,7\n"), "label", classes=("0", "1"))
+
+
+def test_npz_float_labels_are_encoded_with_job_classes(write_npz):
+    path = write_npz(X=np.ones((3, 2)), y=np.array([2.0, 0.0, 2.0]))
+    assert load_npz(path, ("0", "1", "2")).y.tolist() == [2, 0, 2]
+
+
+def test_read_file_parses_without_encoding_so_join_can_check_any_file(write_csv):
+    from confide.tasks.datasets import read_file
+
+    x, labels = read_file(write_csv("a,b,label\n1,2,x\n3,4,x\n"), "label")
+    assert x.shape == (2, 2) and labels.tolist() == ["x", "x"]
+    with pytest.raises(DatasetError, match="no label column 'y'"):
+        read_file(write_csv("a,label\n1,2\n", "other.csv"), "y")

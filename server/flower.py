@@ -1,0 +1,67 @@
+"""The one place the coordinator talks to Flower's own tools.
+
+Flower's `flwr` CLI is its supported Control API client (register keys, start runs, list runs,
+read logs). It reads its connections from `$FLWR_HOME/config.toml`; the coordinator keeps that
+home inside its state directory, with one connection named `confide` to its own SuperLink.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from confide.tasks.environment import executable, flower_process_environment
+
+CONNECTION = "confide"
+# The ServerApp writes each run's results here (set in the SuperLink's environment).
+RESULTS_ENV = "CONFIDE_RESULTS_DIR"
+
+
+class FlowerError(RuntimeError):
+    """A `flwr` command failed; the message is Flower's own, last line first."""
+
+
+def flower_environment(flwr_home: Path, results: Path | None = None) -> dict[str, str]:
+    """Environment of Flower's processes: quiet, offline, state in the coordinator's folder."""
+    extra = {"FLWR_HOME": str(flwr_home)}
+    if results is not None:
+        extra[RESULTS_ENV] = str(results)
+    return flower_process_environment(**extra)
+
+
+def write_connection(flwr_home: Path, address: str, ca_certificate: Path) -> None:
+    """The `flwr` CLI connection the coordinator uses to reach its own SuperLink."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "{address}"\n'
+        f'root-certificates = "{ca_certificate.resolve()}"\n'
+    )
+
+
+def flwr_json(flwr_home: Path, *args: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Run `flwr ARGS --format json` against the coordinator's SuperLink; its reply as a dict.
+
+    Raises `FlowerError` with Flower's message when the command fails or does not answer.
+    """
+    try:
+        result = subprocess.run(
+            [executable("flwr"), *args, "--format", "json"],
+            capture_output=True,
+            text=True,
+            env=flower_environment(flwr_home),
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise FlowerError(f"the SuperLink did not answer within {timeout:.0f}s") from None
+    try:
+        reply = json.loads(result.stdout[result.stdout.index("{") :])
+    except ValueError:
+        detail = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
+        raise FlowerError(f"unexpected reply from flwr: {detail}") from None
+    if not reply.get("success"):
+        message = str(reply.get("error-message", "refused")).strip().splitlines()
+        raise FlowerError(message[-1] if message else "refused")
+    return reply

@@ -1,0 +1,129 @@
+"""A deployed institution's ClientApp: its own settings, its own file, its own limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from confide.client.app import build_client_app
+from confide.client.data import STATE_DIR_KEY, deployed_institution
+from confide.client.institution import InstitutionConfig, InstitutionDir
+from confide.privacy.config import PrivacyConfig, TrainConfig
+from confide.privacy.instructions import RoundInstructions
+from confide.privacy.policy import REFUSED_BY_POLICY, LocalPolicy
+from confide.tasks.config import TaskConfig
+from confide.tasks.datasets import DatasetError, load_digits
+from confide.tasks.registry import get_task
+
+LABELS = [str(k) for k in range(10)]
+
+
+@pytest.fixture(autouse=True)
+def _inside_a_run(monkeypatch):
+    """Messages are created inside a run; Flower reads its id from the process's identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture
+def institution(tmp_path: Path):
+    """An institution directory whose CSV holds 120 digits without any 9."""
+
+    def make(policy: LocalPolicy = LocalPolicy()) -> Context:
+        digits = load_digits()
+        keep = np.flatnonzero(digits.y != 9)[:120]
+        lines = [",".join([*(f"p{j}" for j in range(64)), "digit"])]
+        lines += [",".join([*(f"{v:.4f}" for v in digits.x[i]), str(digits.y[i])]) for i in keep]
+        data = tmp_path / "local.csv"
+        data.write_text("\n".join(lines) + "\n")
+        config = InstitutionConfig(
+            name="hospital-x",
+            node_id=7,
+            superlink="127.0.0.1:1",
+            enrollment="127.0.0.1:2",
+            data=data,
+            label_column="digit",
+            device="cpu",
+            privacy=policy,
+        )
+        InstitutionDir(tmp_path).save(config)
+        return Context(
+            run_id=1,
+            node_id=7,
+            node_config={STATE_DIR_KEY: str(tmp_path)},
+            state=RecordDict(),
+            run_config={},
+        )
+
+    return make
+
+
+def _instructions(**privacy: object) -> RoundInstructions:
+    return RoundInstructions(
+        task=TaskConfig(name="digits"),
+        train=TrainConfig(batch_size=20, lr=0.5),
+        privacy=PrivacyConfig(**({"noise_multiplier": 1.0} | privacy)),
+        rounds=3,
+        features=64,
+        labels=LABELS,
+    )
+
+
+def _train_message(instructions: RoundInstructions, server_round: int = 1) -> Message:
+    model = get_task("digits").build_model(instructions.task, 64, 10, 0)
+    config = ConfigRecord(instructions.to_config() | {"server-round": server_round})
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
+    return Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def test_the_institution_is_read_from_its_own_state_directory(institution):
+    context = institution()
+    me = deployed_institution(context)
+    assert (me.name, me.device, me.policy) == ("hospital-x", "cpu", LocalPolicy())
+    local = me.load(_instructions())
+    assert len(local.train) + len(local.validation) == 120
+    assert local.train.classes == 10  # the job's classes, although this file has no 9
+
+
+def test_a_file_with_other_columns_than_the_model_is_refused(institution):
+    me = deployed_institution(institution())
+    with pytest.raises(DatasetError, match="64 feature columns, the job's model takes 30"):
+        me.load(_instructions().model_copy(update={"features": 30}))
+
+
+def test_a_node_without_a_state_directory_is_told_how_to_start(institution):
+    from confide.client.institution import InstitutionError
+
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(InstitutionError, match="confide-client start"):
+        deployed_institution(context)
+
+
+def test_train_replies_with_weights_and_the_rounds_privacy_spend(institution):
+    context = institution()
+    reply = build_client_app()(_train_message(_instructions()), context)
+    assert not reply.has_error()
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 108 and 0 < metrics["epsilon"] < 10
+    assert reply.content["identity"]["institution"] == "hospital-x"
+
+
+def test_a_round_past_the_institutions_limit_is_refused_not_trained(institution):
+    context = institution(LocalPolicy(max_epsilon=0.5))
+    reply = build_client_app()(_train_message(_instructions()), context)
+    assert reply.has_error()
+    assert reply.error.code == REFUSED_BY_POLICY
+    assert "hospital-x refuses round 1" in reply.error.reason
+    assert "max_epsilon 0.5" in reply.error.reason
+    assert "confide.privacy.history" not in context.state  # nothing spent
+
+
+def test_the_coordinator_cannot_turn_dp_off_at_an_institution_that_requires_it(institution):
+    reply = build_client_app()(_train_message(_instructions(enabled=False)), institution())
+    assert reply.has_error() and "requires DP-SGD" in reply.error.reason
