@@ -12,6 +12,7 @@ rounds of a job. Raw data never leaves this function; replies carry weights and 
 
 from __future__ import annotations
 
+import json
 import secrets
 
 import torch
@@ -27,6 +28,7 @@ from confide.privacy.config import PrivacyConfig
 from confide.privacy.instructions import RoundInstructions
 from confide.privacy.policy import REFUSED_BY_POLICY, PolicyRefusal, check_round
 from confide.privacy.trainer import planned_noise, train_round
+from confide.tasks.files import write_atomic
 from confide.tasks.metrics import evaluate as evaluate_model
 from confide.tasks.registry import get_task
 from confide.tasks.seeding import derive_seed
@@ -41,6 +43,29 @@ def _history(context: Context) -> list[HistoryEntry]:
         return []
     record = context.state[HISTORY]
     return list(zip(record["sigma"], record["rate"], record["steps"], strict=True))
+
+
+def _recorded_history(context: Context, me: LocalInstitution) -> list[HistoryEntry]:
+    """This run's history: from the node's state, else from the institution's spend file
+    (the SuperNode restarted during the job), else empty."""
+    history = _history(context)
+    if history or me.spend_file is None or not me.spend_file.is_file():
+        return history
+    try:
+        entries = json.loads(me.spend_file.read_text())["history"]
+        return [(float(s), float(q), int(n)) for s, q, n in entries]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        # Refuse rather than start from zero: that would under-count the spend.
+        raise PolicyRefusal(f"{me.spend_file}: unreadable spend record ({error})") from None
+
+
+def _record_history(me: LocalInstitution, history: list[HistoryEntry]) -> None:
+    """Write this run's history to the institution's spend file before the update leaves."""
+    if me.spend_file is None:
+        return
+    me.spend_file.parent.mkdir(mode=0o700, exist_ok=True)
+    document = {"history": [[s, q, n] for s, q, n in history]}
+    write_atomic(me.spend_file, json.dumps(document) + "\n", mode=0o600)
 
 
 def _store_history(context: Context, history: list[HistoryEntry]) -> None:
@@ -107,7 +132,7 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
 
     def round_seed(server_round: int, institution: str) -> int:
         if noise_seed is None:
-            return secrets.randbits(31)
+            return secrets.randbits(63)
         return derive_seed(noise_seed, "train", server_round, institution)
 
     @app.query()
@@ -117,13 +142,17 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        _one_thread()
         instructions = RoundInstructions.from_config(message.content["config"])
         server_round = int(message.content["config"]["server-round"])
         me: LocalInstitution = resolver(context)
+        if me.single_thread:
+            _one_thread()
         institution = me.name
         local = me.load(instructions)
-        history = _history(context)
+        try:
+            history = _recorded_history(context, me)
+        except PolicyRefusal as refusal:
+            return Message(error=Error(REFUSED_BY_POLICY, str(refusal)), reply_to=message)
         privacy = _fixed_noise(context, instructions, len(local.train))
         if me.policy is not None:
             try:
@@ -149,6 +178,7 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
             seed=round_seed(server_round, institution),
             device=resolve_device(me.device),
         )
+        _record_history(me, result.history)
         _store_history(context, result.history)
         metrics = {
             "num-examples": result.examples,
@@ -174,9 +204,10 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        _one_thread()
         instructions = RoundInstructions.from_config(message.content["config"])
         me = resolver(context)
+        if me.single_thread:
+            _one_thread()
         institution, local = me.name, me.load(instructions)
         metrics: dict[str, float | int] = {"num-examples": len(local.validation)}
         if len(local.validation):

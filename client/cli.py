@@ -75,15 +75,15 @@ def join(
     from confide.client.enrollment import JoinError
     from confide.client.enrollment import join as enroll
     from confide.client.institution import InstitutionConfig, InstitutionDir
-    from confide.privacy.policy import LocalPolicy
+    from confide.privacy.policy import PrivacyPolicy
     from confide.tasks.config import describe_errors
 
     token = _token(token, token_file)
     directory = InstitutionDir(state)
     try:
-        policy = LocalPolicy(max_epsilon=max_epsilon, max_delta=max_delta)
+        policy = PrivacyPolicy(max_epsilon=max_epsilon, max_delta=max_delta)
     except ValidationError as error:
-        raise fail("; ".join(describe_errors(error, LocalPolicy))) from None
+        raise fail("; ".join(describe_errors(error, PrivacyPolicy))) from None
     if directory.settings_file.exists():
         raise fail(f"{state} already holds an institution; use `confide-client start`")
     _check_data(data, label_column)

@@ -17,27 +17,37 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import Context
+import numpy as np
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from confide.privacy.instructions import RoundInstructions
-from confide.privacy.policy import LocalPolicy
+from confide.privacy.policy import PrivacyPolicy
 from confide.tasks.config import DataConfig, TaskConfig, unflatten
 from confide.tasks.datasets import Dataset, DatasetError, load_file
 from confide.tasks.seeding import derive_seed
-from confide.tasks.splits import FederatedSplit, InstitutionData, federate, split_validation
+from confide.tasks.splits import FederatedSplit, InstitutionData, federate, validation_indices
 
 # The node config key a deployed SuperNode is started with (see `confide-client start`).
 STATE_DIR_KEY = "confide-dir"
+SPLIT_KEY = "confide.data.validation"
 
 
 @dataclass(frozen=True)
 class LocalInstitution:
-    """One institution as its ClientApp sees it; `policy` is None in simulation."""
+    """One institution as its ClientApp sees it.
+
+    `policy` and `spend_file` are a deployed institution's (None in simulation): its limits,
+    and where it keeps this run's accountant history so that a SuperNode restarted in the
+    middle of a job does not start counting from zero. `single_thread` is for simulation,
+    where institutions share the machine's cores.
+    """
 
     name: str
     device: str
     load: Callable[[RoundInstructions], InstitutionData]
-    policy: LocalPolicy | None = None
+    policy: PrivacyPolicy | None = None
+    spend_file: Path | None = None
+    single_thread: bool = False
 
 
 Resolver = Callable[[Context], LocalInstitution]
@@ -71,7 +81,7 @@ class SimulatedInstitutions:
     def __call__(self, context: Context) -> LocalInstitution:
         index = int(context.node_config["partition-id"])
         local = self.split().institutions[index]
-        return LocalInstitution(str(index), self.device, lambda _: local)
+        return LocalInstitution(str(index), self.device, lambda _: local, single_thread=True)
 
     @classmethod
     def from_context(cls, context: Context) -> SimulatedInstitutions:
@@ -97,9 +107,13 @@ def local_data(
     validation_fraction: float,
     instructions: RoundInstructions,
     institution: str,
+    state: RecordDict | None = None,
 ) -> InstitutionData:
     """The institution's file encoded with the job's class names, cut into training and
     validation parts (the institution's own `validation_fraction`, seeded by job and name).
+
+    The cut is kept in the node's `state` for the rest of the job: computing it imports
+    scikit-learn (seconds), and a deployed ClientApp is a new process for every message.
     """
     if instructions.labels is None or instructions.features is None:
         raise DatasetError("the job does not name the model's features and classes")
@@ -115,7 +129,18 @@ def local_data(
             f"{instructions.features}"
         )
     seed = derive_seed(instructions.seed, "validation", institution)
-    return split_validation(full, validation_fraction, seed)
+    key = f"{path}|{mtime}|{len(full)}|{validation_fraction}|{seed}"
+    cached = state.get(SPLIT_KEY) if state is not None else None
+    if isinstance(cached, ConfigRecord) and cached.get("key") == key:
+        held = np.frombuffer(bytes(cached["validation"]), dtype=np.int64)
+        keep = np.setdiff1d(np.arange(len(full)), held)
+    else:
+        keep, held = validation_indices(full, validation_fraction, seed)
+        if state is not None:
+            state[SPLIT_KEY] = ConfigRecord(
+                {"key": key, "validation": np.asarray(held, dtype=np.int64).tobytes()}
+            )
+    return InstitutionData(full.subset(keep), full.subset(held))
 
 
 def deployed_institution(context: Context) -> LocalInstitution:
@@ -134,14 +159,21 @@ def deployed_institution(context: Context) -> LocalInstitution:
         config.name,
         config.device,
         lambda instructions: local_data(
-            config.data, config.label_column, config.validation_fraction, instructions, config.name
+            config.data,
+            config.label_column,
+            config.validation_fraction,
+            instructions,
+            config.name,
+            context.state,
         ),
         config.privacy,
+        spend_file=Path(str(root)) / "spend" / f"run-{context.run_id}.json",
     )
 
 
 def resolve(context: Context) -> LocalInstitution:
-    """A deployed institution if the node names its state directory, else a simulated one."""
-    if STATE_DIR_KEY in context.node_config:
-        return deployed_institution(context)
-    return SimulatedInstitutions.from_context(context)(context)
+    """A simulated institution if the node config says which partition it is, else the
+    deployed institution whose state directory the node config names."""
+    if "partition-id" in context.node_config and STATE_DIR_KEY not in context.node_config:
+        return SimulatedInstitutions.from_context(context)(context)
+    return deployed_institution(context)

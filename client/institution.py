@@ -11,7 +11,7 @@ from typing import Literal
 import tomli_w
 from pydantic import Field
 
-from confide.privacy.policy import LocalPolicy
+from confide.privacy.policy import PrivacyPolicy
 from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 from confide.tasks.files import write_atomic
 
@@ -34,8 +34,8 @@ class InstitutionConfig(StrictModel):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     port: int = Field(default=9094, ge=1, le=65535, description="the SuperNode's local port")
-    privacy: LocalPolicy = Field(
-        default=LocalPolicy(), description="this institution's limits for every job"
+    privacy: PrivacyPolicy = Field(
+        default=PrivacyPolicy(), description="this institution's limits for every job"
     )
 
 

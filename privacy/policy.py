@@ -27,7 +27,7 @@ from confide.tasks.config import StrictModel
 REFUSED_BY_POLICY = 100
 
 
-class LocalPolicy(StrictModel):
+class PrivacyPolicy(StrictModel):
     """Limits an institution sets for every job run on its data."""
 
     max_epsilon: float = Field(
@@ -58,7 +58,7 @@ def projected_epsilon(
 
 
 def check_round(
-    policy: LocalPolicy,
+    policy: PrivacyPolicy,
     privacy: PrivacyConfig,
     train: TrainConfig,
     examples: int,

@@ -104,7 +104,7 @@ def train_round(
     model.to(device).train()
     x = torch.as_tensor(data.x, device=device)
     y = torch.as_tensor(data.y, device=device)
-    batches = torch.Generator().manual_seed(derive_seed(seed, "batches"))
+    batches = torch.Generator().manual_seed(derive_seed(seed, "batches", bits=63))
     criterion = nn.CrossEntropyLoss()
     optimizer = _optimizer(model, train)
 
@@ -128,7 +128,7 @@ def train_round(
 
     check_model(model)
     sigma = planned_noise(privacy, train, len(data), planned_rounds)
-    noise = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise"))
+    noise = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise", bits=63))
     loader = DataLoader(TensorDataset(x, y), batch_size=train.batch_size, generator=batches)
     # Two known warnings, neither actionable: Opacus says secure_mode is off on every call
     # (the seed's source is the caller's choice, see build_client_app), and backward hooks

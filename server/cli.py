@@ -227,13 +227,15 @@ def submit(
         )
         return
     code = logs(directory, submitted.run_id, follow=True)
-    _report(directory, submitted.run_id)
+    if not _report(directory, submitted.run_id):
+        raise typer.Exit(1)
     if code:
         raise typer.Exit(code)
 
 
-def _report(directory, run_id: int) -> None:
-    """A finished run's final accuracy and privacy spend, from its results.json."""
+def _report(directory, run_id: int) -> bool:
+    """Print a finished run's final accuracy and privacy spend from its results.json;
+    False if the run wrote none (it failed or was stopped)."""
     import json
 
     from confide.server.results import RESULTS
@@ -241,13 +243,18 @@ def _report(directory, run_id: int) -> None:
     path = directory.runs / f"run-{run_id}" / RESULTS
     if not path.is_file():
         errors.print(f"run {run_id} wrote no results (see `confide-server status`)")
-        return
+        return False
     results = json.loads(path.read_text())
     final = results["final"]
     line = f"run {run_id}: final accuracy {final['accuracy']:.4f}"
     if results["dp"]:
-        line += f", max epsilon {final['epsilon_max']:.3f} at delta {final['delta']:g} (sample)"
+        accountant = str(results["privacy"]["accountant"]).upper()
+        line += (
+            f", max epsilon {final['epsilon_max']:.3f} at delta {final['delta']:g} "
+            f"(sample-level, {accountant} accountant)"
+        )
     console.print(f"{line}; {path}", highlight=False)
+    return True
 
 
 @app.command()

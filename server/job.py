@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, model_validator
 
 from confide.privacy.config import PrivacyConfig, TrainConfig
@@ -46,8 +48,12 @@ class JobConfig(StrictModel):
     ) -> RoundInstructions:
         """What every institution is asked to do; `features` and `labels` (the global model's
         input width and class names) are known once the coordinator has its test set."""
+        # The coordinator's own file path (csv/npz tasks) is its business: send the name only.
+        task = self.task
+        if task.path is not None:
+            task = task.model_copy(update={"path": Path(task.path.name)})
         return RoundInstructions(
-            task=self.task,
+            task=task,
             train=self.train,
             privacy=self.privacy,
             rounds=self.federation.rounds,

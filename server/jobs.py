@@ -4,8 +4,9 @@ A job file has the schema of a simulation scenario without `[simulation]` (a sce
 accepted; that table is ignored). Submitting one writes a small Flower app into
 `STATE/jobs/<name>-<UTC time>/`: a pyproject naming confide's ServerApp and ClientApp, with
 the validated job as JSON in its run config. `flwr run` packs that folder into a FAB and
-starts it on the SuperLink; no code travels except confide's own entry points, which every
-institution has installed (runtime dependency installation is off on both sides).
+starts it on the SuperLink. The app names confide's own entry points, which every institution
+has installed (runtime dependency installation is off on both sides); the folder holds no
+other code.
 
 The ServerApp writes each run's results to `STATE/runs/run-<id>/` (results.json, job.toml,
 plots), the same format as a simulation's.
@@ -13,6 +14,7 @@ plots), the same format as a simulation's.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -69,6 +71,15 @@ def load_job(path: Path) -> tuple[JobFile, bool]:
         raise JobError(str(error)) from None
 
 
+def flower_app_name(name: str) -> str:
+    """A name Flower accepts for the job's app (a letter, then letters, digits or '-', at most
+    32 characters); the job keeps its own name in the run config and the results."""
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    if not cleaned[:1].isalpha():
+        cleaned = f"job-{cleaned}"
+    return cleaned[:32].rstrip("-")
+
+
 def write_app(directory: StateDir, job: JobFile) -> Path:
     """The Flower app folder `flwr run` packs for this job (see the module docstring)."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
@@ -76,7 +87,7 @@ def write_app(directory: StateDir, job: JobFile) -> Path:
     folder.mkdir(parents=True)
     pyproject: dict[str, Any] = {
         "project": {
-            "name": job.name.lower().replace(".", "-").replace("_", "-"),
+            "name": flower_app_name(job.name),
             "version": "1.0.0",
             "description": job.description or f"confide job {job.name}",
             "dependencies": [],

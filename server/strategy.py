@@ -209,7 +209,19 @@ class ConfideFedAvg(FedAvg):
         """Update the institution's cumulative spend from its reply (KeyError if incomplete)."""
         spend = self.history.spend(institution)
         if int(metrics[keys.DP_ENABLED]):
-            spend.epsilon = float(metrics[keys.EPSILON])
+            reported = float(metrics[keys.EPSILON])
+            if reported < spend.epsilon:
+                # Cumulative epsilon never goes down; an institution that lost its history
+                # (or misreports) must not lower what this job records.
+                log(
+                    WARNING,
+                    "%s reported epsilon %.3f, below the %.3f it reported before; keeping %.3f",
+                    institution,
+                    reported,
+                    spend.epsilon,
+                    spend.epsilon,
+                )
+            spend.epsilon = max(spend.epsilon, reported)
             spend.noise_multiplier = float(metrics[keys.NOISE_MULTIPLIER])
             spend.sample_rate = float(metrics[keys.SAMPLE_RATE])
             spend.steps = int(metrics[keys.TOTAL_STEPS])

@@ -250,9 +250,10 @@ def _cpus() -> int:
 
 
 def run_deployed_benchmark(rounds: int, output: Path, *, console: Console) -> None:
-    """Time a deployed job on this host and update its section of OUTPUT."""
+    """Time deployed jobs on this host and update their section of OUTPUT."""
     from confide.simulations.deployment_bench import (
         DeploymentBenchError,
+        clientapp_import_seconds,
         deployed_section,
         measure_deployed,
     )
@@ -262,13 +263,15 @@ def run_deployed_benchmark(rounds: int, output: Path, *, console: Console) -> No
         measured = measure_deployed(rounds)
     except (DeploymentBenchError, OSError, subprocess.TimeoutExpired) as error:
         raise RunError(f"deployed benchmark: {error}") from None
-    console.print(
-        f"deployed: {measured.median_round:.1f} s/round (median of rounds 2..), round 1 "
-        f"{measured.seconds[0]:.1f} s, accuracy {measured.accuracy:.4f}"
-    )
+    for m in measured:
+        console.print(
+            f"deployed, {m.variant}: {m.median_round:.1f} s/round (median of rounds 2..), "
+            f"round 1 {m.seconds[0]:.1f} s, accuracy {m.accuracy:.4f}"
+        )
+    section = deployed_section(measured, clientapp_import_seconds())
     previous = output.read_text() if output.is_file() else "# Benchmarks\n"
     try:
-        write_atomic(output, replace_section(previous, deployed_section(measured)))
+        write_atomic(output, replace_section(previous, section))
     except OSError as error:
         raise RunError(f"--output {output}: {error}") from None
     console.print(f"written: {output}")

@@ -127,20 +127,42 @@ def _encode_labels(
         if len(names) < 2:
             raise DatasetError(f"{where}: the label has {len(names)} distinct value(s); need >= 2")
         return codes.astype(np.int64), tuple(str(n) for n in names)
-    index = {name: position for position, name in enumerate(classes)}
+    index = {_canonical(name): position for position, name in enumerate(classes)}
+    # Codes 0..k-1 stand for classes only when no class name is itself a number: with names
+    # "1", "2", "3" a label 1 is the class named "1", never the class at index 1.
+    by_position = not any(_is_number(name) for name in classes)
     codes = np.empty(len(raw), dtype=np.int64)
     for row, value in enumerate(raw):
-        text = str(value)
+        text = _canonical(str(value))
         if text in index:
             codes[row] = index[text]
-        elif isinstance(value, np.integer) and 0 <= int(value) < len(classes):
+        elif by_position and isinstance(value, np.integer) and 0 <= int(value) < len(classes):
             codes[row] = int(value)
         else:
             raise DatasetError(
-                f"{where}: label {text!r} (example {row}) is not one of the job's classes "
-                f"{', '.join(classes)}"
+                f"{where}: label {str(value)!r} (example {row}) is not one of the job's "
+                f"classes {', '.join(classes)}"
             )
     return codes, tuple(classes)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _canonical(text: str) -> str:
+    """One spelling per label: whole numbers without a fraction ("1.0" and "1" are "1")."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text.strip()
+    if math.isfinite(number) and number == round(number):
+        return str(int(number))
+    return text.strip()
 
 
 def _numeric_if_possible(labels: list[str]) -> np.ndarray:

@@ -87,12 +87,19 @@ def federate(task: TaskConfig, data: DataConfig, institutions: int, seed: int) -
     return FederatedSplit(test, local, label_table(pool.y, parts, pool.classes))
 
 
+def validation_indices(
+    shard: Dataset, fraction: float, seed: int, what: str = "validation_fraction"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices of one institution's data: none held out if `fraction`
+    is 0 or the shard has fewer than two examples; `what` names the setting in errors."""
+    if fraction > 0 and len(shard) >= 2:
+        return _split(shard, fraction, seed, what)
+    return np.arange(len(shard)), np.arange(0)
+
+
 def split_validation(
     shard: Dataset, fraction: float, seed: int, what: str = "validation_fraction"
 ) -> InstitutionData:
-    """One institution's data cut into training and local validation (none if `fraction` is 0
-    or the shard has fewer than two examples); `what` names the setting in errors."""
-    if fraction > 0 and len(shard) >= 2:
-        train, validation = _split(shard, fraction, seed, what)
-        return InstitutionData(shard.subset(train), shard.subset(validation))
-    return InstitutionData(shard, shard.subset(np.arange(0)))
+    """One institution's data cut into training and local validation."""
+    train, validation = validation_indices(shard, fraction, seed, what)
+    return InstitutionData(shard.subset(train), shard.subset(validation))

@@ -474,7 +474,7 @@ def test_an_unregistered_key_is_refused_by_the_superlink(coordinator, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=ENV,
+        env=ENV | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},  # it starts SuperExec
         start_new_session=True,
     )
     try:

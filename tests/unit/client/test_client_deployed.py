@@ -13,7 +13,7 @@ from confide.client.data import STATE_DIR_KEY, deployed_institution
 from confide.client.institution import InstitutionConfig, InstitutionDir
 from confide.privacy.config import PrivacyConfig, TrainConfig
 from confide.privacy.instructions import RoundInstructions
-from confide.privacy.policy import REFUSED_BY_POLICY, LocalPolicy
+from confide.privacy.policy import REFUSED_BY_POLICY, PrivacyPolicy
 from confide.tasks.config import TaskConfig
 from confide.tasks.datasets import DatasetError, load_digits
 from confide.tasks.registry import get_task
@@ -35,7 +35,7 @@ def _inside_a_run(monkeypatch):
 def institution(tmp_path: Path):
     """An institution directory whose CSV holds 120 digits without any 9."""
 
-    def make(policy: LocalPolicy = LocalPolicy()) -> Context:
+    def make(policy: PrivacyPolicy = PrivacyPolicy()) -> Context:
         digits = load_digits()
         keep = np.flatnonzero(digits.y != 9)[:120]
         lines = [",".join([*(f"p{j}" for j in range(64)), "digit"])]
@@ -85,7 +85,7 @@ def _train_message(instructions: RoundInstructions, server_round: int = 1) -> Me
 def test_the_institution_is_read_from_its_own_state_directory(institution):
     context = institution()
     me = deployed_institution(context)
-    assert (me.name, me.device, me.policy) == ("hospital-x", "cpu", LocalPolicy())
+    assert (me.name, me.device, me.policy) == ("hospital-x", "cpu", PrivacyPolicy())
     local = me.load(_instructions())
     assert len(local.train) + len(local.validation) == 120
     assert local.train.classes == 10  # the job's classes, although this file has no 9
@@ -115,7 +115,7 @@ def test_train_replies_with_weights_and_the_rounds_privacy_spend(institution):
 
 
 def test_a_round_past_the_institutions_limit_is_refused_not_trained(institution):
-    context = institution(LocalPolicy(max_epsilon=0.5))
+    context = institution(PrivacyPolicy(max_epsilon=0.5))
     reply = build_client_app()(_train_message(_instructions()), context)
     assert reply.has_error()
     assert reply.error.code == REFUSED_BY_POLICY
@@ -127,3 +127,43 @@ def test_a_round_past_the_institutions_limit_is_refused_not_trained(institution)
 def test_the_coordinator_cannot_turn_dp_off_at_an_institution_that_requires_it(institution):
     reply = build_client_app()(_train_message(_instructions(enabled=False)), institution())
     assert reply.has_error() and "requires DP-SGD" in reply.error.reason
+
+
+def test_the_validation_cut_is_kept_for_the_job_and_redone_when_the_file_changes(institution):
+    from confide.client.data import SPLIT_KEY
+
+    context = institution()
+    first = deployed_institution(context).load(_instructions())
+    assert SPLIT_KEY in context.state
+    again = deployed_institution(context).load(_instructions())
+    assert np.array_equal(first.validation.x, again.validation.x)
+    assert np.array_equal(first.train.y, again.train.y)
+    key = context.state[SPLIT_KEY]["key"]
+    data = InstitutionDir(Path(context.node_config[STATE_DIR_KEY])).load().data
+    data.write_text("\n".join(data.read_text().splitlines()[:61]) + "\n")  # 60 examples now
+    shorter = deployed_institution(context).load(_instructions())
+    assert len(shorter.train) + len(shorter.validation) == 60
+    assert context.state[SPLIT_KEY]["key"] != key
+
+
+def test_a_restarted_supernode_continues_the_runs_spend_from_the_institutions_file(institution):
+    context = institution()
+    app = build_client_app()
+    first = app(_train_message(_instructions(), 1), context).content["metrics"]["epsilon"]
+    spend = Path(context.node_config[STATE_DIR_KEY]) / "spend" / "run-1.json"
+    assert spend.stat().st_mode & 0o777 == 0o600
+    restarted = Context(
+        run_id=1, node_id=7, node_config=dict(context.node_config), state=RecordDict(),
+        run_config={},
+    )  # fmt: skip
+    second = app(_train_message(_instructions(), 2), restarted).content["metrics"]["epsilon"]
+    assert second > first  # counted on from round 1, not from zero
+
+
+def test_an_unreadable_spend_record_refuses_training_instead_of_counting_from_zero(institution):
+    context = institution()
+    spend = Path(context.node_config[STATE_DIR_KEY]) / "spend" / "run-1.json"
+    spend.parent.mkdir()
+    spend.write_text("{not json")
+    reply = build_client_app()(_train_message(_instructions()), context)
+    assert reply.has_error() and "unreadable spend record" in reply.error.reason

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from confide.privacy.config import PrivacyConfig, TrainConfig
-from confide.privacy.policy import LocalPolicy, PolicyRefusal, check_round, projected_epsilon
+from confide.privacy.policy import PolicyRefusal, PrivacyPolicy, check_round, projected_epsilon
 from confide.privacy.trainer import train_round
 
 TRAIN = TrainConfig(batch_size=20, lr=0.5)
@@ -29,19 +29,19 @@ def test_projection_equals_the_epsilon_the_trainer_then_reports(small_digits, ma
 
 
 def test_a_round_within_the_limit_is_allowed():
-    check_round(LocalPolicy(max_epsilon=50.0), PRIVACY, TRAIN, 200, [], 5)
+    check_round(PrivacyPolicy(max_epsilon=50.0), PRIVACY, TRAIN, 200, [], 5)
 
 
 def test_a_round_that_would_pass_max_epsilon_is_refused_with_the_numbers():
     history = [(1.0, 0.1, 100)]
     with pytest.raises(PolicyRefusal, match=r"from \d+\.\d+ to \d+\.\d+ .* max_epsilon 2"):
-        check_round(LocalPolicy(max_epsilon=2.0), PRIVACY, TRAIN, 200, history, 5)
+        check_round(PrivacyPolicy(max_epsilon=2.0), PRIVACY, TRAIN, 200, history, 5)
 
 
 def test_a_target_epsilon_above_the_limit_is_refused_once_the_round_would_cross_it():
     # Target 8 over 4 rounds: round 1 spends well under 8, the last one reaches ~8.
     privacy = PrivacyConfig(target_epsilon=8.0, delta=1e-5)
-    policy = LocalPolicy(max_epsilon=6.0)
+    policy = PrivacyPolicy(max_epsilon=6.0)
     check_round(policy, privacy, TRAIN, 200, [], 4)
     after_three, sigma = projected_epsilon(privacy, TRAIN, 200, [], 4)
     history = [(sigma, 0.1, 10)] * 3
@@ -53,11 +53,11 @@ def test_a_target_epsilon_above_the_limit_is_refused_once_the_round_would_cross_
 def test_a_job_without_dp_is_refused_unless_the_institution_allows_it():
     off = PrivacyConfig(enabled=False)
     with pytest.raises(PolicyRefusal, match="requires DP-SGD"):
-        check_round(LocalPolicy(), off, TRAIN, 200, [], 5)
-    check_round(LocalPolicy(require_dp=False), off, TRAIN, 200, [], 5)
+        check_round(PrivacyPolicy(), off, TRAIN, 200, [], 5)
+    check_round(PrivacyPolicy(require_dp=False), off, TRAIN, 200, [], 5)
 
 
 def test_a_larger_delta_than_the_institution_accepts_is_refused():
     loose = PrivacyConfig(noise_multiplier=1.0, delta=1e-3)
     with pytest.raises(PolicyRefusal, match=r"delta 0\.001 exceeds .* max_delta 1e-05"):
-        check_round(LocalPolicy(), loose, TRAIN, 200, [], 5)
+        check_round(PrivacyPolicy(), loose, TRAIN, 200, [], 5)

@@ -58,3 +58,17 @@ def test_the_app_carries_the_whole_job_and_the_serverapp_reads_it_back(tmp_path:
 def test_a_run_config_that_breaks_the_schema_names_the_field():
     with pytest.raises(ValueError, match=r"federation\.rounds"):
         job_from_run_config({"confide-job": '{"federation": {"rounds": -1}}'})
+
+
+def test_any_job_name_becomes_an_app_name_flower_accepts():
+    from confide.server.jobs import flower_app_name
+
+    assert flower_app_name("digits-dp") == "digits-dp"
+    assert flower_app_name("2024_Trial.v2") == "job-2024-trial-v2"
+    assert len(flower_app_name("a" * 64)) == 32
+
+
+def test_institutions_are_told_the_name_of_the_coordinators_file_not_its_path(tmp_path: Path):
+    (tmp_path / "job.toml").write_text(JOB)
+    job, _ = load_job(tmp_path / "job.toml")
+    assert job.instructions().task.path == Path("eval.csv")

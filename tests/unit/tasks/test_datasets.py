@@ -346,3 +346,12 @@ def test_read_file_parses_without_encoding_so_join_can_check_any_file(write_csv)
     assert x.shape == (2, 2) and labels.tolist() == ["x", "x"]
     with pytest.raises(DatasetError, match="no label column 'y'"):
         read_file(write_csv("a,label\n1,2\n", "other.csv"), "y")
+
+
+def test_numeric_class_names_match_by_value_never_by_position(write_csv, write_npz):
+    floats = ("1.0", "2.0", "3.0")  # a coordinator's NPZ with float labels names them so
+    assert load_csv(write_csv("a,label\n5,1\n6,3\n"), "label", floats).y.tolist() == [0, 2]
+    npz = write_npz(X=np.ones((2, 1)), y=np.array([2.0, 1.0]))
+    assert load_npz(npz, floats).y.tolist() == [1, 0]
+    with pytest.raises(DatasetError, match="label '0'"):
+        load_csv(write_csv("a,label\n5,0\n", "zero.csv"), "label", ("1", "2", "3"))

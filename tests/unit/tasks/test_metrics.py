@@ -93,3 +93,29 @@ def test_evaluate_leaves_the_model_in_eval_mode():
 def test_empty_set_raises_value_error():
     with pytest.raises(ValueError, match="empty"):
         evaluate(_oracle(2), np.zeros((0, 2), np.float32), np.zeros(0, np.int64), 2)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_macro_scores_equal_scikit_learns(seed):
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from confide.tasks.metrics import macro_precision_recall_f1
+
+    rng = np.random.default_rng(seed)
+    classes = int(rng.integers(2, 7))
+    y = rng.integers(0, classes, size=int(rng.integers(5, 60)))
+    predicted = np.where(rng.random(len(y)) < 0.6, y, rng.integers(0, classes + 1, len(y)))
+    expected = precision_recall_fscore_support(y, predicted, average="macro", zero_division=0)
+    assert macro_precision_recall_f1(y, predicted) == pytest.approx(expected[:3], abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_auroc_equals_scikit_learns_with_ties(seed):
+    from sklearn.metrics import roc_auc_score
+
+    from confide.tasks.metrics import binary_auroc
+
+    rng = np.random.default_rng(seed)
+    y = np.concatenate([[0, 1], rng.integers(0, 2, size=40)])
+    score = np.round(rng.random(len(y)) * 0.6 + 0.4 * y, 1)  # rounded: many ties
+    assert binary_auroc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
