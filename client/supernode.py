@@ -8,8 +8,8 @@ they stay the institution's own.
 A SuperNode that stopped without signing off (killed, power loss, coordinator restarted at
 the same time) still counts as online at the SuperLink until two missed heartbeats (60 s), and
 the SuperLink refuses to activate it again before that; Flower's SuperNode then exits with
-code 305. Restarting within that window is normal operations, so this retries for a bounded
-time instead of failing.
+code 305. Restarting within that window is normal operations, so a refusal right at start is
+retried for a bounded time; a SuperNode that was connected and then cut off (revoked) is not.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from confide.tasks.environment import executable, flower_process_environment
 CONNECTION_REFUSED = 305  # Flower's SUPERNODE_CONNECTION_ERROR exit code
 RETRY_WINDOW_SECONDS = 90.0  # two 30 s heartbeats, plus margin
 RETRY_PAUSE_SECONDS = 10.0
+# A refusal later than this after launch means the SuperNode had been connected.
+CONNECTED_SECONDS = 30.0
 
 
 def supernode_command(directory: InstitutionDir) -> list[str]:
@@ -64,6 +66,7 @@ def run_supernode(directory: InstitutionDir, say: Callable[[str], None]) -> int:
     say(f"SuperNode for {config.name} connecting to {config.superlink} (TLS)")
     started = time.monotonic()
     while True:
+        launched = time.monotonic()
         running.append(
             subprocess.Popen(command, env=flower_process_environment(), start_new_session=True)
         )
@@ -71,6 +74,13 @@ def run_supernode(directory: InstitutionDir, say: Callable[[str], None]) -> int:
         if stop.is_set() or code in (0, -signal.SIGTERM):
             return 0
         if code != CONNECTION_REFUSED:
+            return code
+        if time.monotonic() - launched > CONNECTED_SECONDS:
+            # It was connected and then dropped: revoked, or the coordinator went away.
+            say(
+                "the coordinator closed this institution's connection: its key was revoked "
+                "(ask for a new join token) or the coordinator stopped; see the log above"
+            )
             return code
         if time.monotonic() - started > RETRY_WINDOW_SECONDS:
             say(
