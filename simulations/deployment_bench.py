@@ -240,8 +240,9 @@ def deployed_section(measured: list[DeployedMeasurement], import_seconds: float)
         "",
         "Not cut: the SuperNode's 3 s pull interval and the process per message are "
         "Flower's. Here two institutions, the SuperLink and the ServerApp share 2 CPUs, so "
-        "concurrent imports slow each other down and round times vary by a few seconds "
-        "from run to run; institutions on their own machines are faster.",
+        "concurrent imports slow each other down, and round times vary with the machine's "
+        "load (an import that takes 3 s on an idle machine took 5 s on a busy one, and a "
+        "round 40 s); institutions on their own machines are faster.",
         END,
     ]
     return "\n".join(lines)
