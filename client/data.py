@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from confide.privacy.instructions import RoundInstructions
 from confide.privacy.policy import PrivacyPolicy
 from confide.tasks.config import DataConfig, TaskConfig, unflatten
-from confide.tasks.datasets import Dataset, DatasetError, load_file
+from confide.tasks.datasets import DatasetError, load_file
 from confide.tasks.seeding import derive_seed
 from confide.tasks.splits import FederatedSplit, InstitutionData, federate, validation_indices
 
@@ -95,12 +95,6 @@ class SimulatedInstitutions:
         )
 
 
-@lru_cache(maxsize=4)
-def _local_file(path: Path, label_column: str, labels: tuple[str, ...], mtime_ns: int) -> Dataset:
-    # mtime in the key: a file the institution replaces between jobs is read again.
-    return load_file(path, label_column, labels)
-
-
 def local_data(
     path: Path,
     label_column: str,
@@ -122,7 +116,7 @@ def local_data(
         mtime = path.stat().st_mtime_ns
     except OSError as error:
         raise DatasetError(f"{path}: cannot read the institution's data: {error}") from None
-    full = _local_file(path, label_column, tuple(instructions.labels), mtime)
+    full = load_file(path, label_column, tuple(instructions.labels))
     if full.features != instructions.features:
         raise DatasetError(
             f"{path}: {full.features} feature columns, the job's model takes "
