@@ -25,6 +25,10 @@ from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
 from confide.tasks.files import write_atomic
 
 TIMEOUT = 60.0
+# A TLS server answers a handshake in well under a second, even far away; an address that
+# accepts connections but stays silent (plaintext, or nothing listening behind a proxy) is
+# refused after this long rather than after a full minute.
+HANDSHAKE_TIMEOUT = 15.0
 
 
 class JoinError(RuntimeError):
@@ -66,7 +70,7 @@ def fetch_trusted_ca(server: str, token: JoinToken) -> bytes:
     """The coordinator's CA certificate (PEM), verified against the token; refuses otherwise."""
     host, port = _split(server)
     try:
-        leaf_pem = ssl.get_server_certificate((host, port), timeout=TIMEOUT)
+        leaf_pem = ssl.get_server_certificate((host, port), timeout=HANDSHAKE_TIMEOUT)
     except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as error:
         raise JoinError(
             f"{server}: no TLS server there ({error}); confide never enrolls over plaintext"
