@@ -6,7 +6,6 @@ stops it and everything it spawned; the enrollment service runs in this process.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
@@ -16,24 +15,13 @@ from confide.server.enrollment import EnrollmentService, FlowerRegistrar, serve
 from confide.server.flower import executable, flower_environment, write_connection
 from confide.server.settings import ServerSettings, StateDir
 from confide.server.state import open_database
-from confide.tasks.environment import wait_until_listening
+from confide.tasks.environment import stop_process_group, wait_until_listening
 
 STARTUP_SECONDS = 90.0
 
 
 class CoordinatorError(RuntimeError):
     """The coordinator could not start; the message says why and where to look."""
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def run_coordinator(
@@ -106,5 +94,5 @@ def run_coordinator(
     finally:
         if enrollment is not None:
             enrollment.stop(grace=5).wait()
-        _stop(superlink)
+        stop_process_group(superlink)
         engine.dispose()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -28,7 +27,12 @@ from pathlib import Path
 from confide.server.results import RESULTS, median_after_first
 from confide.simulations.export import export_institutions
 from confide.simulations.scenario import load_scenario
-from confide.tasks.environment import FLOWER_DEFAULTS, executable, wait_until_listening
+from confide.tasks.environment import (
+    FLOWER_DEFAULTS,
+    executable,
+    stop_process_group,
+    wait_until_listening,
+)
 
 START = "<!-- deployed-bench:start -->"
 END = "<!-- deployed-bench:end -->"
@@ -72,17 +76,7 @@ def _start(stack: ExitStack, *command: str, log: Path) -> subprocess.Popen[bytes
         process = subprocess.Popen(
             command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
-
-    def stop() -> None:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-    stack.callback(stop)
+    stack.callback(stop_process_group, process, 30.0)
     return process
 
 

@@ -5,6 +5,7 @@ no telemetry, no update checks, and prompt process starts.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,3 +54,16 @@ def wait_until_listening(port: int, process: subprocess.Popen[bytes], seconds: f
         except OSError:
             time.sleep(0.25)
     raise TimeoutError(f"did not listen on port {port} in {seconds:.0f}s")
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """SIGTERM the session `process` leads (Flower's processes spawn their own children), then
+    SIGKILL it if it has not exited after `grace` seconds."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
