@@ -1,19 +1,22 @@
 """The institution's Flower ClientApp (Message API).
 
 - `query`: says who it is (the coordinator builds a roster to sample deterministically);
-- `train`: checks the institution's own privacy limits, loads the global model, trains
-  locally (DP-SGD unless the job turns it off) and replies with weights, example count and
-  the round's privacy spend, or with a refusal that says which limit the round would break;
+- `train`: verifies the institution's ledger, checks that the round keeps the dataset within
+  the institution's limits over every job ever run on it, loads the global model, trains
+  locally (DP-SGD unless the job turns it off), records the round in the ledger and replies
+  with weights, example count and the privacy spent (this run's and the dataset's), or with a
+  refusal that says which limit the round would break or what is wrong with the ledger;
 - `evaluate`: scores the global model on the local validation split.
 
-The accountant history lives in the node's `context.state`, so epsilon is cumulative over the
-rounds of a job. Raw data never leaves this function; replies carry weights and aggregates.
+This run's accountant history is also kept in the node's `context.state` (no ledger read per
+round); a restarted SuperNode recovers it from the ledger. Raw data never leaves this
+function; replies carry weights and aggregates.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -23,12 +26,17 @@ from flwr.common import Error
 from confide.client.data import LocalInstitution, Resolver, resolve
 from confide.client.device import resolve_device
 from confide.privacy import instructions as keys
-from confide.privacy.accounting import HistoryEntry
+from confide.privacy.accounting import HistoryEntry, epsilon
 from confide.privacy.config import PrivacyConfig
 from confide.privacy.instructions import RoundInstructions
-from confide.privacy.policy import REFUSED_BY_POLICY, PolicyRefusal, check_round
+from confide.privacy.ledger import Ledger, LedgerError, Spend
+from confide.privacy.policy import (
+    LEDGER_UNUSABLE,
+    REFUSED_BY_POLICY,
+    PolicyRefusal,
+    check_round,
+)
 from confide.privacy.trainer import planned_noise, train_round
-from confide.tasks.files import write_atomic
 from confide.tasks.metrics import evaluate as evaluate_model
 from confide.tasks.registry import get_task
 from confide.tasks.seeding import derive_seed
@@ -45,27 +53,30 @@ def _history(context: Context) -> list[HistoryEntry]:
     return list(zip(record["sigma"], record["rate"], record["steps"], strict=True))
 
 
-def _recorded_history(context: Context, me: LocalInstitution) -> list[HistoryEntry]:
-    """This run's history: from the node's state, else from the institution's spend file
-    (the SuperNode restarted during the job), else empty."""
-    history = _history(context)
-    if history or me.spend_file is None or not me.spend_file.is_file():
-        return history
-    try:
-        entries = json.loads(me.spend_file.read_text())["history"]
-        return [(float(s), float(q), int(n)) for s, q, n in entries]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        # Refuse rather than start from zero: that would under-count the spend.
-        raise PolicyRefusal(f"{me.spend_file}: unreadable spend record ({error})") from None
+@dataclass(frozen=True)
+class _Books:
+    """What this dataset has spent: in this run (for the job's epsilon) and in every run
+    (for the institution's limit)."""
+
+    run: list[HistoryEntry]
+    dataset: list[HistoryEntry]
+
+    @classmethod
+    def read(cls, me: LocalInstitution, context: Context) -> _Books:
+        """From the ledger (verified; LedgerError if it fails), else the node's state."""
+        if me.ledger is None:
+            run = _history(context)
+            return cls(run, run)
+        ledger = Ledger(me.ledger).open()
+        dataset = ledger.history(me.dataset)
+        # A SuperNode restarted during the job has an empty state: the ledger has the run.
+        run = _history(context) or ledger.history(me.dataset, run=str(context.run_id))
+        return cls(run, dataset)
 
 
-def _record_history(me: LocalInstitution, history: list[HistoryEntry]) -> None:
-    """Write this run's history to the institution's spend file before the update leaves."""
-    if me.spend_file is None:
-        return
-    me.spend_file.parent.mkdir(mode=0o700, exist_ok=True)
-    document = {"history": [[s, q, n] for s, q, n in history]}
-    write_atomic(me.spend_file, json.dumps(document) + "\n", mode=0o600)
+def _budget_delta(me: LocalInstitution, privacy: PrivacyConfig) -> float:
+    """The delta the dataset's cumulative epsilon is stated at: the institution's own."""
+    return me.policy.max_delta if me.policy is not None else privacy.delta
 
 
 def _store_history(context: Context, history: list[HistoryEntry]) -> None:
@@ -149,41 +160,60 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
             _one_thread()
         institution = me.name
         local = me.load(instructions)
-        try:
-            history = _recorded_history(context, me)
-        except PolicyRefusal as refusal:
-            return Message(error=Error(REFUSED_BY_POLICY, str(refusal)), reply_to=message)
         privacy = _fixed_noise(context, instructions, len(local.train))
-        if me.policy is not None:
-            try:
+        try:
+            books = _Books.read(me, context)
+            if me.policy is not None:
                 check_round(
                     me.policy,
                     privacy,
                     instructions.train,
                     len(local.train),
-                    history,
+                    books.dataset,
                     instructions.rounds,
                 )
-            except PolicyRefusal as refusal:
-                reason = f"{institution} refuses round {server_round}: {refusal}"
-                return Message(error=Error(REFUSED_BY_POLICY, reason), reply_to=message)
+        except PolicyRefusal as refusal:
+            reason = f"{institution} refuses round {server_round}: {refusal}"
+            return Message(error=Error(REFUSED_BY_POLICY, reason), reply_to=message)
+        except LedgerError as problem:  # not final: an operator can fix it during the job
+            reason = f"{institution} cannot train round {server_round}: {problem}"
+            return Message(error=Error(LEDGER_UNUSABLE, reason), reply_to=message)
         model = _model(instructions, local, message.content["arrays"])
         result = train_round(
             model,
             local.train,
             instructions.train,
             privacy,
-            history=history,
+            history=books.run,
             planned_rounds=instructions.rounds,
             seed=round_seed(server_round, institution),
             device=resolve_device(me.device),
         )
-        _record_history(me, result.history)
+        spend = Spend(
+            dataset=me.dataset,
+            fingerprint=me.fingerprint(),
+            job=instructions.job,
+            run=str(context.run_id),
+            round=server_round,
+            examples=result.examples,
+            sample_rate=result.sample_rate,
+            noise_multiplier=result.noise_multiplier,
+            steps=result.steps,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+        )
+        if (
+            me.ledger is not None
+        ):  # before the update leaves: a crash loses the update, not the record
+            Ledger(me.ledger).record(spend)
         _store_history(context, result.history)
+        budget_delta = _budget_delta(me, privacy)
         metrics = {
             "num-examples": result.examples,
             keys.STEPS: result.steps,
             keys.DP_ENABLED: int(instructions.privacy.enabled),
+            keys.DATASET_EPSILON: epsilon([*books.dataset, spend.history_entry], budget_delta),
+            keys.DATASET_DELTA: budget_delta,
         }
         if instructions.privacy.enabled:
             metrics |= {

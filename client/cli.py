@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -9,8 +11,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.table import Table
 
-from confide.tasks.terminal import fail
+from confide.tasks.terminal import errors, fail
 
 if TYPE_CHECKING:
     from confide.client.institution import InstitutionDir
@@ -127,6 +130,128 @@ def start(state: DirOption) -> None:
     from confide.client.institution import InstitutionDir
 
     run_supernode(InstitutionDir(state))
+
+
+budget_app = typer.Typer(
+    help="This institution's privacy budget: what its data has spent over every job, from its "
+    "ledger, and the ledger's integrity check.",
+    no_args_is_help=False,
+    invoke_without_command=True,
+)
+app.add_typer(budget_app, name="budget")
+
+
+def _format(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return "unbounded" if math.isinf(value) else f"{value:.{digits}f}"
+
+
+@budget_app.callback()
+def budget(
+    context: typer.Context,
+    state: Annotated[
+        Path | None, typer.Option("--dir", help="this institution's state directory")
+    ] = None,
+    delta: Annotated[
+        float | None,
+        typer.Option(
+            help="state epsilon at this delta (default: the institution's max_delta, else 1e-5)"
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Show spent and remaining epsilon per dataset (sample level, RDP, every job so far)."""
+    if context.invoked_subcommand is not None:
+        return
+    if state is None:
+        raise fail("give the institution's state directory: confide-client budget --dir DIR")
+    from confide.client.budget import budget as read_budget
+    from confide.client.institution import InstitutionError
+    from confide.privacy.ledger import LedgerError
+
+    try:
+        lines = read_budget(state, delta)
+    except (LedgerError, InstitutionError, FileNotFoundError) as error:
+        raise fail(str(error)) from None
+    if as_json:
+        console.print_json(json.dumps([line.as_json() for line in lines]))
+        return
+    table = Table(title=f"Privacy budget of {state}")
+    for column in ("dataset", "epsilon spent", "delta", "limit", "remaining", "rounds", "jobs"):
+        table.add_column(column, justify="left" if column == "dataset" else "right")
+    for line in lines:
+        table.add_row(
+            line.dataset,
+            _format(line.epsilon),
+            f"{line.delta:g}",
+            _format(line.max_epsilon, 2),
+            _format(line.remaining),
+            str(line.rounds),
+            str(line.jobs),
+        )
+    console.print(table)
+    console.print(
+        "Sample-level (epsilon, delta) differential privacy of each dataset, composed over "
+        "every DP-SGD round in this institution's ledger with the RDP accountant (Opacus).",
+        highlight=False,
+    )
+    for line in lines:
+        if len(line.fingerprints) > 1:
+            console.print(
+                f"note: dataset {line.dataset} was trained on {len(line.fingerprints)} different "
+                "file contents; their spend is composed as if they held the same people.",
+                highlight=False,
+            )
+
+
+@budget_app.command()
+def verify(
+    state: DirOption,
+    reseal: Annotated[
+        bool,
+        typer.Option(
+            help="accept the ledger as it now stands and return it to service (rows are kept "
+            "as they are; REASON and the problems are recorded in it)"
+        ),
+    ] = False,
+    reason: Annotated[str, typer.Option(help="why the reseal is right (with --reseal)")] = "",
+) -> None:
+    """Check the ledger's integrity chain; exit 1 if it fails (training refuses until then)."""
+    from confide.privacy.ledger import Ledger, LedgerError
+
+    ledger = Ledger(state)
+    try:
+        problems = ledger.verify()
+        if not problems:
+            entries = ledger.entries() if ledger.exists() else []
+            last = f", last recorded {entries[-1].recorded_at}" if entries else ""
+            console.print(f"ledger intact: {len(entries)} entries{last}", highlight=False)
+            return
+        if reseal:
+            ledger.reseal(reason)
+            console.print(
+                f"resealed with {len(problems)} problem(s) recorded; training may resume:",
+                highlight=False,
+            )
+            for problem in problems:
+                console.print(f"  - {problem}", highlight=False)
+            return
+    except LedgerError as error:
+        raise fail(str(error)) from None
+    errors.print(f"[bold red]ledger {ledger.path} failed verification:[/]", highlight=False)
+    for problem in problems:
+        errors.print(f"  - {problem}", highlight=False)
+    errors.print(
+        "Training on this institution refuses until this is resolved. Either restore "
+        f"{ledger.path.name} and {ledger.mark_path.name} from a backup and verify again, or "
+        "accept the ledger as it stands:\n"
+        f"  confide-client budget verify --dir {state} --reseal --reason '...'\n"
+        "A reseal keeps every row as it is now (an edited value stays edited) and records "
+        "your reason and these problems in the ledger.",
+        highlight=False,
+    )
+    raise typer.Exit(code=1)
 
 
 def main() -> None:

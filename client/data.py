@@ -1,13 +1,15 @@
 """Who an institution is and where its local data comes from.
 
 A `LocalInstitution` is what one node knows about itself: its name, its device, its privacy
-limits and how to load its data for a job. A resolver maps a Flower `Context` to it:
+limits, its ledger and how to load (and fingerprint) its data for a job. A resolver maps a
+Flower `Context` to it:
 
 - `SimulatedInstitutions`: virtual institution `partition-id` of a partitioned dataset (the
   resolver is small and picklable because Ray ships the ClientApp with every message; the data
-  itself is built once per worker process);
+  itself is built once per worker process), with its ledger in `<state>/institution-<i>`;
 - `deployed_institution`: a real institution, from its own state directory (node config key
-  `confide-dir`), whose settings file names its data, device and limits.
+  `confide-dir`), whose settings file names its data, device and limits, and which holds its
+  ledger.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from confide.privacy.instructions import RoundInstructions
+from confide.privacy.ledger import DEFAULT_DATASET, fingerprint_bytes, fingerprint_file
 from confide.privacy.policy import PrivacyPolicy
 from confide.tasks.config import DataConfig, TaskConfig, unflatten
 from confide.tasks.datasets import DatasetError, load_file
@@ -30,23 +33,26 @@ from confide.tasks.splits import FederatedSplit, InstitutionData, federate, vali
 # The node config key a deployed SuperNode is started with (see `confide-client start`).
 STATE_DIR_KEY = "confide-dir"
 SPLIT_KEY = "confide.data.validation"
+FINGERPRINT_KEY = "confide.data.fingerprint"
 
 
 @dataclass(frozen=True)
 class LocalInstitution:
     """One institution as its ClientApp sees it.
 
-    `policy` and `spend_file` are a deployed institution's (None in simulation): its limits,
-    and where it keeps this run's accountant history so that a SuperNode restarted in the
-    middle of a job does not start counting from zero. `single_thread` is for simulation,
-    where institutions share the machine's cores.
+    `ledger` is the folder of its privacy ledger (every DP-SGD round ever run on `dataset`,
+    identified by `fingerprint()`, a content hash); None keeps no ledger (a bare
+    `flwr run .` simulation). `policy` holds its limits (None: recorded, not enforced).
+    `single_thread` is for simulation, where institutions share the machine's cores.
     """
 
     name: str
     device: str
     load: Callable[[RoundInstructions], InstitutionData]
+    fingerprint: Callable[[], str]
     policy: PrivacyPolicy | None = None
-    spend_file: Path | None = None
+    ledger: Path | None = None
+    dataset: str = DEFAULT_DATASET
     single_thread: bool = False
 
 
@@ -65,13 +71,19 @@ def _federated(task_json: str, data_json: str, institutions: int, seed: int) -> 
 
 @dataclass(frozen=True)
 class SimulatedInstitutions:
-    """Virtual institution `partition-id` (from the node config) of a partitioned dataset."""
+    """Virtual institution `partition-id` (from the node config) of a partitioned dataset.
+
+    With `state`, institution i keeps its ledger in `state/institution-<i>` and, with
+    `policy`, enforces those limits like a deployed institution.
+    """
 
     task: TaskConfig
     data: DataConfig
     institutions: int
     seed: int
     device: str = "cpu"
+    state: Path | None = None
+    policy: PrivacyPolicy | None = None
 
     def split(self) -> FederatedSplit:
         return _federated(
@@ -81,7 +93,17 @@ class SimulatedInstitutions:
     def __call__(self, context: Context) -> LocalInstitution:
         index = int(context.node_config["partition-id"])
         local = self.split().institutions[index]
-        return LocalInstitution(str(index), self.device, lambda _: local, single_thread=True)
+        return LocalInstitution(
+            str(index),
+            self.device,
+            lambda _: local,
+            lambda: fingerprint_bytes(
+                *(a.tobytes() for part in (local.train, local.validation) for a in (part.x, part.y))
+            ),
+            policy=self.policy,
+            ledger=None if self.state is None else self.state / f"institution-{index}",
+            single_thread=True,
+        )
 
     @classmethod
     def from_context(cls, context: Context) -> SimulatedInstitutions:
@@ -160,9 +182,27 @@ def deployed_institution(context: Context) -> LocalInstitution:
             config.name,
             context.state,
         ),
+        lambda: file_fingerprint(config.data, context.state),
         config.privacy,
-        spend_file=Path(str(root)) / "spend" / f"run-{context.run_id}.json",
+        ledger=Path(str(root)),
+        dataset=config.dataset,
     )
+
+
+def file_fingerprint(path: Path, state: RecordDict) -> str:
+    """The data file's content hash, kept in the node's state while the file is unchanged
+    (size and modification time): hashing a large file every round would cost seconds."""
+    try:
+        status = Path(path).stat()
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read the institution's data: {error}") from None
+    key = f"{path}|{status.st_size}|{status.st_mtime_ns}"
+    cached = state.get(FINGERPRINT_KEY)
+    if isinstance(cached, ConfigRecord) and cached.get("key") == key:
+        return str(cached["fingerprint"])
+    fingerprint = fingerprint_file(path)
+    state[FINGERPRINT_KEY] = ConfigRecord({"key": key, "fingerprint": fingerprint})
+    return fingerprint
 
 
 def resolve(context: Context) -> LocalInstitution:

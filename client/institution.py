@@ -11,6 +11,7 @@ from typing import Literal
 import tomli_w
 from pydantic import Field
 
+from confide.privacy.ledger import DEFAULT_DATASET
 from confide.privacy.policy import PrivacyPolicy
 from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 from confide.tasks.files import write_atomic
@@ -28,6 +29,12 @@ class InstitutionConfig(StrictModel):
     superlink: str = Field(description="HOST:PORT the SuperNode connects to")
     enrollment: str = Field(description="HOST:PORT of the coordinator's enrollment service")
     data: Path = Field(description="the local data file (CSV or NPZ); never leaves this host")
+    dataset: str = Field(
+        default=DEFAULT_DATASET,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="the name the ledger accounts this data under; a new name starts a new "
+        "budget, so use one only for data about different people",
+    )
     label_column: str = "label"
     validation_fraction: float = Field(
         default=0.1, ge=0.0, lt=1.0, description="held out locally to score the global model"

@@ -15,6 +15,9 @@ an accountant rebuilt from scratch each round reports one round's spend forever.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -22,6 +25,16 @@ import numpy as np
 # Opacus is imported inside the functions: importing it pulls in torch.distributed (about 2 s
 # on this class of machine), and a deployed ClientApp is a new process for every message; the
 # messages that do not train (query, evaluate) should not pay for it.
+
+
+@contextmanager
+def _quiet_orders() -> Iterator[None]:
+    """Opacus warns when the best RDP order is at the end of its range: the bound is still
+    valid (only possibly loose), and a search over sigma visits such ends on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        yield
+
 
 # (noise_multiplier, sample_rate, steps), Opacus's own history format.
 HistoryEntry = tuple[float, float, int]
@@ -38,12 +51,15 @@ def epsilon(history: list[HistoryEntry], delta: float, accountant: str = "rdp") 
     """
     if not history:
         return 0.0
+    if any(sigma <= 0.0 for sigma, _, steps in history if steps):
+        return float("inf")  # a step without noise has no finite guarantee
     from opacus.accountants import create_accountant
     from opacus.accountants.analysis import rdp as rdp_analysis
 
     if accountant == "rdp":
         total = sum(steps * _rdp_per_step(sigma, rate) for sigma, rate, steps in history)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
+        with _quiet_orders():
+            eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
         return float(eps)
     acct = create_accountant(accountant)
     acct.history = list(history)
@@ -77,13 +93,14 @@ def noise_for_budget(
     """Smallest sigma whose `steps` steps at rate `sample_rate` stay within (epsilon, delta)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.01,
+    with _quiet_orders():
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.01,
+            )
         )
-    )

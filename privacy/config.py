@@ -60,3 +60,33 @@ class PrivacyConfig(StrictModel):
             else f"sigma {self.noise_multiplier:g}"
         )
         return f"DP-SGD ({noise}, delta {self.delta:g}, {self.accountant.upper()} accountant)"
+
+
+class CentralPrivacyConfig(StrictModel):
+    """Institution-level DP at the coordinator: each institution's model update is clipped to
+    L2 norm `clipping_norm`, the clipped updates are summed, Gaussian noise with standard
+    deviation `noise_multiplier * clipping_norm` is added, and the sum is divided by the
+    number of institutions asked to train. One institution's whole contribution in a round
+    is then protected with noise multiplier sigma; rounds compose under RDP (no amplification
+    by sampling: the job's sampling seed is not secret). `max_epsilon` stops the job before a
+    round that would pass it.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = Field(default=1.0, gt=0.0, le=1000.0, description="sigma")
+    clipping_norm: float = Field(
+        default=1.0, gt=0.0, le=1e6, description="L2 bound C on one institution's update"
+    )
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    max_epsilon: float | None = Field(
+        default=None, gt=0.0, le=1e6, description="stop before a round that would pass it"
+    )
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "no central DP"
+        stop = f", stop at epsilon {self.max_epsilon:g}" if self.max_epsilon is not None else ""
+        return (
+            f"central DP (sigma {self.noise_multiplier:g}, clipping {self.clipping_norm:g}, "
+            f"delta {self.delta:g}{stop})"
+        )

@@ -19,6 +19,7 @@ PREFIX = "confide."
 
 
 class RoundInstructions(StrictModel):
+    job: str = Field(default="job", max_length=64, description="the job's name, for ledgers")
     task: TaskConfig = TaskConfig()
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig(target_epsilon=8.0)
@@ -47,3 +48,7 @@ SAMPLE_RATE = "sample-rate"
 STEPS = "steps"
 TOTAL_STEPS = "total-steps"
 DP_ENABLED = "dp-enabled"
+# The dataset's cumulative epsilon over every job in the institution's ledger (RDP), at the
+# institution's own delta; infinite once the dataset was trained on without DP.
+DATASET_EPSILON = "dataset-epsilon"
+DATASET_DELTA = "dataset-delta"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -19,12 +19,18 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from pydantic import ValidationError
 
+from confide.server.central_dp import CentralDP
 from confide.server.flower import RESULTS_ENV
 from confide.server.history import JobHistory, RoundObserver, RoundRecord
 from confide.server.job import JobConfig
 from confide.server.polling import PromptGrid
-from confide.server.results import build_results, institution_row, write_results
-from confide.server.strategy import ConfideFedAvg
+from confide.server.results import (
+    build_results,
+    institution_row,
+    privacy_document,
+    write_results,
+)
+from confide.server.strategy import ConfideFedAvg, JobStopped
 from confide.tasks.config import describe_errors, unflatten
 from confide.tasks.datasets import Dataset
 from confide.tasks.metrics import evaluate
@@ -39,21 +45,24 @@ NAME_KEY = "confide-job-name"
 def build_server_app(
     job: JobConfig,
     *,
+    name: str = "job",
     history: JobHistory | None = None,
     observer: RoundObserver | None = None,
     test_set: Dataset | None = None,
+    noise_seed: int | None = None,
 ) -> ServerApp:
     """A ServerApp running `job`; results accumulate in `history`, `observer` sees each round.
 
     `test_set` is the coordinator's held-out data for central evaluation; by default it is the
     task's held-out split (the same split simulated institutions exclude from training).
+    `noise_seed` seeds central DP noise (a simulation's seed; None: the OS CSPRNG).
     """
     app = ServerApp()
     history = history if history is not None else JobHistory()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run(job, grid, history, observer, test_set)
+        run(job, grid, history, observer, test_set, name, noise_seed)
 
     return app
 
@@ -64,11 +73,14 @@ def run(
     history: JobHistory,
     observer: RoundObserver | None,
     test_set: Dataset | None,
+    name: str = "job",
+    noise_seed: int | None = None,
 ) -> JobHistory:
     test = test_set if test_set is not None else coordinator_test_set(job)
     task = get_task(job.task.name)
     model = task.build_model(job.task, test.features, test.classes, job.seed)
-    strategy = ConfideFedAvg(job.federation, job.seed, history)
+    central = CentralDP(job.central_privacy, noise_seed) if job.central_privacy.enabled else None
+    strategy = ConfideFedAvg(job.federation, job.seed, history, central)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -85,6 +97,7 @@ def run(
             trained=strategy.last_trained,
             federated_metrics=federated,
             epsilons=dict(strategy.last_epsilons),
+            central_epsilon=central.epsilon if central is not None else None,
         )
         history.rounds.append(record)
         log(
@@ -99,16 +112,20 @@ def run(
         return MetricRecord(metrics)
 
     labels = list(test.label_names) or [str(k) for k in range(test.classes)]
-    config = ConfigRecord(job.instructions(test.features, labels).to_config())
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=job.federation.rounds,
-        timeout=job.federation.timeout,
-        train_config=config,
-        evaluate_config=ConfigRecord(dict(config)),
-        evaluate_fn=central_evaluation,
-    )
+    config = ConfigRecord(job.instructions(test.features, labels, name).to_config())
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=job.federation.rounds,
+            timeout=job.federation.timeout,
+            train_config=config,
+            evaluate_config=ConfigRecord(dict(config)),
+            evaluate_fn=central_evaluation,
+        )
+    except JobStopped as stop:
+        history.stopped = str(stop)
+        log(WARNING, "%s", stop)
     return history
 
 
@@ -147,7 +164,8 @@ def write_deployed_results(
     ]
     document = build_results(name, job, history, rows, {"total_seconds": seconds}, simulated=False)
     resolved = job.model_dump(mode="json", exclude_none=True)
-    write_results(directory, document, history, ("job.toml", resolved))
+    report = privacy_document(name, job, history, rows, simulated=False)
+    write_results(directory, document, history, ("job.toml", resolved), report)
 
 
 # Entry point of `flwr run` (named in the pyproject of the project and of every submitted job).
@@ -160,7 +178,7 @@ def _main(grid: Grid, context: Context) -> None:
     history = JobHistory()
     started = time.perf_counter()
     # Flower's deployed grid waits 3 s between pulls of replies; see confide.server.polling.
-    run(job, PromptGrid(grid), history, None, None)  # type: ignore[arg-type]
+    run(job, PromptGrid(grid), history, None, None, name)  # type: ignore[arg-type]
     root = os.environ.get(RESULTS_ENV)
     if root and history.rounds:
         directory = Path(root) / f"run-{context.run_id}"

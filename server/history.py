@@ -18,6 +18,9 @@ class InstitutionSpend:
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
     steps: int = 0
+    # The dataset's spend over every job in the institution's ledger (RDP), at its own delta.
+    dataset_epsilon: float | None = None
+    dataset_delta: float | None = None
 
 
 @dataclass
@@ -29,6 +32,7 @@ class RoundRecord:
     trained: int
     federated_metrics: dict[str, float] = field(default_factory=dict)
     epsilons: dict[str, float] = field(default_factory=dict)  # of the institutions that trained
+    central_epsilon: float | None = None  # institution-level, with central DP on
 
     @property
     def accuracy(self) -> float:
@@ -55,6 +59,8 @@ class JobHistory:
     rounds: list[RoundRecord] = field(default_factory=list)
     institutions: dict[str, InstitutionSpend] = field(default_factory=dict)
     rejected: list[dict[str, str | int]] = field(default_factory=list)
+    stopped: str | None = None  # why the job ended before its last round, if it did
+    central_releases: list[int] = field(default_factory=list)  # institutions asked, per release
 
     def spend(self, institution: str) -> InstitutionSpend:
         return self.institutions.setdefault(institution, InstitutionSpend(institution))

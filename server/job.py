@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from confide.privacy.config import PrivacyConfig, TrainConfig
+from confide.privacy.config import CentralPrivacyConfig, PrivacyConfig, TrainConfig
 from confide.privacy.instructions import RoundInstructions
 from confide.tasks.config import DataConfig, StrictModel, TaskConfig
 
@@ -31,6 +31,7 @@ class JobConfig(StrictModel):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig(target_epsilon=8.0)
+    central_privacy: CentralPrivacyConfig = CentralPrivacyConfig()
     federation: FederationConfig = FederationConfig()
 
     @model_validator(mode="after")
@@ -44,7 +45,7 @@ class JobConfig(StrictModel):
         return self
 
     def instructions(
-        self, features: int | None = None, labels: list[str] | None = None
+        self, features: int | None = None, labels: list[str] | None = None, name: str = "job"
     ) -> RoundInstructions:
         """What every institution is asked to do; `features` and `labels` (the global model's
         input width and class names) are known once the coordinator has its test set."""
@@ -53,6 +54,7 @@ class JobConfig(StrictModel):
         if task.path is not None:
             task = task.model_copy(update={"path": Path(task.path.name)})
         return RoundInstructions(
+            job=name,
             task=task,
             train=self.train,
             privacy=self.privacy,

@@ -31,7 +31,8 @@ def plot_metrics(history: JobHistory, path: Path, title: str) -> None:
 
 
 def plot_epsilon(history: JobHistory, path: Path, title: str) -> None:
-    """Cumulative epsilon of each institution after each round (sample level)."""
+    """Cumulative epsilon after each round: each institution's (sample level, this run) and,
+    with central DP, the federation's (institution level)."""
     figure, axis = plt.subplots(figsize=(7, 4))
     institutions = sorted({name for r in history.rounds for name in r.epsilons}, key=_order)
     rounds = [0] + [r.round for r in history.rounds]
@@ -49,13 +50,22 @@ def plot_epsilon(history: JobHistory, path: Path, title: str) -> None:
             label=None if many else f"institution {name}",
             linewidth=1,
         )
-    axis.plot(
-        rounds,
-        [0.0] + [r.epsilon_max for r in history.rounds],
-        color="black",
-        linestyle="--",
-        label="max over institutions",
-    )
+    if institutions:
+        axis.plot(
+            rounds,
+            [0.0] + [r.epsilon_max for r in history.rounds],
+            color="black",
+            linestyle="--",
+            label="sample level, max over institutions",
+        )
+    if any(r.central_epsilon is not None for r in history.rounds):
+        axis.plot(
+            rounds,
+            [0.0] + [r.central_epsilon or 0.0 for r in history.rounds],
+            color="tab:red",
+            linewidth=2,
+            label="institution level (central DP)",
+        )
     axis.set(xlabel="round", ylabel="cumulative epsilon", title=f"{title}: privacy spend")
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small", ncol=2)

@@ -1,7 +1,8 @@
 """What a job leaves behind, in simulation and in deployment alike.
 
-`results.json` (fields documented in the README), the resolved job or scenario as TOML (so the
-run can be repeated), `metrics.png` and, with DP, `epsilon.png`. Every file is written
+`results.json` (fields documented in the README), `privacy.json` (the privacy report, see
+confide.privacy.report), the resolved job or scenario as TOML (so the run can be repeated),
+`metrics.png` and, with DP, `epsilon.png`. Every file is written
 atomically; NaN and infinity (a diverged model's loss) are written as null.
 """
 
@@ -16,11 +17,13 @@ from typing import Any
 import tomli_w
 
 from confide.privacy.config import PrivacyConfig
+from confide.privacy.report import json_epsilon, privacy_report
 from confide.server.history import JobHistory
 from confide.server.job import JobConfig
 from confide.tasks.files import write_atomic
 
 RESULTS = "results.json"
+PRIVACY = "privacy.json"
 
 
 def median_after_first(seconds: list[float]) -> float:
@@ -37,25 +40,6 @@ def _json_number(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_number(item) for item in value]
     return value
-
-
-def privacy_statement(privacy: PrivacyConfig, history: JobHistory, *, simulated: bool) -> str:
-    if not privacy.enabled:
-        return "No differential privacy: model updates are not protected by any (epsilon, delta)."
-    noise = (
-        "In this simulation the noise is seeded from the scenario seed for reproducibility; a "
-        "deployed institution draws it from a secret source."
-        if simulated
-        else "Each institution drew its noise from its own secret source (OS CSPRNG)."
-    )
-    return (
-        f"Sample-level DP-SGD at each institution: every institution's training data is "
-        f"protected with (epsilon <= {history.epsilon_max:.3f}, delta = {privacy.delta:g}) "
-        f"as computed by Opacus's {privacy.accountant.upper()} accountant over all rounds of "
-        "this run. This bounds what the shared model updates reveal about any single training "
-        "example; it does not hide an institution's participation, its example count, or its "
-        f"local validation metrics. {noise}"
-    )
 
 
 def institution_row(
@@ -80,7 +64,36 @@ def institution_row(
         "sample_rate": spend.sample_rate if (spend and dp) else None,
         "steps": spend.steps if spend else 0,
         "accountant": privacy.accountant if dp else None,
+        # The institution's dataset over every job in its ledger (RDP, its own delta).
+        "dataset_epsilon": json_epsilon(spend.dataset_epsilon) if spend else None,
+        "dataset_delta": spend.dataset_delta if spend else None,
     }
+
+
+def privacy_document(
+    name: str,
+    job: JobConfig,
+    history: JobHistory,
+    institutions: list[dict[str, Any]],
+    *,
+    simulated: bool,
+) -> dict[str, Any]:
+    """The privacy.json document of a finished job (see confide.privacy.report)."""
+    rounds = [
+        {"round": r.round, "epsilon_max": r.epsilon_max, "central_epsilon": r.central_epsilon}
+        for r in history.rounds
+    ]
+    return privacy_report(
+        name,
+        job.privacy,
+        job.train,
+        job.central_privacy,
+        institutions,
+        rounds,
+        history.central_releases,
+        history.stopped,
+        simulated=simulated,
+    )
 
 
 def build_results(
@@ -94,6 +107,19 @@ def build_results(
 ) -> dict[str, Any]:
     """The results.json document of a finished job."""
     dp = job.privacy.enabled
+    report = privacy_document(name, job, history, institutions, simulated=simulated)
+    central = report["institution_level"]
+    privacy_summary = {
+        "unit": "sample",
+        "accountant": job.privacy.accountant if dp else None,
+        "statement": report["statement"],
+        "institution_level": (
+            {"epsilon": central["epsilon"], "delta": central["delta"], "accountant": "rdp"}
+            if central
+            else None
+        ),
+        "report": PRIVACY,
+    }
     final = history.rounds[-1]
     seconds = [r.seconds for r in history.rounds]
     return {
@@ -110,6 +136,7 @@ def build_results(
                 "seconds": round(r.seconds, 4),
                 "institutions_trained": r.trained,
                 "federated_evaluation": r.federated_metrics,
+                "central_epsilon": r.central_epsilon,
             }
             for r in history.rounds
         ],
@@ -122,13 +149,10 @@ def build_results(
             "delta": job.privacy.delta if dp else None,
             "metrics": final.metrics,
         },
-        "privacy": {
-            "unit": "sample",
-            "accountant": job.privacy.accountant if dp else None,
-            "statement": privacy_statement(job.privacy, history, simulated=simulated),
-        },
+        "privacy": privacy_summary,
         "institutions": institutions,
         "rejected_updates": history.rejected,
+        "stopped": history.stopped,
         "timing": {
             "first_round_seconds": round(seconds[0], 4),
             "median_round_seconds": round(median_after_first(seconds), 4),
@@ -137,15 +161,20 @@ def build_results(
     }
 
 
+def _json(document: dict[str, Any]) -> str:
+    return json.dumps(_json_number(document), indent=2, allow_nan=False) + "\n"
+
+
 def write_results(
     directory: Path,
     results: dict[str, Any],
     history: JobHistory,
     config: tuple[str, dict[str, Any]],
+    privacy: dict[str, Any],
 ) -> None:
-    """Write `results` and its plots into `directory`; `config` is (file name, resolved
-    config) saved as TOML next to them. results.json is written last: its presence means the
-    run's folder is complete."""
+    """Write `results`, the `privacy` report and the plots into `directory`; `config` is
+    (file name, resolved config) saved as TOML next to them. results.json is written last:
+    its presence means the run's folder is complete."""
     from confide.server.plots import plot_epsilon, plot_metrics
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -153,7 +182,7 @@ def write_results(
     write_atomic(directory / file_name, tomli_w.dumps(resolved))
     title = str(results["scenario"])
     plot_metrics(history, directory / "metrics.png", title)
-    if results["dp"]:
+    if results["dp"] or privacy["institution_level"]:
         plot_epsilon(history, directory / "epsilon.png", title)
-    document = json.dumps(_json_number(results), indent=2, allow_nan=False) + "\n"
-    write_atomic(directory / RESULTS, document)
+    write_atomic(directory / PRIVACY, _json(privacy))
+    write_atomic(directory / RESULTS, _json(results))

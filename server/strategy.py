@@ -1,4 +1,5 @@
-"""FedAvg with a deterministic roster, update validation and privacy bookkeeping.
+"""FedAvg with a deterministic roster, update validation, privacy bookkeeping and optional
+central (institution-level) DP.
 
 Flower's FedAvg samples node ids with the global `random` module, and simulated node ids are
 random, so the same seed would pick different institutions on every run. This strategy first
@@ -22,9 +23,16 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from confide.privacy import instructions as keys
+from confide.privacy.policy import REFUSED_BY_POLICY
+from confide.server.central_dp import CentralDP
 from confide.server.history import JobHistory
 from confide.server.job import FederationConfig
 from confide.tasks.seeding import derive_seed
+
+
+class JobStopped(RuntimeError):
+    """Fewer institutions than `min_train` can still train (their limits refuse more rounds);
+    the job ends after the last completed round."""
 
 
 class UpdateRejected(ValueError):
@@ -49,7 +57,13 @@ def check_update(global_arrays: ArrayRecord, update: ArrayRecord) -> None:
 class ConfideFedAvg(FedAvg):
     """Weighted FedAvg over validated updates, sampling institutions reproducibly."""
 
-    def __init__(self, federation: FederationConfig, seed: int, history: JobHistory) -> None:
+    def __init__(
+        self,
+        federation: FederationConfig,
+        seed: int,
+        history: JobHistory,
+        central: CentralDP | None = None,
+    ) -> None:
         super().__init__(
             fraction_train=federation.fraction_train,
             fraction_evaluate=federation.fraction_evaluate,
@@ -60,7 +74,12 @@ class ConfideFedAvg(FedAvg):
         self.federation = federation
         self.seed = seed
         self.history = history
+        self.central = central
+        self.asked = 0  # institutions sent this round's train message
         self.roster: dict[int, str] = {}  # node id -> institution
+        # Institutions whose own policy refused a round: their spend only grows and the job's
+        # sigma is fixed, so they would refuse every later round of this job too.
+        self.refusing: dict[str, str] = {}
         self.global_arrays: ArrayRecord | None = None
         self.round_started = time.perf_counter()
         self.last_trained = 0
@@ -106,7 +125,17 @@ class ConfideFedAvg(FedAvg):
         roster sorted by institution name, so node ids (random in simulation) do not matter."""
         self._refresh_roster(grid)
         live = set(grid.get_node_ids())
-        candidates = sorted((name, node) for node, name in self.roster.items() if node in live)
+        candidates = sorted(
+            (name, node)
+            for node, name in self.roster.items()
+            if node in live and (kind != "train" or name not in self.refusing)
+        )
+        if kind == "train" and len(candidates) < minimum:
+            raise JobStopped(
+                f"stopped before round {server_round}: {len(candidates)} institution(s) can "
+                f"still train, federation.min_train is {minimum}; refused by their own "
+                f"limits: {', '.join(sorted(self.refusing))}"
+            )
         size = min(len(candidates), max(minimum, int(len(candidates) * fraction)))
         rng = random.Random(derive_seed(self.seed, kind, server_round))
         return [node for _, node in sorted(rng.sample(candidates, size))]
@@ -129,6 +158,9 @@ class ConfideFedAvg(FedAvg):
         self.round_started = time.perf_counter()
         self.global_arrays = arrays
         nodes = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes, "train")
+        if self.central is not None and (reason := self.central.over_budget(len(nodes))):
+            raise JobStopped(f"stopped before round {server_round}: {reason}")
+        self.asked = len(nodes)
         log(INFO, "round %d: training on %d institutions", server_round, len(nodes))
         return self._messages(nodes, arrays, config, MessageType.TRAIN, server_round)
 
@@ -167,6 +199,8 @@ class ConfideFedAvg(FedAvg):
             )
             if reply.has_error():
                 self._reject(institution, server_round, phase, reply.error.reason)
+                if reply.error.code == REFUSED_BY_POLICY:
+                    self.refusing[institution] = reply.error.reason
             else:
                 named.append((institution, reply))
         return sorted(named, key=lambda item: item[0])
@@ -194,7 +228,13 @@ class ConfideFedAvg(FedAvg):
         if not accepted:
             log(WARNING, "round %d: no valid update; the global model is unchanged", server_round)
             return None, None
-        arrays = aggregate_arrayrecords(accepted, self.weighted_by_key)
+        assert self.global_arrays is not None
+        if self.central is None:
+            arrays = aggregate_arrayrecords(accepted, self.weighted_by_key)
+        else:
+            updates = [content["arrays"] for content in accepted]
+            arrays = self.central.aggregate(self.global_arrays, updates, self.asked, server_round)
+            self.history.central_releases = list(self.central.releases)
         examples = sum(int(content["metrics"]["num-examples"]) for content in accepted)
         metrics = MetricRecord(
             {
@@ -229,6 +269,11 @@ class ConfideFedAvg(FedAvg):
             spend.steps += int(metrics[keys.STEPS])
         spend.rounds_trained += 1
         spend.examples = int(metrics["num-examples"])
+        if keys.DATASET_EPSILON in metrics:
+            spend.dataset_epsilon = max(
+                spend.dataset_epsilon or 0.0, float(metrics[keys.DATASET_EPSILON])
+            )
+            spend.dataset_delta = float(metrics[keys.DATASET_DELTA])
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

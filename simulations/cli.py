@@ -54,10 +54,17 @@ def run(
         "results"
     ),
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            help="the virtual institutions' privacy ledgers (STATE/institution-<i>); give a "
+            "previous run's OUT/<run>/state to continue its spend [default: OUT/<run>/state]"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress display")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
-    """Run a scenario and write results.json, plots and the resolved config."""
+    """Run a scenario and write results.json, privacy.json, plots and the resolved config."""
     from confide.simulations.runner import RunError, run_and_report
 
     try:
@@ -69,6 +76,7 @@ def run(
             quiet=quiet,
             verbose=verbose,
             fit_minimums=institutions is not None,
+            state=state,
         )
     except RunError as error:
         raise fail(str(error)) from None

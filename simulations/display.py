@@ -80,6 +80,15 @@ class RoundProgress:
             self.console.print(f"round {record.round}/{self.rounds}: {status}", highlight=False)
 
 
+def _ledger_epsilon(row: dict[str, Any]) -> str:
+    value = row.get("dataset_epsilon")
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.3f} @ {row['dataset_delta']:g}"
+
+
 def summary(console: Console, results: dict[str, Any], directory: str) -> None:
     final = results["final"]
     console.print(
@@ -104,6 +113,7 @@ def summary(console: Console, results: dict[str, Any], directory: str) -> None:
                 "sigma",
                 "q",
                 "steps",
+                "ledger epsilon (all runs)",
             ):
                 table.add_column(column, justify="right")
             for row in shown:
@@ -116,6 +126,7 @@ def summary(console: Console, results: dict[str, Any], directory: str) -> None:
                     f"{row['noise_multiplier']:.3f}" if row["noise_multiplier"] else "-",
                     f"{row['sample_rate']:.4f}" if row["sample_rate"] else "-",
                     str(row["steps"]),
+                    _ledger_epsilon(row),
                 )
             console.print(table)
         else:
@@ -128,6 +139,16 @@ def summary(console: Console, results: dict[str, Any], directory: str) -> None:
             )
     else:
         console.print("Privacy: none (DP off) - the updates carry no (epsilon, delta) guarantee.")
+    central = results["privacy"]["institution_level"]
+    if central:
+        console.print(
+            f"Privacy (institution level, central DP, RDP accountant): epsilon "
+            f"{central['epsilon']:.3f} at delta {central['delta']:g}",
+            highlight=False,
+        )
+    console.print(f"Privacy report: {results['privacy']['report']}", highlight=False)
+    if results.get("stopped"):
+        console.print(f"[bold yellow]stopped early:[/] {results['stopped']}", highlight=False)
     rejected = results["rejected_updates"]
     if rejected:
         console.print(

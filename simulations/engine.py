@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.clientapp import ClientApp
@@ -156,26 +157,36 @@ def run_scenario(
     observer: RoundObserver | None = None,
     verbose: bool = False,
     on_split: Callable[[FederatedSplit], None] | None = None,
+    state: Path | None = None,
 ) -> SimulationOutcome:
     """Partition the data, run every round, and return what the coordinator recorded.
 
-    Virtual institutions seed their noise from the scenario seed, so runs are reproducible;
-    see `build_client_app` for why a deployed institution must not do that.
+    Virtual institution i keeps its privacy ledger in `state/institution-<i>` (a later run
+    given the same `state` continues its spend). Virtual institutions seed their noise from
+    the scenario seed, so runs are reproducible; see `build_client_app` for why a deployed
+    institution must not do that.
     """
-    source = scenario.data_source()
+    source = scenario.data_source(state)
     split = source.split()  # validates the partition before Ray starts
     preflight(scenario, split)
     if on_split is not None:
         on_split(split)
     job = scenario.job()
     history = JobHistory()
-    server_app = build_server_app(job, history=history, observer=observer, test_set=split.test)
+    server_app = build_server_app(
+        job,
+        name=scenario.name,
+        history=history,
+        observer=observer,
+        test_set=split.test,
+        noise_seed=scenario.seed,
+    )
     client_app = build_client_app(source, noise_seed=scenario.seed)
     try:
         seconds, peak = simulate(server_app, client_app, scenario, verbose=verbose)
     except Exception as error:  # run_simulation re-raises the ServerApp's exception
         raise SimulationError(f"the simulation failed: {type(error).__name__}: {error}") from error
-    if len(history.rounds) != job.federation.rounds:
+    if len(history.rounds) != job.federation.rounds and history.stopped is None:
         raise SimulationError(
             f"the simulation stopped after {len(history.rounds)} of {job.federation.rounds} "
             "rounds; run with --verbose to see Flower's log"

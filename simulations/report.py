@@ -31,29 +31,42 @@ def run_directory(root: Path, scenario: ScenarioConfig) -> Path:
     raise OSError(f"1000 run folders for {scenario.name} in one second under {root}")
 
 
-def build_results(scenario: ScenarioConfig, outcome: SimulationOutcome) -> dict[str, Any]:
+def institution_rows(scenario: ScenarioConfig, outcome: SimulationOutcome) -> list[dict[str, Any]]:
     history, split = outcome.history, outcome.split
-    institutions = [
+    return [
         institution_row(
             index, scenario.privacy, history, str(index), len(local.train), len(local.validation)
         )
         for index, local in enumerate(split.institutions)
     ]
+
+
+def build_results(scenario: ScenarioConfig, outcome: SimulationOutcome) -> dict[str, Any]:
+    institutions = institution_rows(scenario, outcome)
     timing = {
         "total_seconds": outcome.seconds,
         "peak_rss_mb": outcome.peak_rss_bytes / 2**20,
     }
     return results.build_results(
-        scenario.name, scenario, history, institutions, timing, simulated=True
+        scenario.name, scenario, outcome.history, institutions, timing, simulated=True
     )
 
 
 def write_run(
-    directory: Path, scenario: ScenarioConfig, outcome: SimulationOutcome
+    directory: Path,
+    scenario: ScenarioConfig,
+    outcome: SimulationOutcome,
+    ledgers: Path | None = None,
 ) -> dict[str, Any]:
-    """Write every artefact of a finished run into `directory`; return the results dict."""
+    """Write every artefact of a finished run into `directory`; return the results dict.
+    `ledgers` is where the virtual institutions' ledgers are (named in the results)."""
     document = build_results(scenario, outcome)
+    if ledgers is not None:
+        document["ledgers"] = str(ledgers)
     write_atomic(directory / PARTITIONS, json.dumps(outcome.split.table, indent=1) + "\n")
     resolved = scenario.model_dump(mode="json", exclude_none=True)
-    results.write_results(directory, document, outcome.history, (SCENARIO, resolved))
+    report = results.privacy_document(
+        scenario.name, scenario, outcome.history, document["institutions"], simulated=True
+    )
+    results.write_results(directory, document, outcome.history, (SCENARIO, resolved), report)
     return document

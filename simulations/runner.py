@@ -32,7 +32,10 @@ def run_and_report(
     quiet: bool = False,
     verbose: bool = False,
     fit_minimums: bool = False,
+    state: Path | None = None,
 ) -> tuple[Path, dict[str, Any]]:
+    """Run a scenario and write its results; the virtual institutions' ledgers go to `state`
+    (by default the run folder's `state/`), so a later run given it continues their spend."""
     from confide.simulations import display
     from confide.simulations.engine import SimulationError, run_scenario
     from confide.simulations.report import run_directory, write_run
@@ -51,19 +54,23 @@ def run_and_report(
     except OSError as error:
         raise RunError(f"--out {out}: cannot create the results folder: {error}") from None
 
+    ledgers = state if state is not None else directory / "state"
+
     def show_split(split: FederatedSplit) -> None:
         if not quiet:
             display.partition_table(console, split)
 
     try:
         if quiet or verbose:
-            outcome = run_scenario(scenario, verbose=verbose, on_split=show_split)
+            outcome = run_scenario(scenario, verbose=verbose, on_split=show_split, state=ledgers)
         else:
             with display.RoundProgress(
                 console, scenario.federation.rounds, scenario.privacy.enabled
             ) as progress:
-                outcome = run_scenario(scenario, observer=progress, on_split=show_split)
-        results = write_run(directory, scenario, outcome)
+                outcome = run_scenario(
+                    scenario, observer=progress, on_split=show_split, state=ledgers
+                )
+        results = write_run(directory, scenario, outcome, ledgers)
     except (DatasetError, PartitionError, SimulationError, OSError) as error:
         if not any(directory.iterdir()):
             shutil.rmtree(directory, ignore_errors=True)

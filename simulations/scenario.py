@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from confide.client.data import SimulatedInstitutions
+from confide.privacy.policy import PrivacyPolicy
 from confide.server.job import FederationConfig, JobFile
 from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 
@@ -30,6 +31,11 @@ class SimulationSettings(StrictModel):
     gpus_per_institution: float = Field(default=0.0, ge=0.0, le=8.0)
     ray_address: str | None = Field(
         default=None, description="an existing Ray cluster; by default Ray starts locally"
+    )
+    policy: PrivacyPolicy | None = Field(
+        default=None,
+        description="every virtual institution's own limits, enforced from its ledger like a "
+        "deployed institution's [privacy] table; by default spend is recorded, not limited",
     )
 
 
@@ -49,10 +55,17 @@ class ScenarioConfig(JobFile):
                 )
         return self
 
-    def data_source(self) -> SimulatedInstitutions:
-        """The virtual institutions' data: this scenario's task split among them."""
+    def data_source(self, state: Path | None = None) -> SimulatedInstitutions:
+        """The virtual institutions: this scenario's task split among them, each with its
+        ledger under `state` (none without it) and the scenario's policy."""
         return SimulatedInstitutions(
-            self.task, self.data, self.simulation.institutions, self.seed, self.simulation.device
+            self.task,
+            self.data,
+            self.simulation.institutions,
+            self.seed,
+            self.simulation.device,
+            state=state,
+            policy=self.simulation.policy,
         )
 
 

@@ -1,7 +1,8 @@
 """End to end through the real CLI: Flower's simulation engine on Ray, Opacus DP-SGD.
 
 Three institutions, two rounds, DP on; the run is made twice with one seed to check that the
-numbers in results.json repeat exactly.
+numbers in results.json repeat exactly. The second run is given the first one's ledgers
+(`--state`), so it also checks that a second job continues each institution's spend.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ SCRIPT = Path(sys.executable).with_name("confide-simulate")
 ARGS = ("run", "digits-dp", "--rounds", "2", "--institutions", "3", "--seed", "7", "--quiet")
 
 
-def _run(out: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+def _run(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], Path]:
     result = subprocess.run(
-        [str(SCRIPT), *ARGS, "--out", str(out)],
+        [str(SCRIPT), *ARGS, "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=600,
@@ -36,13 +37,21 @@ def _run(out: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    return [_run(tmp_path_factory.mktemp(f"run{i}")) for i in range(2)]
+    first = _run(tmp_path_factory.mktemp("run0"))
+    return [first, _run(tmp_path_factory.mktemp("run1"), "--state", str(first[1] / "state"))]
 
 
 def test_run_writes_every_artefact(two_runs):
     _, directory = two_runs[0]
     assert directory.name.startswith("digits-dp-")
-    for name in ("results.json", "scenario.toml", "partitions.json", "metrics.png", "epsilon.png"):
+    for name in (
+        "results.json",
+        "privacy.json",
+        "scenario.toml",
+        "partitions.json",
+        "metrics.png",
+        "epsilon.png",
+    ):
         assert (directory / name).stat().st_size > 0, name
 
 
@@ -97,9 +106,14 @@ def test_resolved_scenario_records_the_overrides(two_runs):
     assert resolved["seed"] == 7
 
 
+# What legitimately differs between the two runs: time, and the ledgers (the second run's
+# institutions continue the first run's spend).
+VARIES = ("seconds", "timing", "dataset_epsilon", "ledgers")
+
+
 def _without_timing(value):
     if isinstance(value, dict):
-        return {k: _without_timing(v) for k, v in value.items() if k not in ("seconds", "timing")}
+        return {k: _without_timing(v) for k, v in value.items() if k not in VARIES}
     if isinstance(value, list):
         return [_without_timing(v) for v in value]
     return value
@@ -110,3 +124,28 @@ def test_same_seed_gives_the_same_numbers(two_runs):
         json.loads((directory / "results.json").read_text()) for _, directory in two_runs
     )
     assert _without_timing(first) == _without_timing(second)
+
+
+def test_the_second_run_continues_each_institutions_ledger(two_runs):
+    import logging
+
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    first, second = (
+        json.loads((directory / "privacy.json").read_text())["sample_level"]["institutions"]
+        for _, directory in two_runs
+    )
+    for before, after in zip(first, second, strict=True):
+        assert before["dataset_epsilon"] == pytest.approx(before["epsilon"])
+        run = (after["noise_multiplier"], after["sample_rate"], after["steps"])
+        both = [run, run]  # two runs with the same terms on the same data
+        assert after["dataset_epsilon"] == pytest.approx(epsilon(both, 1e-5), rel=1e-9)
+        assert after["dataset_epsilon"] > after["epsilon"]
+        # ... and an independent accountant (Google's dp-accounting) agrees within 1 %.
+        accountant = RdpAccountant()
+        sampled = dp_accounting.PoissonSampledDpEvent(run[1], dp_accounting.GaussianDpEvent(run[0]))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(sampled, 2 * run[2]))
+        assert after["dataset_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=0.01)
+        assert after["epsilon"] == pytest.approx(epsilon([run], 1e-5), rel=1e-9)

@@ -11,9 +11,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from confide.client.app import build_client_app
 from confide.client.data import STATE_DIR_KEY, deployed_institution
 from confide.client.institution import InstitutionConfig, InstitutionDir
+from confide.privacy.accounting import epsilon, sample_rate_and_steps
 from confide.privacy.config import PrivacyConfig, TrainConfig
 from confide.privacy.instructions import RoundInstructions
-from confide.privacy.policy import REFUSED_BY_POLICY, PrivacyPolicy
+from confide.privacy.ledger import Ledger, fingerprint_file
+from confide.privacy.policy import LEDGER_UNUSABLE, REFUSED_BY_POLICY, PrivacyPolicy
 from confide.tasks.config import TaskConfig
 from confide.tasks.datasets import DatasetError, load_digits
 from confide.tasks.registry import get_task
@@ -122,6 +124,7 @@ def test_a_round_past_the_institutions_limit_is_refused_not_trained(institution)
     assert "hospital-x refuses round 1" in reply.error.reason
     assert "max_epsilon 0.5" in reply.error.reason
     assert "confide.privacy.history" not in context.state  # nothing spent
+    assert Ledger(Path(context.node_config[STATE_DIR_KEY])).entries() == []
 
 
 def test_the_coordinator_cannot_turn_dp_off_at_an_institution_that_requires_it(institution):
@@ -146,24 +149,70 @@ def test_the_validation_cut_is_kept_for_the_job_and_redone_when_the_file_changes
     assert context.state[SPLIT_KEY]["key"] != key
 
 
-def test_a_restarted_supernode_continues_the_runs_spend_from_the_institutions_file(institution):
+def _context(context: Context, run_id: int) -> Context:
+    """The same node in another run (or restarted): the same settings, an empty state."""
+    return Context(
+        run_id=run_id, node_id=7, node_config=dict(context.node_config), state=RecordDict(),
+        run_config={},
+    )  # fmt: skip
+
+
+def test_a_restarted_supernode_continues_the_runs_spend_from_the_ledger(institution):
     context = institution()
     app = build_client_app()
     first = app(_train_message(_instructions(), 1), context).content["metrics"]["epsilon"]
-    spend = Path(context.node_config[STATE_DIR_KEY]) / "spend" / "run-1.json"
-    assert spend.stat().st_mode & 0o777 == 0o600
-    restarted = Context(
-        run_id=1, node_id=7, node_config=dict(context.node_config), state=RecordDict(),
-        run_config={},
-    )  # fmt: skip
-    second = app(_train_message(_instructions(), 2), restarted).content["metrics"]["epsilon"]
-    assert second > first  # counted on from round 1, not from zero
+    second = app(_train_message(_instructions(), 2), _context(context, 1)).content["metrics"]
+    assert second["epsilon"] > first  # counted on from round 1, not from zero
+    rate, steps = sample_rate_and_steps(108, 20)
+    assert second["epsilon"] == pytest.approx(epsilon([(1.0, rate, 2 * steps)], 1e-5))
 
 
-def test_an_unreadable_spend_record_refuses_training_instead_of_counting_from_zero(institution):
+def test_a_second_job_starts_from_the_first_jobs_spend(institution):
     context = institution()
-    spend = Path(context.node_config[STATE_DIR_KEY]) / "spend" / "run-1.json"
-    spend.parent.mkdir()
-    spend.write_text("{not json")
-    reply = build_client_app()(_train_message(_instructions()), context)
-    assert reply.has_error() and "unreadable spend record" in reply.error.reason
+    app = build_client_app()
+    for server_round in (1, 2):
+        app(_train_message(_instructions(), server_round), context)
+    metrics = app(_train_message(_instructions(), 1), _context(context, 2)).content["metrics"]
+    rate, steps = sample_rate_and_steps(108, 20)
+    per_round = (1.0, rate, steps)
+    assert metrics["epsilon"] == pytest.approx(epsilon([per_round], 1e-5))  # this job only
+    assert metrics["dataset-epsilon"] == pytest.approx(epsilon([per_round] * 3, 1e-5))
+    assert metrics["dataset-delta"] == 1e-5
+    ledger = Ledger(Path(context.node_config[STATE_DIR_KEY]))
+    assert [(e.run, e.round) for e in ledger.entries()] == [("1", 1), ("1", 2), ("2", 1)]
+    assert {e.fingerprint for e in ledger.entries()} == {
+        fingerprint_file(InstitutionDir(ledger.root).load().data)
+    }
+
+
+def test_the_limit_stops_training_at_the_round_that_would_cross_it(institution):
+    rate, steps = sample_rate_and_steps(108, 20)
+    spent = [epsilon([(1.0, rate, steps)] * k, 1e-5) for k in range(1, 8)]
+    limit = (spent[4] + spent[5]) / 2  # five rounds fit, the sixth would not
+    context = institution(PrivacyPolicy(max_epsilon=limit))
+    app = build_client_app()
+    trained = []
+    for run_id, server_round in [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 1)]:
+        reply = app(_train_message(_instructions(), server_round), _context(context, run_id))
+        trained.append(not reply.has_error())
+        if reply.has_error():
+            assert reply.error.code == REFUSED_BY_POLICY
+            assert f"to {spent[5]:.3f}" in reply.error.reason
+    assert trained == [True] * 5 + [False, False]
+    assert len(Ledger(Path(context.node_config[STATE_DIR_KEY])).entries()) == 5
+
+
+def test_a_tampered_ledger_stops_training_until_an_operator_reseals_it(institution):
+    import sqlite3
+
+    context = institution()
+    app = build_client_app()
+    app(_train_message(_instructions(), 1), context)
+    ledger = Ledger(Path(context.node_config[STATE_DIR_KEY]))
+    with sqlite3.connect(ledger.path) as connection:
+        connection.execute("UPDATE entries SET noise_multiplier = 50.0")
+    reply = app(_train_message(_instructions(), 2), context)
+    assert reply.has_error() and reply.error.code == LEDGER_UNUSABLE
+    assert "confide-client budget verify" in reply.error.reason
+    ledger.reseal("test: accepted the edited row")
+    assert not app(_train_message(_instructions(), 2), context).has_error()

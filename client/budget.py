@@ -1,0 +1,81 @@
+"""An institution's privacy budget as its operator reads it: spent, limit, remaining.
+
+The numbers come from the institution's ledger (verified first) and its own settings: the
+limit is `[privacy] max_epsilon`, and epsilon is stated at its `max_delta`. A directory
+without settings (a simulated institution's) is read at the delta the caller gives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from confide.privacy.ledger import DEFAULT_DATASET, Ledger
+
+
+@dataclass(frozen=True)
+class BudgetLine:
+    dataset: str
+    epsilon: float
+    delta: float
+    max_epsilon: float | None
+    rounds: int
+    jobs: int
+    fingerprints: tuple[str, ...]
+
+    @property
+    def remaining(self) -> float | None:
+        if self.max_epsilon is None:
+            return None
+        return max(0.0, self.max_epsilon - self.epsilon)
+
+    def as_json(self) -> dict[str, object]:
+        def number(value: float | None) -> float | str | None:
+            return "unbounded" if value is not None and math.isinf(value) else value
+
+        return {
+            "dataset": self.dataset,
+            "epsilon": number(self.epsilon),
+            "delta": self.delta,
+            "max_epsilon": self.max_epsilon,
+            "remaining": number(self.remaining),
+            "rounds": self.rounds,
+            "jobs": self.jobs,
+            "fingerprints": list(self.fingerprints),
+            "unit": "sample",
+            "accountant": "rdp",
+        }
+
+
+def budget(root: Path, delta: float | None = None) -> list[BudgetLine]:
+    """Every dataset in the ledger in `root`, plus the institution's own dataset if it has not
+    spent anything yet. LedgerTampered if the ledger fails verification."""
+    from confide.client.institution import InstitutionDir
+
+    directory = InstitutionDir(root)
+    settings = directory.load() if directory.settings_file.is_file() else None
+    if delta is None:
+        delta = settings.privacy.max_delta if settings is not None else 1e-5
+    ledger = Ledger(root)
+    if not ledger.exists() and not ledger.key_path.exists() and settings is None:
+        raise FileNotFoundError(f"{root}: no ledger here (nothing trained on this directory yet)")
+    spent = {row.dataset: row for row in ledger.open().spent(delta)}
+    own = settings.dataset if settings is not None else DEFAULT_DATASET
+    limit = settings.privacy.max_epsilon if settings is not None else None
+    names = sorted(set(spent) | ({own} if settings is not None else set()))
+    lines = []
+    for name in names:
+        row = spent.get(name)
+        lines.append(
+            BudgetLine(
+                dataset=name,
+                epsilon=row.epsilon if row else 0.0,
+                delta=delta,
+                max_epsilon=limit,
+                rounds=row.rounds if row else 0,
+                jobs=row.jobs if row else 0,
+                fingerprints=row.fingerprints if row else (),
+            )
+        )
+    return lines

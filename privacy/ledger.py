@@ -1,0 +1,549 @@
+"""An institution's privacy ledger: every DP-SGD release ever made from its data.
+
+Why a ledger: an accountant lives inside one run, but a dataset's privacy loss composes over
+every run that ever trained on it. The ledger keeps each round's mechanism parameters (not
+epsilons, which do not add up) so the cumulative spend of a dataset is recomputed from its
+whole history with the RDP accountant:
+
+    eps_RDP(alpha) = sum over entries e of dataset D:  e.steps * eps_alpha(e.sample_rate, e.sigma)
+    epsilon(D, delta) = min over alpha of the (epsilon, delta) conversion of eps_RDP(alpha)
+
+RDP composes entries with different sigma, q and delta-of-the-job alike; the cumulative
+figure is stated at the delta the institution chooses (its policy's `max_delta`).
+
+Storage: `ledger.sqlite` and `ledger.key` (32 random bytes), both mode 0600, in the
+institution's state directory. Each write is one SQLite transaction (journal, full fsync), so
+a crash leaves the ledger either before or after the entry, never in between.
+
+Integrity: entry i carries mac_i = HMAC-SHA256(key, mac_{i-1} || canonical(entry i)), with
+mac_0 derived from the ledger's random id, and a `head` row holds (count, mac_n) under its own
+HMAC. Editing any field breaks mac_i; deleting or reordering entries breaks the chain or the
+sequence; deleting the newest entries no longer matches the head; deleting the database while
+its key remains is reported too. The key lives beside the ledger: this protects against
+mistakes, restores of an old copy, and tools or people that can write the database but not
+read the key. It cannot stop someone who holds the key (the institution's own administrator);
+see docs/privacy.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from confide.privacy.accounting import HistoryEntry, epsilon
+from confide.tasks.files import write_atomic
+
+LEDGER = "ledger.sqlite"
+KEY = "ledger.key"
+MARK = "ledger.head"
+# The name spend is recorded under unless an institution names its data otherwise.
+DEFAULT_DATASET = "default"
+_FORMAT = "confide-ledger-v1"
+# Every column an entry's MAC covers, in MAC order.
+_FIELDS = (
+    "seq",
+    "recorded_at",
+    "kind",
+    "dataset",
+    "fingerprint",
+    "job",
+    "run",
+    "round",
+    "examples",
+    "sample_rate",
+    "noise_multiplier",
+    "steps",
+    "delta",
+    "accountant",
+    "note",
+)
+_SCHEMA = """
+CREATE TABLE entries (
+    seq INTEGER PRIMARY KEY,
+    recorded_at TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    job TEXT NOT NULL,
+    run TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    examples INTEGER NOT NULL,
+    sample_rate REAL NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    delta REAL NOT NULL,
+    accountant TEXT NOT NULL,
+    note TEXT NOT NULL,
+    mac TEXT NOT NULL
+);
+CREATE TABLE head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    ledger_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    last_mac TEXT NOT NULL,
+    mac TEXT NOT NULL
+);
+"""
+
+
+# The non-spend fields of an operator's 'reseal' entry.
+_EMPTY: dict[str, object] = {
+    "dataset": "",
+    "fingerprint": "",
+    "job": "",
+    "run": "",
+    "round": 0,
+    "examples": 0,
+    "sample_rate": 0.0,
+    "noise_multiplier": 0.0,
+    "steps": 0,
+    "delta": 0.0,
+    "accountant": "",
+}
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be used; the message says what and where."""
+
+
+class LedgerTampered(LedgerError):
+    """The ledger failed verification: training must wait for an operator."""
+
+    def __init__(self, root: Path, problems: list[str]) -> None:
+        self.problems = problems
+        listed = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        super().__init__(
+            f"{root / LEDGER} failed verification ({listed}). No training until an operator "
+            f"checks it: `confide-client budget verify --dir {root}`"
+        )
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One round of DP-SGD on one dataset: the mechanism, not its epsilon.
+
+    `noise_multiplier` 0 records training without DP (an unbounded spend).
+    """
+
+    dataset: str
+    fingerprint: str
+    job: str
+    run: str
+    round: int
+    examples: int
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    delta: float
+    accountant: str
+
+    @property
+    def history_entry(self) -> HistoryEntry:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A ledger row as stored: a spend, or an operator's reseal (kind 'reseal', see `note`)."""
+
+    seq: int
+    recorded_at: str
+    kind: str
+    dataset: str
+    fingerprint: str
+    job: str
+    run: str
+    round: int
+    examples: int
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    delta: float
+    accountant: str
+    note: str
+    mac: str
+
+    @property
+    def history_entry(self) -> HistoryEntry:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class DatasetSpend:
+    """What a dataset has spent over every job, at `delta`."""
+
+    dataset: str
+    epsilon: float
+    delta: float
+    rounds: int
+    jobs: int
+    fingerprints: tuple[str, ...]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _mac(key: bytes, previous: str, values: tuple[object, ...]) -> str:
+    message = previous.encode() + json.dumps(values, separators=(",", ":")).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def _genesis(key: bytes, ledger_id: str) -> str:
+    return _mac(key, "", (_FORMAT, ledger_id))
+
+
+def _head_mac(key: bytes, ledger_id: str, created_at: str, count: int, last_mac: str) -> str:
+    return _mac(key, "head", (_FORMAT, ledger_id, created_at, count, last_mac))
+
+
+def fingerprint_bytes(*parts: bytes) -> str:
+    """Content hash of a dataset: SHA-256 over its bytes (for arrays, their raw buffers)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return "sha256:" + digest.hexdigest()
+
+
+def fingerprint_file(path: Path) -> str:
+    """Content hash of a data file (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+class Ledger:
+    """The ledger in `root` (an institution's state directory); created on first use."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    path = property(lambda self: self.root / LEDGER)
+    key_path = property(lambda self: self.root / KEY)
+    mark_path = property(lambda self: self.root / MARK)
+
+    # -- files ---------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def _key(self) -> bytes:
+        try:
+            key = self.key_path.read_bytes()
+        except FileNotFoundError:
+            raise LedgerTampered(
+                self.root, [f"the ledger's key {self.key_path} is missing"]
+            ) from None
+        except OSError as error:
+            raise LedgerError(f"{self.key_path}: cannot read the ledger key: {error}") from None
+        if len(key) != 32:
+            raise LedgerTampered(self.root, [f"{self.key_path} is not a 32-byte key"])
+        return key
+
+    def create(self) -> None:
+        """Make a new, empty ledger and its key (the key last: a key without a ledger means
+        a deleted ledger, so a crash half-way must not leave one)."""
+        if self.exists() or self.key_path.exists():
+            raise LedgerError(f"{self.root}: a ledger (or its key) already exists")
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = secrets.token_bytes(32)
+        ledger_id, created_at = secrets.token_hex(16), _now()
+        staging = self.root / f".{LEDGER}.new"
+        staging.unlink(missing_ok=True)
+        os.close(os.open(staging, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
+        connection = sqlite3.connect(staging, isolation_level=None)
+        try:
+            connection.executescript(_SCHEMA)
+            last = _genesis(key, ledger_id)
+            connection.execute(
+                "INSERT INTO head VALUES (1, ?, ?, 0, ?, ?)",
+                (ledger_id, created_at, last, _head_mac(key, ledger_id, created_at, 0, last)),
+            )
+        finally:
+            connection.close()
+        key_staging = self.root / f".{KEY}.new"
+        key_staging.unlink(missing_ok=True)
+        descriptor = os.open(key_staging, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(key)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(staging, self.path)
+        self._write_mark(key, 0, last)
+        os.replace(key_staging, self.key_path)
+
+    def _write_mark(self, key: bytes, count: int, last_mac: str) -> None:
+        """Record the newest (count, mac) outside the database, after each commit: a copy of
+        the database alone restored from an older backup is then behind its mark."""
+        mark = {"count": count, "last_mac": last_mac, "mac": _mac(key, "mark", (count, last_mac))}
+        write_atomic(self.mark_path, json.dumps(mark) + "\n", mode=0o600)
+
+    def _mark_problems(self, key: bytes, entries: list[Entry]) -> list[str]:
+        try:
+            mark = json.loads(self.mark_path.read_text())
+            count, last_mac = int(mark["count"]), str(mark["last_mac"])
+            valid = hmac.compare_digest(str(mark["mac"]), _mac(key, "mark", (count, last_mac)))
+        except FileNotFoundError:
+            return [f"{self.mark_path} (the record of the newest entry) is missing"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return [f"{self.mark_path} is unreadable"]
+        if not valid:
+            return [f"{self.mark_path} was altered"]
+        if count > len(entries):
+            return [
+                f"the ledger holds {len(entries)} entries but had reached {count} "
+                "(an older copy restored, or entries deleted)"
+            ]
+        # The database may be one commit ahead of the mark (a crash between the two writes).
+        if count and not hmac.compare_digest(entries[count - 1].mac, last_mac):
+            return [f"entry {count} is not the one the ledger last recorded"]
+        return []
+
+    def _recover_creation(self) -> None:
+        """Finish a `create` that stopped between its two renames."""
+        staged_key = self.root / f".{KEY}.new"
+        if self.exists() and not self.key_path.exists() and staged_key.is_file():
+            os.replace(staged_key, self.key_path)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            connection = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=30.0)
+        except sqlite3.Error as error:
+            raise LedgerError(f"{self.path}: cannot open the ledger: {error}") from None
+        connection.isolation_level = None  # explicit transactions below
+        try:
+            connection.execute("PRAGMA synchronous = FULL")
+            yield connection
+        except sqlite3.DatabaseError as error:
+            raise LedgerTampered(self.root, [f"not a readable ledger database: {error}"]) from None
+        finally:
+            connection.close()
+
+    def open(self) -> Ledger:
+        """Create the ledger if this directory never had one; refuse if it had one that is
+        gone (its key is still here)."""
+        self._recover_creation()
+        if not self.exists():
+            if self.key_path.exists():
+                raise LedgerTampered(
+                    self.root, [f"{self.path} is missing but its key {self.key_path} exists"]
+                )
+            self.create()
+        return self
+
+    # -- reading and verifying -----------------------------------------------------------
+    @staticmethod
+    def _entries(connection: sqlite3.Connection) -> list[Entry]:
+        columns = ", ".join((*_FIELDS, "mac"))
+        rows = connection.execute(f"SELECT {columns} FROM entries ORDER BY seq").fetchall()
+        return [Entry(*row) for row in rows]
+
+    @staticmethod
+    def _problems(key: bytes, connection: sqlite3.Connection) -> tuple[list[str], list[Entry]]:
+        head = connection.execute(
+            "SELECT ledger_id, created_at, count, last_mac, mac FROM head WHERE id = 1"
+        ).fetchone()
+        entries = Ledger._entries(connection)
+        if head is None:
+            return ["the ledger's head record is missing"], entries
+        ledger_id, created_at, count, last_mac, head_mac = head
+        problems = []
+        if not hmac.compare_digest(
+            head_mac, _head_mac(key, ledger_id, created_at, count, last_mac)
+        ):
+            problems.append("the head record was altered (or the key replaced)")
+        previous = _genesis(key, ledger_id)
+        for position, entry in enumerate(entries, start=1):
+            if entry.seq != position:
+                problems.append(
+                    f"entry {position} is missing or out of order (found seq {entry.seq})"
+                )
+            values = tuple(getattr(entry, name) for name in _FIELDS)
+            if not hmac.compare_digest(entry.mac, _mac(key, previous, values)):
+                problems.append(f"entry {entry.seq} was altered, moved or follows a deleted one")
+            previous = entry.mac
+        if count != len(entries) or not hmac.compare_digest(last_mac, previous):
+            problems.append(
+                f"the head records {count} entries and {len(entries)} are present "
+                "(entries deleted, or an older copy restored)"
+                if count != len(entries)
+                else "the newest entry does not match the head"
+            )
+        return problems, entries
+
+    def verify(self) -> list[str]:
+        """Every integrity problem found (empty: the ledger is intact)."""
+        self._recover_creation()
+        if not self.exists():
+            if self.key_path.exists():
+                return [f"{self.path} is missing but its key {self.key_path} exists"]
+            return []
+        try:
+            key = self._key()
+        except LedgerTampered as error:
+            return error.problems
+        with self._connect() as connection:
+            problems, entries = self._problems(key, connection)
+        return problems + self._mark_problems(key, entries)
+
+    def entries(self) -> list[Entry]:
+        """Every entry, after verifying the whole chain (LedgerTampered if it fails)."""
+        self.open()
+        key = self._key()
+        with self._connect() as connection:
+            problems, entries = self._problems(key, connection)
+        problems += self._mark_problems(key, entries)
+        if problems:
+            raise LedgerTampered(self.root, problems)
+        return entries
+
+    def history(self, dataset: str, run: str | None = None) -> list[HistoryEntry]:
+        """(sigma, q, steps) of every spend on `dataset` (only run `run`'s, if given)."""
+        return [
+            entry.history_entry
+            for entry in self.entries()
+            if entry.kind == "spend" and entry.dataset == dataset and run in (None, entry.run)
+        ]
+
+    def spent(self, delta: float) -> list[DatasetSpend]:
+        """Cumulative spend of every dataset in the ledger (RDP composition, at `delta`)."""
+        by_dataset: dict[str, list[Entry]] = {}
+        for entry in self.entries():
+            if entry.kind == "spend":
+                by_dataset.setdefault(entry.dataset, []).append(entry)
+        return [
+            DatasetSpend(
+                dataset=name,
+                epsilon=epsilon([e.history_entry for e in rows], delta, "rdp"),
+                delta=delta,
+                rounds=len(rows),
+                jobs=len({e.run for e in rows}),
+                fingerprints=tuple(dict.fromkeys(e.fingerprint for e in rows)),
+            )
+            for name, rows in sorted(by_dataset.items())
+        ]
+
+    # -- writing -------------------------------------------------------------------------
+    def _append(
+        self,
+        connection: sqlite3.Connection,
+        key: bytes,
+        kind: str,
+        values: dict[str, object],
+        recorded_at: str | None = None,
+    ) -> Entry:
+        """Append one entry and move the head, inside the caller's transaction."""
+        ledger_id, created_at, count, last_mac = connection.execute(
+            "SELECT ledger_id, created_at, count, last_mac FROM head WHERE id = 1"
+        ).fetchone()
+        fields = {"seq": count + 1, "recorded_at": recorded_at or _now(), "kind": kind} | values
+        ordered = tuple(fields[name] for name in _FIELDS)
+        mac = _mac(key, last_mac, ordered)
+        placeholders = ", ".join("?" * (len(_FIELDS) + 1))
+        connection.execute(f"INSERT INTO entries VALUES ({placeholders})", (*ordered, mac))
+        connection.execute(
+            "UPDATE head SET count = ?, last_mac = ?, mac = ? WHERE id = 1",
+            (count + 1, mac, _head_mac(key, ledger_id, created_at, count + 1, mac)),
+        )
+        return Entry(*ordered, mac)
+
+    def record(self, spend: Spend) -> Entry:
+        """Append `spend` atomically, after verifying the chain it extends."""
+        self.open()
+        key = self._key()
+        with self._connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")  # one writer; readers see before or after
+            try:
+                problems, entries = self._problems(key, connection)
+                problems += self._mark_problems(key, entries)
+                if problems:
+                    raise LedgerTampered(self.root, problems)
+                entry = self._append(connection, key, "spend", asdict(spend) | {"note": ""})
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+        self._write_mark(key, entry.seq, entry.mac)
+        return entry
+
+    def reseal(self, reason: str) -> list[str]:
+        """An operator accepts the ledger as it now stands and returns it to service.
+
+        Every entry is kept as stored (an altered value stays altered: the spend reported
+        afterwards is what the rows say; restoring a backup is the other way out), re-signed
+        in sequence order, and a 'reseal' entry records `reason` and the problems found.
+        Returns those problems.
+        """
+        if not reason.strip():
+            raise LedgerError("a reseal needs a reason (it is recorded in the ledger)")
+        problems = self.verify()
+        if not self.exists():  # deleted: start again, saying so in the first entry
+            self.key_path.unlink(missing_ok=True)
+            self.mark_path.unlink(missing_ok=True)
+            self.create()
+        if not self._readable():
+            raise LedgerError(
+                f"{self.path} is not a readable SQLite database: restore it from a backup, or "
+                f"move it and {self.key_path} away to start a new, empty ledger"
+            )
+        staged_key = self.root / f".{KEY}.new"
+        try:
+            key = self._key()
+        except LedgerTampered:  # missing or damaged key: a new one, put in place after commit
+            key = secrets.token_bytes(32)
+            descriptor = os.open(staged_key, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as stream:
+                stream.write(key)
+                stream.flush()
+                os.fsync(stream.fileno())
+        with self._connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                entries = self._entries(connection)
+                ledger_id, created_at = secrets.token_hex(16), _now()
+                genesis = _genesis(key, ledger_id)
+                connection.execute("DELETE FROM entries")
+                connection.execute("DELETE FROM head")
+                connection.execute(
+                    "INSERT INTO head VALUES (1, ?, ?, 0, ?, ?)",
+                    (
+                        ledger_id,
+                        created_at,
+                        genesis,
+                        _head_mac(key, ledger_id, created_at, 0, genesis),
+                    ),
+                )
+                for entry in entries:
+                    values = {name: getattr(entry, name) for name in _FIELDS[3:]}
+                    self._append(connection, key, entry.kind, values, entry.recorded_at)
+                note = json.dumps({"reason": reason, "problems": problems})
+                last = self._append(connection, key, "reseal", _EMPTY | {"note": note})
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+        self._write_mark(key, last.seq, last.mac)
+        if staged_key.exists():
+            os.replace(staged_key, self.key_path)
+        return problems
+
+    def _readable(self) -> bool:
+        try:
+            with self._connect() as connection:
+                self._entries(connection)
+                return connection.execute("SELECT count(*) FROM head").fetchone() is not None
+        except LedgerError:
+            return False

@@ -1,0 +1,207 @@
+"""The institution's ledger: cumulative spend, integrity chain, crash safety."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from confide.privacy.accounting import epsilon
+from confide.privacy.ledger import (
+    KEY,
+    LEDGER,
+    MARK,
+    Ledger,
+    LedgerError,
+    LedgerTampered,
+    Spend,
+    fingerprint_bytes,
+    fingerprint_file,
+)
+
+
+def spend(round_: int = 1, run: str = "1", dataset: str = "default", sigma: float = 1.1) -> Spend:
+    return Spend(
+        dataset=dataset,
+        fingerprint="sha256:abc",
+        job="job",
+        run=run,
+        round=round_,
+        examples=300,
+        sample_rate=0.2,
+        noise_multiplier=sigma,
+        steps=5,
+        delta=1e-5,
+        accountant="rdp",
+    )
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    ledger = Ledger(tmp_path / "institution").open()
+    for round_ in (1, 2, 3, 4):
+        ledger.record(spend(round_))
+    return ledger
+
+
+def sql(ledger: Ledger, statement: str) -> None:
+    connection = sqlite3.connect(ledger.path)
+    connection.execute(statement)
+    connection.commit()
+    connection.close()
+
+
+def test_new_ledger_is_empty_and_private(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "i").open()
+    assert ledger.entries() == [] and ledger.verify() == []
+    for name in (LEDGER, KEY, MARK):
+        assert stat.S_IMODE((tmp_path / "i" / name).stat().st_mode) == 0o600
+
+
+def test_spend_is_cumulative_over_runs_at_the_stated_delta(ledger: Ledger) -> None:
+    ledger.record(spend(1, run="2"))
+    (total,) = ledger.spent(1e-6)
+    assert total.rounds == 5 and total.jobs == 2 and total.delta == 1e-6
+    assert total.epsilon == pytest.approx(epsilon([(1.1, 0.2, 25)], 1e-6))
+    assert ledger.history("default", run="2") == [(1.1, 0.2, 5)]
+    assert ledger.history("other") == []
+
+
+def test_datasets_are_accounted_separately(ledger: Ledger) -> None:
+    ledger.record(spend(1, dataset="imaging"))
+    spent = {row.dataset: row.rounds for row in ledger.spent(1e-5)}
+    assert spent == {"default": 4, "imaging": 1}
+
+
+def test_training_without_dp_spends_an_unbounded_budget(ledger: Ledger) -> None:
+    ledger.record(spend(5, sigma=0.0))
+    assert ledger.spent(1e-5)[0].epsilon == float("inf")
+
+
+@pytest.mark.parametrize(
+    ("tampering", "problem"),
+    [
+        ("UPDATE entries SET noise_multiplier = 5.0 WHERE seq = 2", "entry 2 was altered"),
+        ("UPDATE entries SET steps = 1 WHERE seq = 4", "entry 4 was altered"),
+        ("DELETE FROM entries WHERE seq = 2", "entry 2 is missing"),
+        ("DELETE FROM entries WHERE seq = 4", "the head records 4 entries and 3"),
+        ("UPDATE entries SET seq = -seq WHERE seq IN (2, 3)", "out of order"),
+        ("UPDATE head SET count = 3", "head record was altered"),
+    ],
+    ids=["edit-sigma", "edit-last", "delete-middle", "delete-newest", "reorder", "head"],
+)
+def test_tampering_is_detected_and_stops_every_use(
+    ledger: Ledger, tampering: str, problem: str
+) -> None:
+    sql(ledger, tampering)
+    assert any(problem in found for found in ledger.verify()), ledger.verify()
+    with pytest.raises(LedgerTampered, match="confide-client budget verify"):
+        ledger.history("default")
+    with pytest.raises(LedgerTampered):
+        ledger.record(spend(5))
+
+
+def test_swapping_two_entries_contents_is_detected(ledger: Ledger) -> None:
+    connection = sqlite3.connect(ledger.path)
+    rows = {seq: row for seq, *row in connection.execute("SELECT * FROM entries")}
+    columns = [c[1] for c in connection.execute("PRAGMA table_info(entries)")][1:]
+    assignments = ", ".join(f"{c} = ?" for c in columns)
+    connection.execute(f"UPDATE entries SET {assignments} WHERE seq = 2", rows[3])
+    connection.execute(f"UPDATE entries SET {assignments} WHERE seq = 3", rows[2])
+    connection.commit()
+    connection.close()
+    assert ledger.verify()
+
+
+def test_a_deleted_ledger_or_key_is_detected(ledger: Ledger) -> None:
+    ledger.key_path.unlink()
+    assert any("key" in p for p in ledger.verify())
+    with pytest.raises(LedgerTampered):
+        ledger.entries()
+
+
+def test_a_ledger_deleted_beside_its_key_is_not_silently_recreated(ledger: Ledger) -> None:
+    ledger.path.unlink()
+    with pytest.raises(LedgerTampered, match="missing but its key"):
+        ledger.open()
+
+
+def test_an_older_copy_restored_over_the_ledger_is_detected(ledger: Ledger) -> None:
+    old = ledger.path.read_bytes()
+    ledger.record(spend(5))
+    ledger.path.write_bytes(old)
+    assert any("an older copy restored" in p for p in ledger.verify()), ledger.verify()
+
+
+def test_garbage_in_the_ledger_file_is_refused_with_its_path(ledger: Ledger) -> None:
+    ledger.path.write_bytes(b"not a database" * 100)
+    with pytest.raises(LedgerTampered, match=str(ledger.path)):
+        ledger.entries()
+
+
+def test_reseal_keeps_the_rows_records_why_and_returns_to_service(ledger: Ledger) -> None:
+    sql(ledger, "DELETE FROM entries WHERE seq = 2")
+    with pytest.raises(LedgerError, match="reason"):
+        ledger.reseal(" ")
+    problems = ledger.reseal("restored from backup 2026-11-20, entry 2 lost")
+    assert problems and ledger.verify() == []
+    entries = ledger.entries()
+    assert [e.kind for e in entries] == ["spend"] * 3 + ["reseal"]
+    assert "entry 2 lost" in entries[-1].note and "missing" in entries[-1].note
+    ledger.record(spend(5))
+    assert ledger.spent(1e-5)[0].rounds == 4
+
+
+def test_reseal_of_a_deleted_ledger_starts_an_empty_one_that_says_so(ledger: Ledger) -> None:
+    ledger.path.unlink()
+    ledger.reseal("disk replaced")
+    (entry,) = ledger.entries()
+    assert entry.kind == "reseal" and "missing" in entry.note
+
+
+def test_fingerprints_are_content_hashes(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("a,label\n1,0\n")
+    first = fingerprint_file(path)
+    path.write_text("a,label\n1,1\n")
+    assert fingerprint_file(path) != first and first.startswith("sha256:")
+    assert fingerprint_bytes(b"ab", b"c") != fingerprint_bytes(b"a", b"bc")
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from confide.privacy.ledger import Ledger, Spend
+    ledger = Ledger(sys.argv[1]).open()
+    print("ready", flush=True)
+    n = 0
+    while True:
+        n += 1
+        ledger.record(Spend("default", "sha256:x", "job", "1", n, 100, 0.1, 1.0, 10, 1e-5, "rdp"))
+    """
+)
+
+
+def test_sigkill_mid_write_leaves_a_consistent_ledger(tmp_path: Path) -> None:
+    root = tmp_path / "institution"
+    counts = []
+    for delay in (0.05, 0.13, 0.21, 0.34):
+        process = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        ledger = Ledger(root)
+        assert ledger.verify() == []
+        counts.append(len(ledger.entries()))
+    # Every kill landed while entries were being written, and each left a usable ledger.
+    assert counts == sorted(counts) and counts[-1] > counts[0] > 0

@@ -1,0 +1,97 @@
+"""The coordinator's rounds with real ClientApps in process: refusals, budget stops, central DP."""
+
+from __future__ import annotations
+
+import pytest
+
+from confide.privacy.accounting import epsilon, sample_rate_and_steps
+from confide.privacy.config import CentralPrivacyConfig, PrivacyConfig, TrainConfig
+from confide.privacy.ledger import Ledger
+from confide.privacy.policy import PrivacyPolicy
+from confide.server.app import run
+from confide.server.central_dp import central_epsilon
+from confide.server.history import JobHistory
+from confide.server.job import FederationConfig, JobConfig
+from confide.tasks.config import DataConfig, TaskConfig
+
+
+def job(rounds: int = 3, **overrides: object) -> JobConfig:
+    settings = {
+        "task": TaskConfig(name="digits"),
+        "data": DataConfig(test_fraction=0.2, validation_fraction=0.1),
+        "train": TrainConfig(batch_size=64, lr=1.0),
+        "privacy": PrivacyConfig(noise_multiplier=1.0),
+        "federation": FederationConfig(
+            rounds=rounds, min_train=2, min_available=3, min_evaluate=0, fraction_evaluate=0.0
+        ),
+    }
+    return JobConfig.model_validate(settings | overrides)
+
+
+def run_job(job_config: JobConfig, grid, source, seed: int | None = 0) -> JobHistory:  # type: ignore[no-untyped-def]
+    history = JobHistory()
+    run(job_config, grid, history, None, source.split().test, "test-job", seed)
+    return history
+
+
+def dataset_epsilon(source, index: int, rounds: int, delta: float = 1e-5) -> float:  # type: ignore[no-untyped-def]
+    """What `rounds` rounds of this module's jobs spend at institution `index` (sigma 1)."""
+    rate, steps = sample_rate_and_steps(len(source.split().institutions[index].train), 64)
+    return epsilon([(1.0, rate, steps * rounds)], delta)
+
+
+def test_every_round_is_recorded_in_each_institutions_own_ledger(federation, tmp_path):
+    grid, source = federation()
+    history = run_job(job(rounds=2), grid, source)
+    assert [r.trained for r in history.rounds] == [3, 3]
+    for index in range(3):
+        entries = Ledger(tmp_path / "state" / f"institution-{index}").entries()
+        assert [(e.job, e.round, e.dataset) for e in entries] == [
+            ("test-job", 1, "default"),
+            ("test-job", 2, "default"),
+        ]
+        spend = history.institutions[str(index)]
+        assert spend.dataset_epsilon == pytest.approx(spend.epsilon)  # first job: the same
+
+
+def test_a_second_job_continues_each_ledger_and_the_limit_stops_it(federation, tmp_path):
+    grid, source = federation()
+    run_job(job(rounds=2), grid, source)
+    four = [dataset_epsilon(source, i, 4) for i in range(3)]
+    five = [dataset_epsilon(source, i, 5) for i in range(3)]
+    assert max(four) < min(five)
+    policy = PrivacyPolicy(max_epsilon=(max(four) + min(five)) / 2)
+    grid, source = federation(policy=policy, run_id=2)
+    history = run_job(job(rounds=4), grid, source)
+    # This job's rounds 1 and 2 are each dataset's 3rd and 4th; a 5th would pass the limit,
+    # so every institution refuses round 3 and the job stops with fewer than min_train.
+    assert [r.trained for r in history.rounds] == [3, 3, 0]
+    assert history.stopped is not None and "min_train is 2" in history.stopped
+    assert {r["round"] for r in history.rejected} == {3}
+    for index in range(3):
+        spend = history.institutions[str(index)]
+        assert spend.rounds_trained == 2
+        assert spend.epsilon == pytest.approx(dataset_epsilon(source, index, 2))  # this job
+        assert spend.dataset_epsilon == pytest.approx(four[index])  # every job
+        assert len(Ledger(tmp_path / "state" / f"institution-{index}").entries()) == 4
+
+
+def test_central_dp_adds_the_noise_it_accounts_and_stops_at_its_budget(federation):
+    grid, source = federation()
+    central = CentralPrivacyConfig(enabled=True, noise_multiplier=2.0, clipping_norm=0.5)
+    after_two = central_epsilon(central, [3, 3])
+    limited = central.model_copy(update={"max_epsilon": after_two * 1.01})
+    history = run_job(job(rounds=4, central_privacy=limited), grid, source)
+    assert len(history.rounds) == 2 and history.central_releases == [3, 3]
+    assert history.rounds[-1].central_epsilon == pytest.approx(after_two)
+    assert history.stopped is not None and "central_privacy.max_epsilon" in history.stopped
+
+
+def test_central_dp_is_reproducible_with_a_seed_and_changes_the_model(federation):
+    central = CentralPrivacyConfig(enabled=True, noise_multiplier=1.0, clipping_norm=1.0)
+    results = []
+    for seed, dp in ((0, central), (0, central), (0, CentralPrivacyConfig())):
+        grid, source = federation(run_id=len(results) + 1)
+        history = run_job(job(rounds=1, central_privacy=dp), grid, source, seed)
+        results.append(history.rounds[-1].metrics["loss"])
+    assert results[0] == results[1] != results[2]
