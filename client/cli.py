@@ -71,13 +71,23 @@ def join(
         float,
         typer.Option(help="this institution's limit: refuse any round past this epsilon"),
     ] = 10.0,
-    max_delta: Annotated[float, typer.Option(help="refuse jobs asking a larger delta")] = 1e-5,
+    max_delta: Annotated[
+        float,
+        typer.Option(help="refuse jobs asking a larger delta; the budget is stated at this delta"),
+    ] = 1e-5,
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="the name this data's privacy spend is accounted under in the ledger (a new "
+            "name starts a new budget: use one only for data about different people)"
+        ),
+    ] = "default",
     start: Annotated[bool, typer.Option(help="start the SuperNode after joining")] = True,
 ) -> None:
     """Verify the coordinator by the token's CA fingerprint, register a new key, then run."""
     from confide.client.enrollment import JoinError
     from confide.client.enrollment import join as enroll
-    from confide.client.institution import InstitutionConfig, InstitutionDir
+    from confide.client.institution import DATASET_NAME, InstitutionConfig, InstitutionDir
     from confide.privacy.policy import PrivacyPolicy
     from confide.tasks.config import describe_errors
 
@@ -87,6 +97,8 @@ def join(
         policy = PrivacyPolicy(max_epsilon=max_epsilon, max_delta=max_delta)
     except ValidationError as error:
         raise fail("; ".join(describe_errors(error, PrivacyPolicy))) from None
+    if not DATASET_NAME.fullmatch(dataset):
+        raise fail(f"--dataset {dataset!r}: use letters, digits, '.', '_' and '-' (up to 64)")
     if directory.settings_file.exists():
         raise fail(f"{state} already holds an institution; use `confide-client start`")
     _check_data(data, label_column)
@@ -104,6 +116,7 @@ def join(
         device=device,
         port=port,
         privacy=policy,
+        dataset=dataset,
     )
     directory.save(config)
     console.print(

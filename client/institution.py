@@ -5,6 +5,7 @@ Everything here is decided by the institution: the coordinator learns only the p
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,7 @@ from confide.tasks.config import ConfigFileError, StrictModel, read_toml, valida
 from confide.tasks.files import write_atomic
 
 SETTINGS = "institution.toml"
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class InstitutionError(ValueError):
@@ -31,7 +33,7 @@ class InstitutionConfig(StrictModel):
     data: Path = Field(description="the local data file (CSV or NPZ); never leaves this host")
     dataset: str = Field(
         default=DEFAULT_DATASET,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        pattern=f"^{DATASET_NAME.pattern}$",
         description="the name the ledger accounts this data under; a new name starts a new "
         "budget, so use one only for data about different people",
     )

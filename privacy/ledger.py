@@ -153,29 +153,18 @@ class Spend:
 
 
 @dataclass(frozen=True)
-class Entry:
+class Entry(Spend):
     """A ledger row as stored: a spend, or an operator's reseal (kind 'reseal', see `note`)."""
 
     seq: int
     recorded_at: str
     kind: str
-    dataset: str
-    fingerprint: str
-    job: str
-    run: str
-    round: int
-    examples: int
-    sample_rate: float
-    noise_multiplier: float
-    steps: int
-    delta: float
-    accountant: str
     note: str
     mac: str
 
-    @property
-    def history_entry(self) -> HistoryEntry:
-        return (self.noise_multiplier, self.sample_rate, self.steps)
+    @classmethod
+    def from_row(cls, row: tuple[object, ...]) -> Entry:
+        return cls(**dict(zip((*_FIELDS, "mac"), row, strict=True)))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -349,7 +338,7 @@ class Ledger:
     def _entries(connection: sqlite3.Connection) -> list[Entry]:
         columns = ", ".join((*_FIELDS, "mac"))
         rows = connection.execute(f"SELECT {columns} FROM entries ORDER BY seq").fetchall()
-        return [Entry(*row) for row in rows]
+        return [Entry.from_row(row) for row in rows]
 
     @staticmethod
     def _problems(key: bytes, connection: sqlite3.Connection) -> tuple[list[str], list[Entry]]:
@@ -458,7 +447,7 @@ class Ledger:
             "UPDATE head SET count = ?, last_mac = ?, mac = ? WHERE id = 1",
             (count + 1, mac, _head_mac(key, ledger_id, created_at, count + 1, mac)),
         )
-        return Entry(*ordered, mac)
+        return Entry.from_row((*ordered, mac))
 
     def record(self, spend: Spend) -> Entry:
         """Append `spend` atomically, after verifying the chain it extends."""

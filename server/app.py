@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -125,7 +125,7 @@ def run(
         )
     except JobStopped as stop:
         history.stopped = str(stop)
-        log(WARNING, "%s", stop)
+        log(INFO, "%s", stop)  # an expected end, reported in the results and summary
     return history
 
 

@@ -138,7 +138,10 @@ def summary(console: Console, results: dict[str, Any], directory: str) -> None:
                 f"max {max(spent):.3f} (each one in results.json)"
             )
     else:
-        console.print("Privacy: none (DP off) - the updates carry no (epsilon, delta) guarantee.")
+        console.print(
+            "Privacy at sample level: none (DP-SGD off) - the institutions' updates carry no "
+            "(epsilon, delta) guarantee for individual records."
+        )
     central = results["privacy"]["institution_level"]
     if central:
         console.print(

@@ -363,6 +363,37 @@ def digits_files(tmp_path_factory) -> list[Path]:
     return paths
 
 
+def check_privacy_report(folder: Path, results: dict, run_id: str, tmp_path: Path) -> None:
+    """privacy.json's numbers recompute from its parameters, and each institution's own
+    ledger and `confide-client budget` agree with what the coordinator reports."""
+    from confide.privacy.accounting import epsilon
+    from confide.privacy.config import CentralPrivacyConfig
+    from confide.privacy.ledger import Ledger
+    from confide.server.central_dp import central_epsilon
+
+    report = json.loads((folder / "privacy.json").read_text())
+    central = report["institution_level"]
+    assert central["institutions_asked_per_round"] == [2, 2]
+    config = CentralPrivacyConfig(enabled=True, noise_multiplier=0.02, clipping_norm=2.0)
+    assert central["epsilon"] == pytest.approx(central_epsilon(config, [2, 2]))
+    assert results["privacy"]["institution_level"]["epsilon"] == central["epsilon"]
+    for row in report["sample_level"]["institutions"]:
+        history = [(row["noise_multiplier"], row["sample_rate"], row["steps"])]
+        assert row["epsilon"] == pytest.approx(epsilon(history, 1e-5), rel=1e-9)
+        assert row["dataset_epsilon"] == pytest.approx(row["epsilon"])  # their first job
+        state = tmp_path / row["id"]
+        entries = Ledger(state).entries()
+        assert [(e.job, e.run, e.round) for e in entries] == [
+            ("digits-deployed", run_id, 1),
+            ("digits-deployed", run_id, 2),
+        ]
+        shown = subprocess.run(
+            [str(BIN / "confide-client"), "budget", "--dir", str(state), "--json"],
+            capture_output=True, text=True, timeout=60, env=ENV,
+        )  # fmt: skip
+        assert json.loads(shown.stdout)[0]["epsilon"] == pytest.approx(row["dataset_epsilon"])
+
+
 JOB = """
 name = "digits-deployed"
 seed = 0
@@ -374,6 +405,12 @@ lr = 1.0
 [privacy]
 target_epsilon = 8.0
 delta = 1e-5
+# Wiring only: two institutions cannot get a useful institution-level epsilon (this one is in
+# the thousands); the test checks that the noise is added and accounted, not its strength.
+[central_privacy]
+enabled = true
+noise_multiplier = 0.02
+clipping_norm = 2.0
 [federation]
 rounds = 2
 min_available = 2
@@ -411,7 +448,12 @@ def test_two_institutions_train_a_dp_job_and_its_results_are_written(
     run_id = submitted.stdout.split("as run ")[1].split(";")[0].strip()
     folder = coordinator["state"] / "runs" / f"run-{run_id}"
     results = json.loads((folder / "results.json").read_text())
-    assert {path.name for path in folder.iterdir()} >= {"job.toml", "metrics.png", "epsilon.png"}
+    assert {path.name for path in folder.iterdir()} >= {
+        "job.toml",
+        "metrics.png",
+        "epsilon.png",
+        "privacy.json",
+    }
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert all(r["institutions_trained"] == 2 for r in results["rounds"])
     assert results["rejected_updates"] == []
@@ -422,6 +464,7 @@ def test_two_institutions_train_a_dp_job_and_its_results_are_written(
         assert row["rounds_trained"] == 2 and row["accountant"] == "rdp"
         assert 0 < row["epsilon"] <= 8.0 and row["delta"] == 1e-5
     assert "final accuracy" in submitted.stdout
+    check_privacy_report(folder, results, run_id, tmp_path)
     status = server_cli("status", "--dir", str(coordinator["state"]), "--run", run_id)
     assert status.returncode == 0 and "finished" in status.stdout, status.stdout
     logs = server_cli("logs", run_id, "--dir", str(coordinator["state"]))

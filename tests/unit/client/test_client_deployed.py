@@ -20,17 +20,8 @@ from confide.tasks.config import TaskConfig
 from confide.tasks.datasets import DatasetError, load_digits
 from confide.tasks.registry import get_task
 
+pytestmark = pytest.mark.usefixtures("inside_a_run")
 LABELS = [str(k) for k in range(10)]
-
-
-@pytest.fixture(autouse=True)
-def _inside_a_run(monkeypatch):
-    """Messages are created inside a run; Flower reads its id from the process's identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 @pytest.fixture

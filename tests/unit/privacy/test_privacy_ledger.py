@@ -205,3 +205,14 @@ def test_sigkill_mid_write_leaves_a_consistent_ledger(tmp_path: Path) -> None:
         counts.append(len(ledger.entries()))
     # Every kill landed while entries were being written, and each left a usable ledger.
     assert counts == sorted(counts) and counts[-1] > counts[0] > 0
+
+
+@pytest.mark.parametrize("damage", ["delete", "edit"])
+def test_a_missing_or_altered_head_mark_is_detected(ledger: Ledger, damage: str) -> None:
+    if damage == "delete":
+        ledger.mark_path.unlink()
+    else:
+        ledger.mark_path.write_text(
+            ledger.mark_path.read_text().replace('"count": 4', '"count": 3')
+        )
+    assert any("ledger.head" in p for p in ledger.verify()), ledger.verify()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from confide.privacy.accounting import epsilon
 from confide.privacy.config import PrivacyConfig, TrainConfig
 from confide.privacy.policy import PolicyRefusal, PrivacyPolicy, check_round, projected_epsilon
 from confide.privacy.trainer import train_round
@@ -61,3 +62,18 @@ def test_a_larger_delta_than_the_institution_accepts_is_refused():
     loose = PrivacyConfig(noise_multiplier=1.0, delta=1e-3)
     with pytest.raises(PolicyRefusal, match=r"delta 0\.001 exceeds .* max_delta 1e-05"):
         check_round(PrivacyPolicy(), loose, TRAIN, 200, [], 5)
+
+
+def test_the_limit_is_checked_on_the_datasets_whole_history_at_the_institutions_delta():
+    # Two earlier jobs on the dataset; this job's own history would be empty.
+    ledger = [(1.0, 0.1, 10), (1.0, 0.1, 10)]
+    policy = PrivacyPolicy(max_epsilon=50.0, max_delta=1e-6)
+    job = PrivacyConfig(noise_multiplier=1.0, delta=1e-7)  # smaller than the institution's: ok
+    after = epsilon([*ledger, (1.0, 0.1, 10)], 1e-6)  # RDP at the institution's delta
+    check_round(
+        policy.model_copy(update={"max_epsilon": after * 1.001}), job, TRAIN, 200, ledger, 5
+    )
+    with pytest.raises(PolicyRefusal, match=rf"delta 1e-06\) from .* to {after:.3f}"):
+        check_round(
+            policy.model_copy(update={"max_epsilon": after * 0.999}), job, TRAIN, 200, ledger, 5
+        )

@@ -65,16 +65,6 @@ class InProcessGrid(Grid):
         return replies
 
 
-@pytest.fixture(autouse=True)
-def _inside_a_run(monkeypatch):
-    """Messages are created inside a run; Flower reads its id from the process's identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
 @pytest.fixture
 def federation(tmp_path: Path):
     """(grid, source) for `institutions` virtual digits institutions with ledgers in

@@ -14,6 +14,8 @@ from confide.server.history import JobHistory
 from confide.server.job import FederationConfig, JobConfig
 from confide.tasks.config import DataConfig, TaskConfig
 
+pytestmark = pytest.mark.usefixtures("inside_a_run")
+
 
 def job(rounds: int = 3, **overrides: object) -> JobConfig:
     settings = {
@@ -95,3 +97,30 @@ def test_central_dp_is_reproducible_with_a_seed_and_changes_the_model(federation
         history = run_job(job(rounds=1, central_privacy=dp), grid, source, seed)
         results.append(history.rounds[-1].metrics["loss"])
     assert results[0] == results[1] != results[2]
+
+
+def test_the_privacy_report_recomputes_from_its_own_parameters(federation):
+    from confide.server.results import institution_row, privacy_document
+
+    grid, source = federation()
+    central = CentralPrivacyConfig(enabled=True, noise_multiplier=3.0, clipping_norm=1.0)
+    config = job(rounds=2, central_privacy=central)
+    history = run_job(config, grid, source)
+    rows = [
+        institution_row(i, config.privacy, history, str(i), len(local.train), 0)
+        for i, local in enumerate(source.split().institutions)
+    ]
+    report = privacy_document("test-job", config, history, rows, simulated=True)
+    for row in report["sample_level"]["institutions"]:
+        history_entry = (row["noise_multiplier"], row["sample_rate"], row["steps"])
+        assert row["epsilon"] == pytest.approx(epsilon([history_entry], row["delta"]))
+    level = report["institution_level"]
+    assert level["epsilon"] == pytest.approx(
+        central_epsilon(central, level["institutions_asked_per_round"])
+    )
+    assert level["sampling_amplification"] is False and level["unit"].startswith("all the data")
+    assert [r["central_epsilon"] for r in report["per_round"]] == [
+        pytest.approx(central_epsilon(central, [3])),
+        pytest.approx(level["epsilon"]),
+    ]
+    assert "Institution level" in report["statement"] and "Sample level" in report["statement"]

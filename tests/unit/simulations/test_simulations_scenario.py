@@ -61,3 +61,24 @@ def test_error_lists_every_problem_with_the_file(tmp_path):
 def test_prepare_turns_scenario_errors_into_run_errors():
     with pytest.raises(RunError, match=r"federation\.rounds"):
         prepare("digits-dp", {"federation": {"rounds": 0}}, fit_minimums=False)
+
+
+def test_budget_and_central_dp_scenarios_carry_their_privacy_settings(tmp_path):
+    budget = load_scenario("digits-budget")
+    assert budget.simulation.policy is not None and budget.simulation.policy.max_epsilon == 6.0
+    source = budget.data_source(tmp_path)
+    assert source.policy == budget.simulation.policy and source.state == tmp_path
+    central = load_scenario("digits-central-dp").job().central_privacy
+    assert central.enabled and central.noise_multiplier == 2.0 and central.max_epsilon == 10.0
+    assert load_scenario("digits-dp").simulation.policy is None  # recorded, not limited
+
+
+def test_a_policy_with_an_out_of_range_limit_is_refused_with_the_field(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        "[simulation]\npolicy = { max_epsilon = -1 }\n[central_privacy]\nclipping_norm = 0\n"
+    )
+    with pytest.raises(ScenarioError) as error:
+        load_scenario(str(path))
+    assert "simulation.policy.max_epsilon" in str(error.value)
+    assert "central_privacy.clipping_norm" in str(error.value)
