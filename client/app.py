@@ -202,9 +202,8 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
             delta=privacy.delta,
             accountant=privacy.accountant,
         )
-        if (
-            me.ledger is not None
-        ):  # before the update leaves: a crash loses the update, not the record
+        # Recorded before the update leaves: a crash loses the update, never the record.
+        if me.ledger is not None:
             Ledger(me.ledger).record(spend)
         _store_history(context, result.history)
         budget_delta = _budget_delta(me, privacy)

@@ -191,6 +191,8 @@ def run_scenario(
             f"the simulation stopped after {len(history.rounds)} of {job.federation.rounds} "
             "rounds; run with --verbose to see Flower's log"
         )
+    if not history.rounds and history.stopped is not None:
+        raise SimulationError(f"the job did not start: {history.stopped}")
     if not any(record.trained for record in history.rounds):
         first = history.rejected[0]["reason"] if history.rejected else "no reply"
         raise SimulationError(f"no institution delivered a usable update; first failure: {first}")
