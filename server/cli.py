@@ -251,9 +251,22 @@ def _report(directory, run_id: int) -> bool:
         accountant = str(results["privacy"]["accountant"]).upper()
         line += (
             f", max epsilon {final['epsilon_max']:.3f} at delta {final['delta']:g} "
-            f"(sample-level, {accountant} accountant)"
+            f"(sample-level, {accountant} accountant, this run)"
+        )
+        spent = [row["dataset_epsilon"] for row in results["institutions"]]
+        spent = [value for value in spent if value is not None]
+        if spent:
+            most = "unbounded" if "unbounded" in spent else f"{max(spent):.3f}"
+            line += f"; institutions' ledgers, every job so far: max epsilon {most}"
+    central = results["privacy"].get("institution_level")
+    if central:
+        line += (
+            f"; institution level (central DP): epsilon {central['epsilon']:.3f} at delta "
+            f"{central['delta']:g}"
         )
     console.print(f"{line}; {path}", highlight=False)
+    if results.get("stopped"):
+        console.print(f"stopped early: {results['stopped']}", highlight=False)
     return True
 
 

@@ -30,11 +30,15 @@ def plot_metrics(history: JobHistory, path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def plot_epsilon(history: JobHistory, path: Path, title: str) -> None:
-    """Cumulative epsilon after each round: each institution's (sample level, this run) and,
-    with central DP, the federation's (institution level)."""
+def plot_epsilon(history: JobHistory, path: Path, title: str, sample_level: bool = True) -> None:
+    """Cumulative epsilon after each round: each institution's (sample level, this run, when
+    it trained with DP-SGD) and, with central DP, the federation's (institution level)."""
     figure, axis = plt.subplots(figsize=(7, 4))
-    institutions = sorted({name for r in history.rounds for name in r.epsilons}, key=_order)
+    institutions = (
+        sorted({name for r in history.rounds for name in r.epsilons}, key=_order)
+        if sample_level
+        else []
+    )
     rounds = [0] + [r.round for r in history.rounds]
     many = len(institutions) > 20
     for name in institutions:

@@ -183,6 +183,6 @@ def write_results(
     title = str(results["scenario"])
     plot_metrics(history, directory / "metrics.png", title)
     if results["dp"] or privacy["institution_level"]:
-        plot_epsilon(history, directory / "epsilon.png", title)
+        plot_epsilon(history, directory / "epsilon.png", title, sample_level=results["dp"])
     write_atomic(directory / PRIVACY, _json(privacy))
     write_atomic(directory / RESULTS, _json(results))
