@@ -105,11 +105,13 @@ class CentralDP:
         (`updates` may be fewer: refusals and failures count as zero updates)."""
         if sampled < max(1, len(updates)):
             raise ValueError(f"{len(updates)} updates from a round that asked {sampled}")
-        base = [np.asarray(a, dtype=np.float64) for a in current.to_numpy_ndarrays()]
+        names = list(current.keys())
+        base = [np.asarray(current[name].numpy(), dtype=np.float64) for name in names]
         total = [np.zeros_like(a) for a in base]
         clip = self.config.clipping_norm
         for update in updates:
-            model = [np.asarray(a, dtype=np.float64) for a in update.to_numpy_ndarrays()]
+            # By name, not position: a reply may list its arrays in another order.
+            model = [np.asarray(update[name].numpy(), dtype=np.float64) for name in names]
             compute_clip_model_update(model, base, clip)  # model := base + clip(model - base)
             for index, array in enumerate(model):
                 total[index] += array - base[index]
@@ -121,8 +123,12 @@ class CentralDP:
         generator = np.random.default_rng(seed)
         std = self.config.noise_multiplier * clip
         arrays = {}
-        for (name, original), start, summed in zip(current.items(), base, total, strict=True):
+        for name, start, summed in zip(names, base, total, strict=True):
+            dtype = current[name].numpy().dtype
+            if not np.issubdtype(dtype, np.floating):
+                arrays[name] = current[name]  # counters and the like: not trained, kept
+                continue
             noisy = start + (summed + generator.normal(0.0, std, summed.shape)) / sampled
-            arrays[name] = Array(noisy.astype(original.numpy().dtype))
+            arrays[name] = Array(noisy.astype(dtype))
         self.releases.append(sampled)
         return ArrayRecord(arrays)
