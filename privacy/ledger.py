@@ -269,8 +269,10 @@ class Ledger:
             stream.write(key)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(staging, self.path)
+        # Mark, database, key: a crash between any two leaves either no ledger (created again
+        # next time) or a database whose staged key `_recover_creation` puts in place.
         self._write_mark(key, 0, last)
+        os.replace(staging, self.path)
         os.replace(key_staging, self.key_path)
 
     def _write_mark(self, key: bytes, count: int, last_mac: str) -> None:

@@ -216,3 +216,11 @@ def test_a_missing_or_altered_head_mark_is_detected(ledger: Ledger, damage: str)
             ledger.mark_path.read_text().replace('"count": 4', '"count": 3')
         )
     assert any("ledger.head" in p for p in ledger.verify()), ledger.verify()
+
+
+def test_a_creation_cut_short_before_the_key_was_in_place_recovers(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "i").open()
+    ledger.key_path.rename(ledger.root / f".{KEY}.new")  # as if killed before the last rename
+    assert ledger.verify() == [] and ledger.open().entries() == []
+    ledger.record(spend(1))
+    assert len(ledger.entries()) == 1
