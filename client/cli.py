@@ -234,12 +234,20 @@ def verify(
     from confide.privacy.ledger import Ledger, LedgerError
 
     ledger = Ledger(state)
+    if not ledger.exists() and not ledger.key_path.exists() and not ledger.mark_path.exists():
+        raise fail(f"{state}: no ledger here (nothing trained on this directory yet)")
     try:
         problems = ledger.verify()
         if not problems:
-            entries = ledger.entries() if ledger.exists() else []
+            entries = ledger.entries()
             last = f", last recorded {entries[-1].recorded_at}" if entries else ""
             console.print(f"ledger intact: {len(entries)} entries{last}", highlight=False)
+            for entry in entries:
+                if entry.kind == "reseal":
+                    console.print(
+                        f"  resealed by an operator at {entry.recorded_at}: {entry.note}",
+                        highlight=False,
+                    )
             return
         if reseal:
             ledger.reseal(reason)
@@ -256,12 +264,15 @@ def verify(
     for problem in problems:
         errors.print(f"  - {problem}", highlight=False)
     errors.print(
-        "Training on this institution refuses until this is resolved. Either restore "
-        f"{ledger.path.name} and {ledger.mark_path.name} from a backup and verify again, or "
-        "accept the ledger as it stands:\n"
+        "Training on this institution refuses until this is resolved. Accept the ledger as "
+        "it stands:\n"
         f"  confide-client budget verify --dir {state} --reseal --reason '...'\n"
         "A reseal keeps every row as it is now (an edited value stays edited) and records "
-        "your reason and these problems in the ledger.",
+        "your reason and these problems in the ledger. Restoring ledger.sqlite and "
+        "ledger.head from a backup also passes verification, but drops every round recorded "
+        "since that backup: the budget would under-count. A file that is not a database at "
+        "all cannot be resealed: move ledger.sqlite, ledger.head and ledger.key away to start "
+        "an empty ledger, knowing the spend they held is lost.",
         highlight=False,
     )
     raise typer.Exit(code=1)

@@ -67,8 +67,9 @@ class CentralPrivacyConfig(StrictModel):
     L2 norm `clipping_norm`, the clipped updates are summed, Gaussian noise with standard
     deviation `noise_multiplier * clipping_norm` is added, and the sum is divided by the
     number of institutions asked to train. One institution's whole contribution in a round
-    is then protected with noise multiplier sigma; rounds compose under RDP (no amplification
-    by sampling: the job's sampling seed is not secret). `max_epsilon` stops the job before a
+    is then protected with noise multiplier sigma (which institutions take part is public);
+    rounds compose under RDP (no amplification by sampling: the job's sampling seed is not
+    secret). `max_epsilon` stops the job before a
     round that would pass it.
     """
 

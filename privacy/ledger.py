@@ -96,6 +96,11 @@ CREATE TABLE head (
 """
 
 
+_REAL = {"sample_rate", "noise_multiplier", "delta"}
+_INTEGER = {"seq", "round", "examples", "steps"}
+_COLUMN_TYPES = {
+    name: float if name in _REAL else int if name in _INTEGER else str for name in _FIELDS
+}
 # The non-spend fields of an operator's 'reseal' entry.
 _EMPTY: dict[str, object] = {
     "dataset": "",
@@ -188,6 +193,11 @@ def _mac(key: bytes, previous: str, values: tuple[object, ...]) -> str:
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
+def _mark_text(key: bytes, count: int, last_mac: str) -> str:
+    mark = {"count": count, "last_mac": last_mac, "mac": _mac(key, "mark", (count, last_mac))}
+    return json.dumps(mark) + "\n"
+
+
 def _genesis(key: bytes, ledger_id: str) -> str:
     return _mac(key, "", (_FORMAT, ledger_id))
 
@@ -242,10 +252,11 @@ class Ledger:
         return key
 
     def create(self) -> None:
-        """Make a new, empty ledger and its key (the key last: a key without a ledger means
-        a deleted ledger, so a crash half-way must not leave one)."""
-        if self.exists() or self.key_path.exists():
-            raise LedgerError(f"{self.root}: a ledger (or its key) already exists")
+        """Make a new, empty ledger, its mark and its key. All three are staged first, then
+        put in place database first: a crash leaves no ledger (it is created again) or an
+        empty one whose staged files `_recover_creation` puts in place."""
+        if self.exists() or self.key_path.exists() or self.mark_path.exists():
+            raise LedgerError(f"{self.root}: a ledger (or its key or mark) already exists")
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = secrets.token_bytes(32)
         ledger_id, created_at = secrets.token_hex(16), _now()
@@ -262,33 +273,38 @@ class Ledger:
             )
         finally:
             connection.close()
-        key_staging = self.root / f".{KEY}.new"
-        key_staging.unlink(missing_ok=True)
-        descriptor = os.open(key_staging, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(key)
-            stream.flush()
-            os.fsync(stream.fileno())
-        # Mark, database, key: a crash between any two leaves either no ledger (created again
-        # next time) or a database whose staged key `_recover_creation` puts in place.
-        self._write_mark(key, 0, last)
+        write_atomic(self._staged_key, key, mode=0o600)
+        write_atomic(self._staged_mark, _mark_text(key, 0, last), mode=0o600)
         os.replace(staging, self.path)
-        os.replace(key_staging, self.key_path)
+        os.replace(self._staged_mark, self.mark_path)
+        os.replace(self._staged_key, self.key_path)
+
+    _staged_key = property(lambda self: self.root / f".{KEY}.new")
+    _staged_mark = property(lambda self: self.root / f".{MARK}.new")
 
     def _write_mark(self, key: bytes, count: int, last_mac: str) -> None:
         """Record the newest (count, mac) outside the database, after each commit: a copy of
         the database alone restored from an older backup is then behind its mark."""
-        mark = {"count": count, "last_mac": last_mac, "mac": _mac(key, "mark", (count, last_mac))}
-        write_atomic(self.mark_path, json.dumps(mark) + "\n", mode=0o600)
+        write_atomic(self.mark_path, _mark_text(key, count, last_mac), mode=0o600)
 
-    def _mark_problems(self, key: bytes, entries: list[Entry]) -> list[str]:
+    def _read_mark(self) -> str | None:
+        """The mark's text (None if missing); read before the database, so that a commit
+        in between leaves the database ahead of it, which verification accepts."""
         try:
-            mark = json.loads(self.mark_path.read_text())
+            return self.mark_path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return ""
+
+    def _mark_problems(self, key: bytes, entries: list[Entry], text: str | None) -> list[str]:
+        if text is None:
+            return [f"{self.mark_path} (the record of the newest entry) is missing"]
+        try:
+            mark = json.loads(text)
             count, last_mac = int(mark["count"]), str(mark["last_mac"])
             valid = hmac.compare_digest(str(mark["mac"]), _mac(key, "mark", (count, last_mac)))
-        except FileNotFoundError:
-            return [f"{self.mark_path} (the record of the newest entry) is missing"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             return [f"{self.mark_path} is unreadable"]
         if not valid:
             return [f"{self.mark_path} was altered"]
@@ -303,21 +319,49 @@ class Ledger:
         return []
 
     def _recover_creation(self) -> None:
-        """Finish a `create` that stopped between its two renames."""
-        staged_key = self.root / f".{KEY}.new"
-        if self.exists() and not self.key_path.exists() and staged_key.is_file():
-            os.replace(staged_key, self.key_path)
+        """Finish a `create` cut short after its database appeared: put the staged mark and
+        key in place — only while the ledger is still empty (a ledger with entries is no
+        creation, and a key planted beside it must not be adopted)."""
+        pending = [
+            (staged, final)
+            for staged, final in (
+                (self._staged_mark, self.mark_path),
+                (self._staged_key, self.key_path),
+            )
+            if staged.is_file() and not final.exists()
+        ]
+        if not pending or not self.exists() or not self._empty():
+            return
+        for staged, final in pending:
+            os.replace(staged, final)
+
+    def _empty(self) -> bool:
+        try:
+            with self._connect() as connection:
+                head = connection.execute("SELECT count FROM head WHERE id = 1").fetchone()
+                rows = connection.execute("SELECT count(*) FROM entries").fetchone()
+            return head is not None and head[0] == 0 and rows[0] == 0
+        except LedgerError:
+            return False
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        uri = self.path.resolve().as_uri() + "?mode=rw"
         try:
-            connection = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=30.0)
+            connection = sqlite3.connect(uri, uri=True, timeout=30.0)
         except sqlite3.Error as error:
             raise LedgerError(f"{self.path}: cannot open the ledger: {error}") from None
         connection.isolation_level = None  # explicit transactions below
         try:
-            connection.execute("PRAGMA synchronous = FULL")
+            # EXTRA also syncs the directory after the journal is deleted: a power loss right
+            # after a commit cannot undo it (and leave the mark ahead of the database).
+            connection.execute("PRAGMA synchronous = EXTRA")
             yield connection
+        except sqlite3.OperationalError as error:
+            message = str(error)
+            if any(word in message for word in ("locked", "disk", "unable to open", "full")):
+                raise LedgerError(f"{self.path}: cannot use the ledger now: {message}") from None
+            raise LedgerTampered(self.root, [f"not a readable ledger database: {error}"]) from None
         except sqlite3.DatabaseError as error:
             raise LedgerTampered(self.root, [f"not a readable ledger database: {error}"]) from None
         finally:
@@ -328,9 +372,10 @@ class Ledger:
         gone (its key is still here)."""
         self._recover_creation()
         if not self.exists():
-            if self.key_path.exists():
+            left = [path.name for path in (self.key_path, self.mark_path) if path.exists()]
+            if left:
                 raise LedgerTampered(
-                    self.root, [f"{self.path} is missing but its key {self.key_path} exists"]
+                    self.root, [f"{self.path} is missing but its {' and '.join(left)} exist"]
                 )
             self.create()
         return self
@@ -344,6 +389,8 @@ class Ledger:
 
     @staticmethod
     def _problems(key: bytes, connection: sqlite3.Connection) -> tuple[list[str], list[Entry]]:
+        """Chain and head problems; the caller holds a transaction, so head and entries are
+        one snapshot."""
         head = connection.execute(
             "SELECT ledger_id, created_at, count, last_mac, mac FROM head WHERE id = 1"
         ).fetchone()
@@ -375,28 +422,32 @@ class Ledger:
             )
         return problems, entries
 
+    def _snapshot(self, key: bytes) -> tuple[list[str], list[Entry]]:
+        """Every problem and every entry: the mark first, then one read transaction."""
+        mark = self._read_mark()
+        with self._connect() as connection:
+            connection.execute("BEGIN")
+            problems, entries = self._problems(key, connection)
+            connection.execute("COMMIT")
+        return problems + self._mark_problems(key, entries, mark), entries
+
     def verify(self) -> list[str]:
         """Every integrity problem found (empty: the ledger is intact)."""
         self._recover_creation()
         if not self.exists():
-            if self.key_path.exists():
-                return [f"{self.path} is missing but its key {self.key_path} exists"]
+            left = [path.name for path in (self.key_path, self.mark_path) if path.exists()]
+            if left:
+                return [f"{self.path} is missing but its {' and '.join(left)} exist"]
             return []
         try:
-            key = self._key()
+            return self._snapshot(self._key())[0]
         except LedgerTampered as error:
             return error.problems
-        with self._connect() as connection:
-            problems, entries = self._problems(key, connection)
-        return problems + self._mark_problems(key, entries)
 
     def entries(self) -> list[Entry]:
         """Every entry, after verifying the whole chain (LedgerTampered if it fails)."""
         self.open()
-        key = self._key()
-        with self._connect() as connection:
-            problems, entries = self._problems(key, connection)
-        problems += self._mark_problems(key, entries)
+        problems, entries = self._snapshot(self._key())
         if problems:
             raise LedgerTampered(self.root, problems)
         return entries
@@ -441,7 +492,9 @@ class Ledger:
             "SELECT ledger_id, created_at, count, last_mac FROM head WHERE id = 1"
         ).fetchone()
         fields = {"seq": count + 1, "recorded_at": recorded_at or _now(), "kind": kind} | values
-        ordered = tuple(fields[name] for name in _FIELDS)
+        # As SQLite will store them (an int in a REAL column comes back a float): the MAC
+        # must cover what verification will read.
+        ordered = tuple(_COLUMN_TYPES[name](fields[name]) for name in _FIELDS)
         mac = _mac(key, last_mac, ordered)
         placeholders = ", ".join("?" * (len(_FIELDS) + 1))
         connection.execute(f"INSERT INTO entries VALUES ({placeholders})", (*ordered, mac))
@@ -456,10 +509,11 @@ class Ledger:
         self.open()
         key = self._key()
         with self._connect() as connection:
+            mark = self._read_mark()
             connection.execute("BEGIN IMMEDIATE")  # one writer; readers see before or after
             try:
                 problems, entries = self._problems(key, connection)
-                problems += self._mark_problems(key, entries)
+                problems += self._mark_problems(key, entries, mark)
                 if problems:
                     raise LedgerTampered(self.root, problems)
                 entry = self._append(connection, key, "spend", asdict(spend) | {"note": ""})
@@ -490,7 +544,7 @@ class Ledger:
                 f"{self.path} is not a readable SQLite database: restore it from a backup, or "
                 f"move it and {self.key_path} away to start a new, empty ledger"
             )
-        staged_key = self.root / f".{KEY}.new"
+        staged_key = self._staged_key
         try:
             key = self._key()
         except LedgerTampered:  # missing or damaged key: a new one, put in place after commit

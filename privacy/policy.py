@@ -16,6 +16,8 @@ settings file; nothing in a coordinator's message can change them.
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field
 
 from confide.privacy.accounting import HistoryEntry, epsilon, sample_rate_and_steps
@@ -103,6 +105,11 @@ def check_round(
     after = epsilon([*history, entry], policy.max_delta, "rdp")
     if after > policy.max_epsilon:
         spent = epsilon(history, policy.max_delta, "rdp")
+        if math.isinf(spent):
+            raise PolicyRefusal(
+                "this dataset was trained on without DP (its ledger holds a round with no "
+                "noise): no finite epsilon holds for it any more"
+            )
         raise PolicyRefusal(
             f"this round would bring the dataset's cumulative epsilon (every job, RDP, "
             f"delta {policy.max_delta:g}) from {spent:.3f} to {after:.3f} (sigma {entry[0]:.3f}), "

@@ -22,7 +22,7 @@ from typing import Any
 from confide.privacy.config import CentralPrivacyConfig, PrivacyConfig, TrainConfig
 
 SAMPLE_UNIT = "one training example (record) at one institution"
-INSTITUTION_UNIT = "all the data of one institution"
+INSTITUTION_UNIT = "all the data of one institution (its whole contribution)"
 SAMPLE_ACCOUNTANTS = {
     "rdp": "RDP (Opacus RDPAccountant; Mironov et al. 2019, conversion of Balle et al. 2020)",
     "prv": "PRV (Opacus PRVAccountant; Gopi et al. 2021)",
@@ -80,9 +80,10 @@ def statement(
             "Institution level: the coordinator clipped each institution's update and added "
             f"Gaussian noise, so the sequence of global models is (epsilon = "
             f"{central_epsilon:.3f}, delta = {central.delta:g})-differentially private with "
-            "respect to adding or removing all the data of one institution (RDP accountant, no "
-            "sampling amplification). This protects against everyone who sees the global "
-            "models, not against the coordinator, which sees each update before the noise."
+            "respect to replacing everything one institution contributed by nothing (RDP "
+            "accountant, no sampling amplification); which institutions took part is not "
+            "hidden. This protects against everyone who sees the global models, not against "
+            "the coordinator, which sees each update before the noise."
         )
     return " ".join(parts)
 
@@ -145,7 +146,8 @@ def privacy_report(
             "clipping_norm on the sum, divided by the number of institutions asked",
             "accountant": "rdp",
             "accountant_detail": INSTITUTION_ACCOUNTANT,
-            "neighbouring": "add or remove one institution",
+            "neighbouring": "one institution's contribution replaced by none (zero-out); "
+            "which institutions took part is public",
             "sampling_amplification": False,
             "noise_multiplier": central.noise_multiplier,
             "clipping_norm": central.clipping_norm,

@@ -6,20 +6,24 @@ reply). With w_t the global model and w_i the model institution i returns:
     d_i     = clip(w_i - w_t, C)            scaled to L2 norm <= C (Flower's FlatClip)
     w_{t+1} = w_t + (sum_{i replied} d_i + N(0, sigma^2 C^2 I)) / n_t
 
-Adding or removing one institution changes the sum by at most C, so each round is the
-Gaussian mechanism with noise multiplier sigma whoever replies; a refusing or failing
-institution adds nothing and the divisor stays n_t (dividing by the number of replies would
-raise the sensitivity). Updates are not weighted by example counts: a weight would let one
+Replacing one institution's update by nothing changes the sum by at most C, so each round is
+the Gaussian mechanism with noise multiplier sigma whoever replies; a refusing or failing
+institution adds nothing, the divisor stays n_t (dividing by the number of replies would
+raise the sensitivity), and a round in which nobody's update was accepted is still released
+with noise. Which institutions were asked (and n_t) is public: the guarantee covers the
+content of one institution's contribution, not whether it took part (the "zero-out"
+neighbouring relation). Updates are not weighted by example counts: a weight would let one
 institution move the average by more than C / n_t.
 
 Accounting: the releases compose under RDP in Flower's `RdpAccountant` (Google's
-dp-accounting underneath), add-or-remove-one-institution neighbours and no amplification by
-sampling: confide samples institutions with the job's seed, which is no secret. Why not
-Flower's `DifferentialPrivacyServerSideFixedClipping` wrapper itself: it skips a round's
-aggregation when any reply is an error (an institution refusing by its own budget must not
-stop the others) and its accounted mode requires unmodified `FedAvg.aggregate_train`; its
-clipping function is used here, its noise (the global NumPy generator) is not, so that a
-simulation repeats and a deployment draws noise nobody can regenerate.
+dp-accounting underneath; a sensitivity-C Gaussian, as under add-or-remove) and no
+amplification by sampling: confide samples institutions with the job's seed, which is no
+secret. Why not Flower's `DifferentialPrivacyServerSideFixedClipping` wrapper itself: it
+skips a round's aggregation when any reply is an error (an institution refusing by its own
+budget must not stop the others) and its accounted mode requires unmodified
+`FedAvg.aggregate_train`; its clipping (FlatClip over the update's global L2 norm) is
+reproduced here with Flower's norm, its noise (the global NumPy generator) is not used, so
+that a simulation repeats and a deployment draws noise nobody can regenerate.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import secrets
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from flwr.supercore.differential_privacy import compute_clip_model_update
+from flwr.supercore.differential_privacy import get_norm
 
 from confide.privacy.config import CentralPrivacyConfig
 from confide.tasks.seeding import derive_seed
@@ -112,9 +116,11 @@ class CentralDP:
         for update in updates:
             # By name, not position: a reply may list its arrays in another order.
             model = [np.asarray(update[name].numpy(), dtype=np.float64) for name in names]
-            compute_clip_model_update(model, base, clip)  # model := base + clip(model - base)
-            for index, array in enumerate(model):
-                total[index] += array - base[index]
+            change = [after - before for after, before in zip(model, base, strict=True)]
+            norm = get_norm(change)  # Flower's FlatClip: scale the whole update to norm <= C
+            scale = 1.0 if norm <= clip else clip / norm  # (an unchanged model: norm 0)
+            for index, array in enumerate(change):
+                total[index] += scale * array
         seed = (
             secrets.randbits(128)
             if self.noise_seed is None

@@ -130,7 +130,7 @@ class ConfideFedAvg(FedAvg):
             for node, name in self.roster.items()
             if node in live and (kind != "train" or name not in self.refusing)
         )
-        if kind == "train" and len(candidates) < minimum:
+        if kind == "train" and len(candidates) < minimum and self.refusing:
             raise JobStopped(
                 f"stopped before round {server_round}: {len(candidates)} institution(s) can "
                 f"still train, federation.min_train is {minimum}; refused by their own "
@@ -225,17 +225,21 @@ class ConfideFedAvg(FedAvg):
             accepted.append(reply.content)
             self.last_epsilons[institution] = self.history.spend(institution).epsilon
         self.last_trained = len(accepted)
-        if not accepted:
-            log(WARNING, "round %d: no valid update; the global model is unchanged", server_round)
-            return None, None
         assert self.global_arrays is not None
-        if self.central is None:
-            arrays = aggregate_arrayrecords(accepted, self.weighted_by_key)
-        else:
+        if self.central is not None:
+            # Released with noise even when nobody's update was accepted: an unchanged model
+            # would tell observers exactly that (e.g. that the one possible contributor refused).
             updates = [content["arrays"] for content in accepted]
             arrays = self.central.aggregate(self.global_arrays, updates, self.asked, server_round)
             self.history.central_releases = list(self.central.releases)
+        elif accepted:
+            arrays = aggregate_arrayrecords(accepted, self.weighted_by_key)
+        else:
+            log(WARNING, "round %d: no valid update; the global model is unchanged", server_round)
+            return None, None
         examples = sum(int(content["metrics"]["num-examples"]) for content in accepted)
+        if not accepted:
+            return arrays, MetricRecord({"institutions": 0, "num-examples": 0})
         metrics = MetricRecord(
             {
                 "institutions": len(accepted),

@@ -129,7 +129,7 @@ def test_a_deleted_ledger_or_key_is_detected(ledger: Ledger) -> None:
 
 def test_a_ledger_deleted_beside_its_key_is_not_silently_recreated(ledger: Ledger) -> None:
     ledger.path.unlink()
-    with pytest.raises(LedgerTampered, match="missing but its key"):
+    with pytest.raises(LedgerTampered, match=r"missing but its ledger\.key"):
         ledger.open()
 
 
@@ -224,3 +224,22 @@ def test_a_creation_cut_short_before_the_key_was_in_place_recovers(tmp_path: Pat
     assert ledger.verify() == [] and ledger.open().entries() == []
     ledger.record(spend(1))
     assert len(ledger.entries()) == 1
+
+
+def test_deleting_the_ledger_and_its_key_is_detected_by_the_mark_left_behind(ledger: Ledger):
+    ledger.path.unlink()
+    ledger.key_path.unlink()
+    with pytest.raises(LedgerTampered, match=r"missing but its ledger\.head"):
+        ledger.open()
+
+
+def test_a_key_planted_beside_a_ledger_with_entries_is_not_adopted(ledger: Ledger) -> None:
+    ledger.key_path.rename(ledger.root / f".{KEY}.new")
+    assert any("key" in problem for problem in ledger.verify())
+    assert not ledger.key_path.exists()
+
+
+def test_values_are_signed_as_stored_and_odd_paths_work(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "a #b ?c %d").open()
+    ledger.record(Spend("default", "sha256:x", "job", "1", 1, 300, 1, 2, 5, 1e-5, "rdp"))  # ints
+    assert ledger.verify() == [] and ledger.history("default") == [(2.0, 1.0, 5)]

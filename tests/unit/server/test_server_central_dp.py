@@ -50,3 +50,7 @@ def test_the_noise_has_the_stated_scale():
     noisy = dp.aggregate(wide, [], 5, 1)["w"].numpy()
     assert noisy.std() == pytest.approx(3.0 * 1.0 / 5, rel=0.01)
     assert dp.releases == [5]
+
+
+def test_an_unchanged_model_is_a_zero_update_not_a_crash():
+    assert np.allclose(aggregate([CURRENT])["w"], aggregate([])["w"])

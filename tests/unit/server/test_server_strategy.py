@@ -124,3 +124,16 @@ def test_the_privacy_report_recomputes_from_its_own_parameters(federation):
         pytest.approx(level["epsilon"]),
     ]
     assert "Institution level" in report["statement"] and "Sample level" in report["statement"]
+
+
+def test_with_central_dp_a_round_where_everyone_refuses_is_still_released_with_noise(
+    federation,
+):
+    grid, source = federation(policy=PrivacyPolicy(max_epsilon=0.01))  # refuse at once
+    central = CentralPrivacyConfig(enabled=True, noise_multiplier=1.0, clipping_norm=1.0)
+    federation_config = FederationConfig(
+        rounds=1, min_train=2, min_available=3, min_evaluate=0, fraction_evaluate=0.0
+    )
+    history = run_job(job(central_privacy=central, federation=federation_config), grid, source)
+    assert history.rounds[0].trained == 0 and history.central_releases == [3]
+    assert history.rounds[0].metrics["loss"] != history.initial_metrics["loss"]
