@@ -549,11 +549,7 @@ class Ledger:
             key = self._key()
         except LedgerTampered:  # missing or damaged key: a new one, put in place after commit
             key = secrets.token_bytes(32)
-            descriptor = os.open(staged_key, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "wb") as stream:
-                stream.write(key)
-                stream.flush()
-                os.fsync(stream.fileno())
+            write_atomic(staged_key, key, mode=0o600)
         with self._connect() as connection:
             connection.execute("BEGIN IMMEDIATE")
             try:

@@ -162,9 +162,9 @@ def write_deployed_results(
         institution_row(key, job.privacy, history, key, spend.examples, spend.validation_examples)
         for key, spend in sorted(history.institutions.items())
     ]
-    document = build_results(name, job, history, rows, {"total_seconds": seconds}, simulated=False)
-    resolved = job.model_dump(mode="json", exclude_none=True)
     report = privacy_document(name, job, history, rows, simulated=False)
+    document = build_results(name, job, history, rows, {"total_seconds": seconds}, report)
+    resolved = job.model_dump(mode="json", exclude_none=True)
     write_results(directory, document, history, ("job.toml", resolved), report)
 
 

@@ -102,12 +102,11 @@ def build_results(
     history: JobHistory,
     institutions: list[dict[str, Any]],
     timing: dict[str, float],
-    *,
-    simulated: bool,
+    report: dict[str, Any],
 ) -> dict[str, Any]:
-    """The results.json document of a finished job."""
+    """The results.json document of a finished job; `report` is its privacy document
+    (`privacy_document`), summarised here."""
     dp = job.privacy.enabled
-    report = privacy_document(name, job, history, institutions, simulated=simulated)
     central = report["institution_level"]
     privacy_summary = {
         "unit": "sample",

@@ -41,15 +41,21 @@ def institution_rows(scenario: ScenarioConfig, outcome: SimulationOutcome) -> li
     ]
 
 
-def build_results(scenario: ScenarioConfig, outcome: SimulationOutcome) -> dict[str, Any]:
+def build_results(
+    scenario: ScenarioConfig, outcome: SimulationOutcome
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(results.json, privacy.json) of a finished simulation."""
     institutions = institution_rows(scenario, outcome)
     timing = {
         "total_seconds": outcome.seconds,
         "peak_rss_mb": outcome.peak_rss_bytes / 2**20,
     }
-    return results.build_results(
-        scenario.name, scenario, outcome.history, institutions, timing, simulated=True
+    history = outcome.history
+    report = results.privacy_document(
+        scenario.name, scenario, history, institutions, simulated=True
     )
+    document = results.build_results(scenario.name, scenario, history, institutions, timing, report)
+    return document, report
 
 
 def write_run(
@@ -60,13 +66,10 @@ def write_run(
 ) -> dict[str, Any]:
     """Write every artefact of a finished run into `directory`; return the results dict.
     `ledgers` is where the virtual institutions' ledgers are (named in the results)."""
-    document = build_results(scenario, outcome)
+    document, report = build_results(scenario, outcome)
     if ledgers is not None:
         document["ledgers"] = str(ledgers)
     write_atomic(directory / PARTITIONS, json.dumps(outcome.split.table, indent=1) + "\n")
     resolved = scenario.model_dump(mode="json", exclude_none=True)
-    report = results.privacy_document(
-        scenario.name, scenario, outcome.history, document["institutions"], simulated=True
-    )
     results.write_results(directory, document, outcome.history, (SCENARIO, resolved), report)
     return document
