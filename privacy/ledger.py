@@ -369,7 +369,7 @@ class Ledger:
 
     def open(self) -> Ledger:
         """Create the ledger if this directory never had one; refuse if it had one that is
-        gone (its key is still here)."""
+        gone (its key or mark is still here)."""
         self._recover_creation()
         if not self.exists():
             left = [path.name for path in (self.key_path, self.mark_path) if path.exists()]
