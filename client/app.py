@@ -4,8 +4,9 @@
 - `train`: verifies the institution's ledger, checks that the round keeps the dataset within
   the institution's limits over every job ever run on it, loads the global model, trains
   locally (DP-SGD unless the job turns it off), records the round in the ledger and replies
-  with weights, example count and the privacy spent (this run's and the dataset's), or with a
-  refusal that says which limit the round would break or what is wrong with the ledger;
+  with weights, the institution's declared size (its weight; the actual example count never
+  leaves) and the privacy spent (this run's and the dataset's), or with a refusal that says
+  which limit the round would break or what is wrong with the ledger;
 - `evaluate`: scores the global model on the local validation split.
 
 This run's accountant history is also kept in the node's `context.state` (no ledger read per
@@ -30,13 +31,16 @@ from confide.privacy.accounting import HistoryEntry, epsilon
 from confide.privacy.config import PrivacyConfig
 from confide.privacy.instructions import RoundInstructions
 from confide.privacy.ledger import Ledger, LedgerError, Spend
+from confide.privacy.mechanism import Mechanism, plan_round, planned_noise
 from confide.privacy.policy import (
     LEDGER_UNUSABLE,
     REFUSED_BY_POLICY,
     PolicyRefusal,
+    check_job_delta,
     check_round,
 )
-from confide.privacy.trainer import planned_noise, train_round
+from confide.privacy.report import noise_generator
+from confide.privacy.trainer import RoundResult, train_round
 from confide.tasks.metrics import evaluate as evaluate_model
 from confide.tasks.registry import get_task
 from confide.tasks.seeding import derive_seed
@@ -56,27 +60,32 @@ def _history(context: Context) -> list[HistoryEntry]:
 @dataclass(frozen=True)
 class _Books:
     """What this dataset has spent: in this run (for the job's epsilon) and in every run
-    (for the institution's limit)."""
+    (for the institution's limit); `position` counts the dataset's rounds recorded by other
+    runs (it makes a continuing simulation draw fresh noise)."""
 
     run: list[HistoryEntry]
     dataset: list[HistoryEntry]
+    position: int
 
     @classmethod
     def read(cls, me: LocalInstitution, context: Context) -> _Books:
         """From the ledger (verified; LedgerError if it fails), else the node's state."""
         if me.ledger is None:
             run = _history(context)
-            return cls(run, run)
+            return cls(run, run, 0)
         ledger = Ledger(me.ledger).open()
         dataset = ledger.history(me.dataset)
+        recorded = ledger.history(me.dataset, run=str(context.run_id))
         # A SuperNode restarted during the job has an empty state: the ledger has the run.
-        run = _history(context) or ledger.history(me.dataset, run=str(context.run_id))
-        return cls(run, dataset)
+        run = _history(context) or recorded
+        return cls(run, dataset, len(dataset) - len(recorded))
 
 
-def _budget_delta(me: LocalInstitution, privacy: PrivacyConfig) -> float:
-    """The delta the dataset's cumulative epsilon is stated at: the institution's own."""
-    return me.policy.max_delta if me.policy is not None else privacy.delta
+def _budget(me: LocalInstitution, privacy: PrivacyConfig) -> tuple[float, str]:
+    """(delta, accountant) the dataset's cumulative epsilon is stated with: the institution's."""
+    if me.policy is not None:
+        return me.policy.max_delta, me.policy.accountant
+    return privacy.delta, "rdp"
 
 
 def _store_history(context: Context, history: list[HistoryEntry]) -> None:
@@ -89,27 +98,42 @@ def _store_history(context: Context, history: list[HistoryEntry]) -> None:
     )
 
 
-def _fixed_noise(context: Context, instructions: RoundInstructions, examples: int) -> PrivacyConfig:
-    """The job's privacy terms with sigma computed once per job and kept in the node's state.
+def _mechanism(
+    context: Context, instructions: RoundInstructions, declared: int | None
+) -> tuple[PrivacyConfig, Mechanism]:
+    """The job's privacy terms with sigma fixed, and the round's mechanism, from the
+    institution's declared size (PolicyRefusal without one, or if no sigma meets the target).
 
-    Finding the sigma that meets a target epsilon is a bisection over the accountant that takes
+    Finding the sigma that meets a target epsilon is a search over the accountant that takes
     seconds, and a deployed ClientApp is a new process for every message; the answer depends
-    only on the job's terms and the example count, so it is the same every round.
+    only on the job's terms and the declared size, so it is kept in the node's state.
     """
+    if declared is None:
+        raise PolicyRefusal(
+            "this institution declares no size (institution.toml: declared_examples), which "
+            "DP-SGD's sampling rate and the update's weight are computed from; see "
+            "docs/privacy.md"
+        )
     privacy, train = instructions.privacy, instructions.train
-    if not privacy.enabled or privacy.noise_multiplier is not None:
-        return privacy
-    key = (
-        f"{privacy.target_epsilon}|{privacy.delta}|{privacy.accountant}|{examples}|"
-        f"{train.batch_size}|{train.local_epochs}|{instructions.rounds}"
+    if privacy.enabled and privacy.noise_multiplier is None:
+        key = (
+            f"{privacy.target_epsilon}|{privacy.delta}|{privacy.accountant}|{declared}|"
+            f"{train.batch_size}|{train.local_epochs}|{instructions.rounds}"
+        )
+        cache = context.state[NOISE] if NOISE in context.state else ConfigRecord()
+        if key not in cache:
+            try:
+                cache[key] = planned_noise(privacy, train, declared, instructions.rounds)
+            except ValueError as error:  # no sigma meets the target
+                raise PolicyRefusal(f"the job's target epsilon cannot be met: {error}") from None
+            context.state[NOISE] = cache
+        privacy = privacy.model_copy(
+            update={"noise_multiplier": float(cache[key]), "target_epsilon": None}
+        )
+    mechanism = plan_round(
+        privacy, train, declared_examples=declared, planned_rounds=instructions.rounds
     )
-    cache = context.state[NOISE] if NOISE in context.state else ConfigRecord()
-    if key not in cache:
-        cache[key] = planned_noise(privacy, train, examples, instructions.rounds)
-        context.state[NOISE] = cache
-    return privacy.model_copy(
-        update={"noise_multiplier": float(cache[key]), "target_epsilon": None}
-    )
+    return privacy, mechanism
 
 
 def _model(
@@ -130,21 +154,65 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # one institution per core in simulation; threads only contend
 
 
+def _check(
+    me: LocalInstitution,
+    context: Context,
+    instructions: RoundInstructions,
+) -> tuple[PrivacyConfig, Mechanism, _Books]:
+    """Everything decided before training, from public values and the ledger only:
+    PolicyRefusal or LedgerError if the round must not run."""
+    privacy, mechanism = _mechanism(context, instructions, me.declared_examples)
+    books = _Books.read(me, context)
+    check_job_delta(privacy, mechanism)
+    if me.policy is not None:
+        check_round(me.policy, privacy, mechanism, books.dataset)
+    return privacy, mechanism, books
+
+
+def _reply_metrics(
+    me: LocalInstitution,
+    privacy: PrivacyConfig,
+    mechanism: Mechanism,
+    result: RoundResult,
+    dataset: list[HistoryEntry],
+) -> dict[str, int | float]:
+    """The train reply's numbers: weight = the declared size, never the local count."""
+    budget_delta, budget_accountant = _budget(me, privacy)
+    metrics: dict[str, int | float] = {
+        "num-examples": mechanism.declared_examples,
+        keys.STEPS: result.steps,
+        keys.DP_ENABLED: int(privacy.enabled),
+        keys.DATASET_EPSILON: epsilon(dataset, budget_delta, budget_accountant),
+        keys.DATASET_DELTA: budget_delta,
+    }
+    if privacy.enabled:
+        metrics |= {
+            keys.EPSILON: result.epsilon,
+            keys.DELTA: result.delta,
+            keys.NOISE_MULTIPLIER: result.noise_multiplier,
+            keys.SAMPLE_RATE: result.sample_rate,
+            keys.TOTAL_STEPS: sum(n for _, _, n in result.history),
+        }
+    return metrics
+
+
 def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None) -> ClientApp:
     """A ClientApp for the institution `resolver` finds in each message's context (by default
     a deployed institution's state directory, or the run's simulated partition).
 
     `noise_seed` is the institution's own: with None (the default) every round's Poisson
-    sampling and Gaussian noise are seeded from the operating system's CSPRNG, so nobody,
-    the coordinator included, can regenerate the noise and subtract it. A simulation sets it
-    to make runs reproducible; the coordinator's messages never choose it.
+    sampling (and, with the "torch" noise source, the Gaussian noise) is seeded from the
+    operating system's CSPRNG, so nobody, the coordinator included, can regenerate it. A
+    simulation sets it to make runs reproducible: the round's seed then also depends on how
+    many rounds the institution's ledger holds from earlier runs, so a run that continues a
+    ledger draws fresh batches and noise. The coordinator's messages never choose it.
     """
     app = ClientApp()
 
-    def round_seed(server_round: int, institution: str) -> int:
+    def round_seed(server_round: int, institution: str, position: int) -> int:
         if noise_seed is None:
             return secrets.randbits(63)
-        return derive_seed(noise_seed, "train", server_round, institution)
+        return derive_seed(noise_seed, "train", position, server_round, institution)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
@@ -159,35 +227,26 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
         if me.single_thread:
             _one_thread()
         institution = me.name
-        local = me.load(instructions)
-        privacy = _fixed_noise(context, instructions, len(local.train))
         try:
-            books = _Books.read(me, context)
-            if me.policy is not None:
-                check_round(
-                    me.policy,
-                    privacy,
-                    instructions.train,
-                    len(local.train),
-                    books.dataset,
-                    instructions.rounds,
-                )
+            privacy, mechanism, books = _check(me, context, instructions)
         except PolicyRefusal as refusal:
             reason = f"{institution} refuses round {server_round}: {refusal}"
             return Message(error=Error(REFUSED_BY_POLICY, reason), reply_to=message)
         except LedgerError as problem:  # not final: an operator can fix it during the job
             reason = f"{institution} cannot train round {server_round}: {problem}"
             return Message(error=Error(LEDGER_UNUSABLE, reason), reply_to=message)
+        local = me.load(instructions)
         model = _model(instructions, local, message.content["arrays"])
         result = train_round(
             model,
             local.train,
             instructions.train,
             privacy,
+            mechanism=mechanism,
             history=books.run,
-            planned_rounds=instructions.rounds,
-            seed=round_seed(server_round, institution),
+            seed=round_seed(server_round, institution, books.position),
             device=resolve_device(me.device),
+            noise_source=me.noise_source,
         )
         spend = Spend(
             dataset=me.dataset,
@@ -196,37 +255,34 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
             run=str(context.run_id),
             round=server_round,
             examples=result.examples,
-            sample_rate=result.sample_rate,
-            noise_multiplier=result.noise_multiplier,
-            steps=result.steps,
+            sample_rate=mechanism.sample_rate,
+            noise_multiplier=mechanism.noise_multiplier,
+            steps=mechanism.steps,
             delta=privacy.delta,
             accountant=privacy.accountant,
         )
         # Recorded before the update leaves: a crash loses the update, never the record.
         if me.ledger is not None:
-            Ledger(me.ledger).record(spend)
+            try:
+                Ledger(me.ledger).record(spend)
+            except LedgerError as problem:
+                reason = f"{institution} cannot record round {server_round}: {problem}"
+                return Message(error=Error(LEDGER_UNUSABLE, reason), reply_to=message)
         _store_history(context, result.history)
-        budget_delta = _budget_delta(me, privacy)
-        metrics = {
-            "num-examples": result.examples,
-            keys.STEPS: result.steps,
-            keys.DP_ENABLED: int(instructions.privacy.enabled),
-            keys.DATASET_EPSILON: epsilon([*books.dataset, spend.history_entry], budget_delta),
-            keys.DATASET_DELTA: budget_delta,
-        }
-        if instructions.privacy.enabled:
-            metrics |= {
-                keys.EPSILON: result.epsilon,
-                keys.DELTA: result.delta,
-                keys.NOISE_MULTIPLIER: result.noise_multiplier,
-                keys.SAMPLE_RATE: result.sample_rate,
-                keys.TOTAL_STEPS: sum(n for _, _, n in result.history),
-            }
+        metrics = _reply_metrics(
+            me, privacy, mechanism, result, [*books.dataset, spend.history_entry]
+        )
         reply = RecordDict(
             {
                 "arrays": ArrayRecord(result.state),
                 "metrics": MetricRecord(metrics),
                 "identity": ConfigRecord({"institution": institution}),
+                keys.MECHANISM: ConfigRecord(
+                    {
+                        keys.NOISE_GENERATOR: noise_generator(me.noise_source, noise_seed),
+                        keys.DATASET_ACCOUNTANT: _budget(me, privacy)[1],
+                    }
+                ),
             }
         )
         return Message(reply, reply_to=message)

@@ -1,8 +1,9 @@
 """An institution's privacy budget as its operator reads it: spent, limit, remaining.
 
 The numbers come from the institution's ledger (verified first) and its own settings: the
-limit is `[privacy] max_epsilon`, and epsilon is stated at its `max_delta`. A directory
-without settings (a simulated institution's) is read at the delta the caller gives.
+limit is `[privacy] max_epsilon`, and epsilon is stated at its `max_delta` with its
+`accountant`. A directory without settings (a simulated institution's) is read at the delta
+and with the accountant the caller gives (1e-5 and RDP by default).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class BudgetLine:
     rounds: int
     jobs: int
     fingerprints: tuple[str, ...]
+    accountant: str = "rdp"
 
     @property
     def remaining(self) -> float | None:
@@ -44,11 +46,13 @@ class BudgetLine:
             "jobs": self.jobs,
             "fingerprints": list(self.fingerprints),
             "unit": "sample",
-            "accountant": "rdp",
+            "accountant": self.accountant,
         }
 
 
-def budget(root: Path, delta: float | None = None) -> list[BudgetLine]:
+def budget(
+    root: Path, delta: float | None = None, accountant: str | None = None
+) -> list[BudgetLine]:
     """Every dataset in the ledger in `root`, plus the institution's own dataset if it has not
     spent anything yet. LedgerTampered if the ledger fails verification."""
     from confide.client.institution import InstitutionDir
@@ -57,10 +61,12 @@ def budget(root: Path, delta: float | None = None) -> list[BudgetLine]:
     settings = directory.load() if directory.settings_file.is_file() else None
     if delta is None:
         delta = settings.privacy.max_delta if settings is not None else 1e-5
+    if accountant is None:
+        accountant = settings.privacy.accountant if settings is not None else "rdp"
     ledger = Ledger(root)
     if not ledger.exists() and not ledger.key_path.exists() and settings is None:
         raise FileNotFoundError(f"{root}: no ledger here (nothing trained on this directory yet)")
-    spent = {row.dataset: row for row in ledger.open().spent(delta)}
+    spent = {row.dataset: row for row in ledger.open().spent(delta, accountant)}
     own = settings.dataset if settings is not None else DEFAULT_DATASET
     limit = settings.privacy.max_epsilon if settings is not None else None
     names = sorted(set(spent) | ({own} if settings is not None else set()))
@@ -76,6 +82,7 @@ def budget(root: Path, delta: float | None = None) -> list[BudgetLine]:
                 rounds=row.rounds if row else 0,
                 jobs=row.jobs if row else 0,
                 fingerprints=row.fingerprints if row else (),
+                accountant=accountant,
             )
         )
     return lines

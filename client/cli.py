@@ -16,6 +16,7 @@ from rich.table import Table
 from confide.tasks.terminal import errors, fail
 
 if TYPE_CHECKING:
+    from confide.client.continuity import LedgerPlan
     from confide.client.institution import InstitutionDir
 
 app = typer.Typer(
@@ -28,14 +29,24 @@ console = Console()
 DirOption = Annotated[Path, typer.Option("--dir", help="this institution's state directory")]
 
 
-def _check_data(path: Path, label_column: str) -> None:
-    """Refuse unreadable data before anything is registered."""
+def _check_data(path: Path, label_column: str) -> int:
+    """Refuse unreadable data before anything is registered; return its example count."""
     from confide.tasks.datasets import DatasetError, read_file
 
     try:
-        read_file(path, label_column)
+        _, labels = read_file(path, label_column)
     except DatasetError as error:
         raise fail(f"--data: {error}") from None
+    return len(labels)
+
+
+def _training_size(rows: int) -> int:
+    """The training examples of `rows` once the default validation share is held out."""
+    from confide.client.institution import InstitutionConfig
+    from confide.tasks.splits import training_size
+
+    fraction = InstitutionConfig.model_fields["validation_fraction"].default
+    return max(1, training_size(rows, fraction))
 
 
 def _token(token: str | None, token_file: Path | None) -> str:
@@ -48,6 +59,30 @@ def _token(token: str | None, token_file: Path | None) -> str:
         return token_file.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
         raise fail(f"--token-file {token_file}: cannot read it: {error}") from None
+
+
+def _ledger_plan(
+    state: Path, data: Path, dataset: str, delta: float, continuity: tuple[Path | None, bool, str]
+) -> LedgerPlan:
+    """What the new folder's ledger continues; refused here, before anything is registered,
+    if another ledger on this host spent on this data (`confide.client.continuity`)."""
+    from confide.client.continuity import ContinuityError, plan_ledger
+    from confide.privacy.ledger import fingerprint_file
+
+    ledger_from, new_budget, reason = continuity
+    try:
+        return plan_ledger(
+            state=state,
+            data=data,
+            fingerprint=fingerprint_file(data),
+            dataset=dataset,
+            delta=delta,
+            ledger_from=ledger_from,
+            new_budget=new_budget,
+            reason=reason,
+        )
+    except (ContinuityError, OSError) as error:
+        raise fail(str(error)) from None
 
 
 @app.command()
@@ -82,12 +117,51 @@ def join(
             "name starts a new budget: use one only for data about different people)"
         ),
     ] = "default",
+    declared_examples: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=100_000_000,
+            help="the size this institution publishes (DP-SGD's sampling rate and its update's "
+            "weight follow from it); default: the training examples the data holds now",
+        ),
+    ] = None,
+    noise_generator: Annotated[
+        str,
+        typer.Option(
+            help="csprng (every noise value from the OS CSPRNG) or torch (PyTorch's generator "
+            "seeded from the OS CSPRNG each round; not cryptographic, faster)"
+        ),
+    ] = "csprng",
+    ledger_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="continue the privacy budget of the institution folder DIR: its ledger is "
+            "copied here and the import recorded (stop its SuperNode first)",
+            metavar="DIR",
+        ),
+    ] = None,
+    new_budget: Annotated[
+        bool,
+        typer.Option(
+            "--new-budget",
+            help="start a new budget although another ledger on this host spent on this data "
+            "(needs --reason, recorded in the new ledger)",
+        ),
+    ] = False,
+    reason: Annotated[str, typer.Option(help="why a new budget is right (with --new-budget)")] = "",
     start: Annotated[bool, typer.Option(help="start the SuperNode after joining")] = True,
 ) -> None:
-    """Verify the coordinator by the token's CA fingerprint, register a new key, then run."""
+    """Verify the coordinator by the token's CA fingerprint, register a new key, then run.
+
+    Refuses, before contacting the coordinator, data that another ledger on this host already
+    spent privacy budget on, unless --ledger-from or --new-budget says what to do.
+    """
+    from confide.client.continuity import index_ledger, prepare_ledger, undo_ledger
     from confide.client.enrollment import JoinError
     from confide.client.enrollment import join as enroll
     from confide.client.institution import DATASET_NAME, InstitutionConfig, InstitutionDir
+    from confide.privacy.ledger import LedgerError
     from confide.privacy.policy import PrivacyPolicy
     from confide.tasks.config import describe_errors
 
@@ -101,10 +175,18 @@ def join(
         raise fail(f"--dataset {dataset!r}: use letters, digits, '.', '_' and '-' (up to 64)")
     if directory.settings_file.exists():
         raise fail(f"{state} already holds an institution; use `confide-client start`")
-    _check_data(data, label_column)
+    if noise_generator not in ("csprng", "torch"):
+        raise fail(f"--noise-generator {noise_generator!r}: use csprng or torch")
+    rows = _check_data(data, label_column)
+    plan = _ledger_plan(state, data, dataset, max_delta, (ledger_from, new_budget, reason))
+    try:
+        prepare_ledger(state, plan)
+    except (LedgerError, OSError) as error:
+        raise fail(f"{state}: cannot set up the ledger: {error}") from None
     try:
         enrollment = enroll(server, token, directory)
     except JoinError as error:
+        undo_ledger(state, plan)
         raise fail(str(error)) from None
     config = InstitutionConfig(
         name=enrollment.institution,
@@ -117,11 +199,20 @@ def join(
         port=port,
         privacy=policy,
         dataset=dataset,
+        declared_examples=declared_examples or _training_size(rows),
+        noise_generator=noise_generator,
     )
     directory.save(config)
     console.print(
         f"joined as {config.name} (node {config.node_id}); credentials in {state}", highlight=False
     )
+    console.print(
+        f"declared size: {config.declared_examples} examples (published: every job's sampling "
+        "rate, noise and this institution's weight follow from it; see docs/privacy.md)",
+        highlight=False,
+    )
+    if warning := index_ledger(state, plan):
+        errors.print(warning, highlight=False)
     if start:
         run_supernode(directory)
 
@@ -135,6 +226,29 @@ def run_supernode(directory: InstitutionDir) -> None:
     except InstitutionError as error:
         raise fail(str(error)) from None
     raise typer.Exit(code=code)
+
+
+@app.command("rotate-key")
+def rotate_key(state: DirOption) -> None:
+    """Replace this institution's key with a new one made here, keeping this folder and so
+    its privacy ledger; the coordinator unregisters the old key (restart the SuperNode)."""
+    from confide.client.enrollment import JoinError
+    from confide.client.enrollment import rotate_key as rotate
+    from confide.client.institution import InstitutionDir, InstitutionError
+
+    directory = InstitutionDir(state)
+    try:
+        config = directory.load()
+        enrollment = rotate(directory, config.name, config.enrollment)
+        directory.save(config.model_copy(update={"node_id": enrollment.node_id}))
+    except (InstitutionError, JoinError, OSError) as error:
+        raise fail(str(error)) from None
+    console.print(
+        f"new key for {config.name} registered (node {config.node_id} -> {enrollment.node_id}); "
+        f"the old key no longer connects. Restart the SuperNode: confide-client start --dir "
+        f"{state}",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -152,6 +266,20 @@ budget_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(budget_app, name="budget")
+
+
+# What `budget verify` says of each operator's entry in the ledger.
+OPERATOR_ACTIONS = {
+    "reseal": "resealed by an operator",
+    "import": "imported from another folder's ledger",
+    "new-budget": "new budget started by an operator",
+}
+
+
+ACCOUNTANT_NAMES = {
+    "rdp": "RDP accountant (Opacus)",
+    "pld": "PLD accountant (Google dp-accounting)",
+}
 
 
 def _format(value: float | None, digits: int = 3) -> str:
@@ -172,9 +300,13 @@ def budget(
             help="state epsilon at this delta (default: the institution's max_delta, else 1e-5)"
         ),
     ] = None,
+    accountant: Annotated[
+        str | None,
+        typer.Option(help="rdp or pld (default: the institution's [privacy] accountant, else rdp)"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
-    """Show spent and remaining epsilon per dataset (sample level, RDP, every job so far)."""
+    """Show spent and remaining epsilon per dataset (sample level, every job so far)."""
     if context.invoked_subcommand is not None:
         return
     if state is None:
@@ -183,8 +315,10 @@ def budget(
     from confide.client.institution import InstitutionError
     from confide.privacy.ledger import LedgerError
 
+    if accountant not in (None, "rdp", "pld"):
+        raise fail(f"--accountant {accountant!r}: use rdp or pld")
     try:
-        lines = read_budget(state, delta)
+        lines = read_budget(state, delta, accountant)
     except (LedgerError, InstitutionError, FileNotFoundError) as error:
         raise fail(str(error)) from None
     if as_json:
@@ -205,8 +339,9 @@ def budget(
         )
     console.print(table)
     console.print(
-        "Sample-level (epsilon, delta) differential privacy of each dataset, composed over "
-        "every DP-SGD round in this institution's ledger with the RDP accountant (Opacus).",
+        "Sample-level (epsilon, delta) differential privacy of each dataset (add/remove one "
+        "example), composed over every DP-SGD round in this institution's ledger with the "
+        f"{ACCOUNTANT_NAMES[lines[0].accountant if lines else 'rdp']}.",
         highlight=False,
     )
     for line in lines:
@@ -230,8 +365,11 @@ def verify(
     ] = False,
     reason: Annotated[str, typer.Option(help="why the reseal is right (with --reseal)")] = "",
 ) -> None:
-    """Check the ledger's integrity chain; exit 1 if it fails (training refuses until then)."""
+    """Check the ledger's integrity chain; exit 1 if it fails (training refuses until then).
+
+    An intact ledger is also indexed on this host (`join` looks there for earlier spend)."""
     from confide.privacy.ledger import Ledger, LedgerError
+    from confide.privacy.ledger_index import index_institution_ledger
 
     ledger = Ledger(state)
     if not ledger.exists() and not ledger.key_path.exists() and not ledger.mark_path.exists():
@@ -243,11 +381,12 @@ def verify(
             last = f", last recorded {entries[-1].recorded_at}" if entries else ""
             console.print(f"ledger intact: {len(entries)} entries{last}", highlight=False)
             for entry in entries:
-                if entry.kind == "reseal":
+                if entry.kind in OPERATOR_ACTIONS:
                     console.print(
-                        f"  resealed by an operator at {entry.recorded_at}: {entry.note}",
+                        f"  {OPERATOR_ACTIONS[entry.kind]} at {entry.recorded_at}: {entry.note}",
                         highlight=False,
                     )
+            index_institution_ledger(state, [e.fingerprint for e in entries if e.kind == "spend"])
             return
         if reseal:
             ledger.reseal(reason)

@@ -25,6 +25,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from confide.privacy.instructions import RoundInstructions
 from confide.privacy.ledger import DEFAULT_DATASET, fingerprint_bytes, fingerprint_file
 from confide.privacy.policy import PrivacyPolicy
+from confide.privacy.trainer import NoiseSource
 from confide.tasks.config import DataConfig, TaskConfig, unflatten
 from confide.tasks.datasets import DatasetError, load_file
 from confide.tasks.seeding import derive_seed
@@ -43,6 +44,11 @@ class LocalInstitution:
     `ledger` is the folder of its privacy ledger (every DP-SGD round ever run on `dataset`,
     identified by `fingerprint()`, a content hash); None keeps no ledger (a bare
     `flwr run .` simulation). `policy` holds its limits (None: recorded, not enforced).
+    `declared_examples` is the size it publishes (confide.privacy.mechanism): the sampling
+    rate, steps, noise, divisor and the update's weight follow from it, never from the data's
+    actual size; None has none declared (a deployed institution then refuses to train).
+    `noise_source` is where its DP-SGD noise comes from: "csprng" (the OS CSPRNG) or "torch"
+    (PyTorch's generator, seeded per round).
     `single_thread` is for simulation, where institutions share the machine's cores.
     """
 
@@ -50,9 +56,11 @@ class LocalInstitution:
     device: str
     load: Callable[[RoundInstructions], InstitutionData]
     fingerprint: Callable[[], str]
+    declared_examples: int | None
     policy: PrivacyPolicy | None = None
     ledger: Path | None = None
     dataset: str = DEFAULT_DATASET
+    noise_source: NoiseSource = "torch"
     single_thread: bool = False
 
 
@@ -74,7 +82,10 @@ class SimulatedInstitutions:
     """Virtual institution `partition-id` (from the node config) of a partitioned dataset.
 
     With `state`, institution i keeps its ledger in `state/institution-<i>` and, with
-    `policy`, enforces those limits like a deployed institution.
+    `policy`, enforces those limits like a deployed institution. Institution i declares
+    `declared[i]` examples (`declared` None: its partition's training size, what a deployed
+    institution's `join` declares by default). Noise is PyTorch's generator, seeded from the
+    scenario seed so that runs repeat (documented in every simulated privacy report).
     """
 
     task: TaskConfig
@@ -84,6 +95,7 @@ class SimulatedInstitutions:
     device: str = "cpu"
     state: Path | None = None
     policy: PrivacyPolicy | None = None
+    declared: tuple[int, ...] | None = None
 
     def split(self) -> FederatedSplit:
         return _federated(
@@ -100,10 +112,17 @@ class SimulatedInstitutions:
             lambda: fingerprint_bytes(
                 *(a.tobytes() for part in (local.train, local.validation) for a in (part.x, part.y))
             ),
+            self.declared_size(index),
             policy=self.policy,
             ledger=None if self.state is None else self.state / f"institution-{index}",
             single_thread=True,
         )
+
+    def declared_size(self, index: int) -> int:
+        """The size virtual institution `index` publishes."""
+        if self.declared is not None:
+            return self.declared[index]
+        return len(self.split().institutions[index].train)
 
     @classmethod
     def from_context(cls, context: Context) -> SimulatedInstitutions:
@@ -183,9 +202,11 @@ def deployed_institution(context: Context) -> LocalInstitution:
             context.state,
         ),
         lambda: file_fingerprint(config.data, context.state),
+        config.declared_examples,
         config.privacy,
         ledger=Path(str(root)),
         dataset=config.dataset,
+        noise_source=config.noise_generator,
     )
 
 

@@ -6,12 +6,21 @@
 3. Accept the CA only if its SHA-256 matches the token's fingerprint and it issued the server's
    certificate; a man in the middle cannot forge either.
 4. Over a channel that trusts only that CA, redeem the token and register the public key.
+
+Rotating the key later (`rotate_key`) keeps the folder: a new key pair is made and staged
+here, the coordinator is asked over a channel that trusts only the saved CA to replace the
+current key (the request is signed with it), and the new keys are put in place only then.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from cryptography import x509
@@ -21,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from confide.client.institution import InstitutionDir
 from confide.protos.join_token import JoinToken, certificate_fingerprint
+from confide.protos.key_rotation import rotation_message, sign_rotation
 from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
 from confide.tasks.files import write_atomic
 
@@ -31,8 +41,32 @@ TIMEOUT = 60.0
 HANDSHAKE_TIMEOUT = 15.0
 
 
+Reply = TypeVar("Reply")
+
+
 class JoinError(RuntimeError):
     """Joining failed; nothing was registered unless the message says so."""
+
+
+class RotationError(JoinError):
+    """Rotating the key failed; the current key stays in use unless the message says so.
+
+    `refused`: the coordinator answered with a refusal (it did not take the new key), as
+    opposed to no answer, after which it may have.
+    """
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+# Answers after which the coordinator certainly did not take the new key.
+_REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
 
 
 @dataclass(frozen=True)
@@ -49,21 +83,29 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def create_key_pair(directory: InstitutionDir) -> bytes:
-    """EC P-384 in OpenSSH format (what Flower's node authentication reads); returns the
-    public key. The private key file is 0600 from its first byte."""
+def _public_openssh(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+
+
+def _write_key_pair(private: Path, public: Path) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """A new EC P-384 pair in OpenSSH format (what Flower's node authentication reads); the
+    private key file is 0600 from its first byte."""
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
+    data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    write_atomic(directory.private_key, private, 0o600)
-    write_atomic(directory.public_key, public + b"\n", 0o644)
-    return public
+    write_atomic(private, data, 0o600)
+    write_atomic(public, _public_openssh(key) + b"\n", 0o644)
+    return key, _public_openssh(key)
+
+
+def create_key_pair(directory: InstitutionDir) -> bytes:
+    """The institution's key pair in its folder; returns the public key."""
+    return _write_key_pair(directory.private_key, directory.public_key)[1]
 
 
 def fetch_trusted_ca(server: str, token: JoinToken) -> bytes:
@@ -104,18 +146,24 @@ def fetch_trusted_ca(server: str, token: JoinToken) -> bytes:
     return reply.ca_certificate_pem
 
 
-def register(server: str, ca_pem: bytes, token: JoinToken, public_key: bytes) -> Enrollment:
+def _call(
+    server: str, ca_pem: bytes, call: Callable[[enrollment_pb2_grpc.EnrollmentStub], Reply]
+) -> Reply:
+    """One call over a channel that trusts only the coordinator's CA (grpc.RpcError on error)."""
     host, port = _split(server)
     channel = grpc.secure_channel(f"{host}:{port}", grpc.ssl_channel_credentials(ca_pem))
     try:
-        reply = enrollment_pb2_grpc.EnrollmentStub(channel).Register(
-            enrollment_pb2.RegisterRequest(token=str(token), public_key_openssh=public_key),
-            timeout=TIMEOUT,
-        )
-    except grpc.RpcError as error:
-        raise JoinError(f"the coordinator refused: {error.details()}") from None
+        return call(enrollment_pb2_grpc.EnrollmentStub(channel))
     finally:
         channel.close()
+
+
+def register(server: str, ca_pem: bytes, token: JoinToken, public_key: bytes) -> Enrollment:
+    request = enrollment_pb2.RegisterRequest(token=str(token), public_key_openssh=public_key)
+    try:
+        reply = _call(server, ca_pem, lambda stub: stub.Register(request, timeout=TIMEOUT))
+    except grpc.RpcError as error:
+        raise JoinError(f"the coordinator refused: {error.details()}") from None
     return Enrollment(reply.institution, reply.node_id, reply.superlink_address)
 
 
@@ -132,4 +180,89 @@ def join(server: str, token_text: str, directory: InstitutionDir) -> Enrollment:
     public_key = create_key_pair(directory)
     enrollment = register(server, ca_pem, token, public_key)
     write_atomic(directory.ca_certificate, ca_pem)
+    return enrollment
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """An institution's OpenSSH private key; its content never appears in an error."""
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise RotationError(f"{path}: no such key file; nothing was changed") from None
+    except (OSError, ValueError, TypeError) as error:
+        raise RotationError(f"{path}: not a usable private key ({type(error).__name__})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise RotationError(f"{path}: not an EC private key")
+    return key
+
+
+def _staged_key(directory: InstitutionDir) -> tuple[ec.EllipticCurvePrivateKey, bytes, bool]:
+    """The next key pair: the one a previous, interrupted rotation staged (True), else a new
+    one (False). Staged beside the current keys, so a rotation cut short loses no key."""
+    if directory.next_private_key.is_file():
+        key = _load_key(directory.next_private_key)
+        # Written again: a rotation cut short between the two files may have left none.
+        write_atomic(directory.next_public_key, _public_openssh(key) + b"\n", 0o644)
+        return key, _public_openssh(key), True
+    return (*_write_key_pair(directory.next_private_key, directory.next_public_key), False)
+
+
+def _request_rotation(
+    server: str, ca_pem: bytes, institution: str, new_key: bytes, signer: ec.EllipticCurvePrivateKey
+) -> Enrollment:
+    """Ask the coordinator to replace `institution`'s key with `new_key`, signed by `signer`."""
+    ca_fingerprint = certificate_fingerprint(x509.load_pem_x509_certificate(ca_pem))
+    timestamp = int(time.time())
+    message = rotation_message(
+        institution=institution,
+        new_public_key=new_key,
+        ca_fingerprint=ca_fingerprint,
+        timestamp=timestamp,
+    )
+    request = enrollment_pb2.RotateKeyRequest(
+        institution=institution,
+        new_public_key_openssh=new_key,
+        timestamp=timestamp,
+        signature=sign_rotation(signer, message),
+    )
+    try:
+        reply = _call(server, ca_pem, lambda stub: stub.RotateKey(request, timeout=TIMEOUT))
+    except grpc.RpcError as error:
+        raise RotationError(
+            f"{server}: the coordinator did not rotate the key: {error.details()}",
+            refused=error.code() in _REFUSALS,
+        ) from None
+    return Enrollment(reply.institution, reply.node_id, reply.superlink_address)
+
+
+def rotate_key(directory: InstitutionDir, institution: str, server: str) -> Enrollment:
+    """Replace the institution's key in place: stage a new pair, have the coordinator register
+    it (signed with the current key) and unregister the old one, then put it in place.
+
+    If a previous rotation staged a key and its reply was lost, the coordinator may already
+    hold that key: the request is then made again, signed with the staged key itself.
+    """
+    try:
+        ca_pem = directory.ca_certificate.read_bytes()
+    except OSError as error:
+        raise RotationError(
+            f"{directory.ca_certificate}: cannot read the saved CA: {error}"
+        ) from None
+    current = _load_key(directory.private_key)
+    staged, new_key, resumed = _staged_key(directory)
+    failures: list[RotationError] = []
+    for signer in (current, staged) if resumed else (current,):
+        try:
+            enrollment = _request_rotation(server, ca_pem, institution, new_key, signer)
+            break
+        except RotationError as error:
+            failures.append(error)
+    else:
+        if all(failure.refused for failure in failures):  # the coordinator holds no staged key
+            directory.next_private_key.unlink(missing_ok=True)
+            directory.next_public_key.unlink(missing_ok=True)
+        raise RotationError(f"{failures[0]}; the current key stays in use")
+    # The private key first: it is what the SuperNode authenticates with.
+    os.replace(directory.next_private_key, directory.private_key)
+    os.replace(directory.next_public_key, directory.public_key)
     return enrollment

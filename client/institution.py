@@ -13,11 +13,12 @@ import tomli_w
 from pydantic import Field
 
 from confide.privacy.ledger import DEFAULT_DATASET
+from confide.privacy.ledger_index import INSTITUTION_SETTINGS
 from confide.privacy.policy import PrivacyPolicy
 from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 from confide.tasks.files import write_atomic
 
-SETTINGS = "institution.toml"
+SETTINGS = INSTITUTION_SETTINGS
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -46,6 +47,22 @@ class InstitutionConfig(StrictModel):
     privacy: PrivacyPolicy = Field(
         default=PrivacyPolicy(), description="this institution's limits for every job"
     )
+    # None only in folders joined before sizes were declared: such an institution refuses to
+    # train until its operator sets one (docs/privacy.md).
+    declared_examples: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000_000,
+        description="the size this institution publishes: DP-SGD's sampling rate, steps, noise "
+        "and its update's weight follow from it, never from the data's actual size; `join` "
+        "sets it to the training examples the data held then",
+    )
+    noise_generator: Literal["csprng", "torch"] = Field(
+        default="csprng",
+        description="csprng: every DP-SGD noise value from the OS CSPRNG; torch: PyTorch's "
+        "generator (Mersenne Twister, not cryptographic) seeded from the OS CSPRNG each "
+        "round, faster on large models",
+    )
 
 
 class InstitutionDir:
@@ -54,11 +71,16 @@ class InstitutionDir:
 
     private_key = property(lambda self: self.root / "institution.key")
     public_key = property(lambda self: self.root / "institution.pub")
+    # A rotation's new key pair, staged until the coordinator has registered it.
+    next_private_key = property(lambda self: self.root / "institution.key.next")
+    next_public_key = property(lambda self: self.root / "institution.pub.next")
     ca_certificate = property(lambda self: self.root / "ca.pem")
     settings_file = property(lambda self: self.root / SETTINGS)
 
     def save(self, config: InstitutionConfig) -> None:
-        write_atomic(self.settings_file, tomli_w.dumps(config.model_dump(mode="json")))
+        write_atomic(
+            self.settings_file, tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+        )
 
     def load(self) -> InstitutionConfig:
         path = self.settings_file

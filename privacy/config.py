@@ -34,7 +34,7 @@ class PrivacyConfig(StrictModel):
     noise_multiplier: float | None = Field(default=None, gt=0.0, le=100.0)
     delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0, le=1e6, description="per-sample clip C")
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv", "pld"] = "rdp"
     grad_sample_mode: Literal["hooks", "ew", "functorch"] = Field(
         default="hooks", description="how Opacus computes per-sample gradients"
     )

@@ -48,7 +48,15 @@ SAMPLE_RATE = "sample-rate"
 STEPS = "steps"
 TOTAL_STEPS = "total-steps"
 DP_ENABLED = "dp-enabled"
-# The dataset's cumulative epsilon over every job in the institution's ledger (RDP), at the
-# institution's own delta; infinite once the dataset was trained on without DP.
+# The dataset's cumulative epsilon over every job in the institution's ledger (with its own
+# accountant, DATASET_ACCOUNTANT below), at the institution's own delta; infinite once the
+# dataset was trained on without DP.
 DATASET_EPSILON = "dataset-epsilon"
 DATASET_DELTA = "dataset-delta"
+
+# The train reply's ConfigRecord that says how the round was run, and its keys (strings):
+# where the institution's DP-SGD noise came from (confide.privacy.report.NOISE_GENERATORS)
+# and the accountant of its dataset_epsilon.
+MECHANISM = "mechanism"
+NOISE_GENERATOR = "noise-generator"
+DATASET_ACCOUNTANT = "dataset-accountant"

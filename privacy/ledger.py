@@ -23,6 +23,11 @@ its key remains is reported too. The key lives beside the ledger: this protects 
 mistakes, restores of an old copy, and tools or people that can write the database but not
 read the key. It cannot stop someone who holds the key (the institution's own administrator);
 see docs/privacy.md.
+
+Entries other than kind 'spend' carry no spend (their spend fields are empty) and are what
+operators did: 'reseal' (accepted the ledger as it stood), 'import' (this folder continues
+another folder's ledger) and 'new-budget' (a new budget on data another ledger had spent on,
+with the reason). Only 'spend' entries count towards epsilon.
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ import os
 import secrets
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from confide.privacy.accounting import HistoryEntry, epsilon
+from confide.privacy.ledger_index import index_institution_ledger
 from confide.tasks.files import write_atomic
 
 LEDGER = "ledger.sqlite"
@@ -101,7 +107,9 @@ _INTEGER = {"seq", "round", "examples", "steps"}
 _COLUMN_TYPES = {
     name: float if name in _REAL else int if name in _INTEGER else str for name in _FIELDS
 }
-# The non-spend fields of an operator's 'reseal' entry.
+# Kinds of the entries an operator's action writes (no spend; see the module's docstring).
+OPERATOR_KINDS = ("reseal", "import", "new-budget")
+# Their spend fields.
 _EMPTY: dict[str, object] = {
     "dataset": "",
     "fingerprint": "",
@@ -159,7 +167,7 @@ class Spend:
 
 @dataclass(frozen=True)
 class Entry(Spend):
-    """A ledger row as stored: a spend, or an operator's reseal (kind 'reseal', see `note`)."""
+    """A ledger row as stored: a spend, or an operator's action (`OPERATOR_KINDS`, see `note`)."""
 
     seq: int
     recorded_at: str
@@ -182,6 +190,7 @@ class DatasetSpend:
     rounds: int
     jobs: int
     fingerprints: tuple[str, ...]
+    accountant: str = "rdp"  # the accountant that composed `epsilon`
 
 
 def _now() -> str:
@@ -204,6 +213,12 @@ def _genesis(key: bytes, ledger_id: str) -> str:
 
 def _head_mac(key: bytes, ledger_id: str, created_at: str, count: int, last_mac: str) -> str:
     return _mac(key, "head", (_FORMAT, ledger_id, created_at, count, last_mac))
+
+
+def _write_failed(error: sqlite3.OperationalError) -> bool:
+    """SQLITE_FULL (no space left) or SQLITE_IOERR (a write the system refused)."""
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
 
 
 def fingerprint_bytes(*parts: bytes) -> str:
@@ -460,8 +475,10 @@ class Ledger:
             if entry.kind == "spend" and entry.dataset == dataset and run in (None, entry.run)
         ]
 
-    def spent(self, delta: float) -> list[DatasetSpend]:
-        """Cumulative spend of every dataset in the ledger (RDP composition, at `delta`)."""
+    def spent(self, delta: float, accountant: str = "rdp") -> list[DatasetSpend]:
+        """Cumulative spend of every dataset in the ledger at `delta`: every spend entry's
+        (sigma, q, steps) composed with `accountant` ("rdp", the default, "prv" or "pld"; see
+        `confide.privacy.accounting`), whatever accountant each job reported with."""
         by_dataset: dict[str, list[Entry]] = {}
         for entry in self.entries():
             if entry.kind == "spend":
@@ -469,11 +486,12 @@ class Ledger:
         return [
             DatasetSpend(
                 dataset=name,
-                epsilon=epsilon([e.history_entry for e in rows], delta, "rdp"),
+                epsilon=epsilon([e.history_entry for e in rows], delta, accountant),
                 delta=delta,
                 rounds=len(rows),
                 jobs=len({e.run for e in rows}),
                 fingerprints=tuple(dict.fromkeys(e.fingerprint for e in rows)),
+                accountant=accountant,
             )
             for name, rows in sorted(by_dataset.items())
         ]
@@ -504,25 +522,104 @@ class Ledger:
         )
         return Entry.from_row((*ordered, mac))
 
-    def record(self, spend: Spend) -> Entry:
-        """Append `spend` atomically, after verifying the chain it extends."""
+    @contextmanager
+    def _writing(self, connection: sqlite3.Connection, what: str) -> Iterator[None]:
+        """One write transaction (one writer; readers see the ledger before or after it).
+
+        On a full disk or a failed write SQLite rolls the transaction back by itself, so it is
+        rolled back here only while still open (a ROLLBACK with none open fails, and that
+        failure used to be reported as tampering). Such a write is a LedgerError saying so.
+        """
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            connection.execute("COMMIT")
+        except BaseException as error:
+            if connection.in_transaction:
+                with suppress(sqlite3.Error):  # closing the connection discards it anyway
+                    connection.execute("ROLLBACK")
+            if isinstance(error, sqlite3.OperationalError) and _write_failed(error):
+                raise LedgerError(
+                    f"{self.path}: the disk is full or the write failed ({error}); {what} was "
+                    "not recorded and the ledger is unchanged. Free space on this disk (or fix "
+                    "it), then try again."
+                ) from error
+            raise
+
+    def _append_verified(self, kind: str, values: dict[str, object], what: str) -> Entry:
+        """Append one entry atomically after verifying the chain it extends, then the mark."""
         self.open()
         key = self._key()
         with self._connect() as connection:
             mark = self._read_mark()
-            connection.execute("BEGIN IMMEDIATE")  # one writer; readers see before or after
-            try:
+            with self._writing(connection, what):
                 problems, entries = self._problems(key, connection)
                 problems += self._mark_problems(key, entries, mark)
                 if problems:
                     raise LedgerTampered(self.root, problems)
-                entry = self._append(connection, key, "spend", asdict(spend) | {"note": ""})
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-        self._write_mark(key, entry.seq, entry.mac)
+                entry = self._append(connection, key, kind, values)
+        try:
+            self._write_mark(key, entry.seq, entry.mac)
+        except OSError as error:  # the entry stands: the database may be ahead of its mark
+            raise LedgerError(
+                f"{self.path}: {what} was recorded, but {self.mark_path} could not be updated "
+                f"({error}); the ledger stays valid. Free space on this disk, then try again."
+            ) from error
         return entry
+
+    def record(self, spend: Spend) -> Entry:
+        """Append `spend` atomically, after verifying the chain it extends; index the folder
+        under the spend's fingerprint if it is an institution's (`ledger_index`)."""
+        entry = self._append_verified("spend", asdict(spend) | {"note": ""}, "this round")
+        index_institution_ledger(self.root, [spend.fingerprint])
+        return entry
+
+    def note(self, kind: str, note: str) -> Entry:
+        """Record an operator's action of `kind` ('import' or 'new-budget'; see
+        `OPERATOR_KINDS`) with `note`, through the same chain as every spend."""
+        if kind not in OPERATOR_KINDS or kind == "reseal":
+            raise ValueError(f"not an entry an operator notes: {kind!r}")
+        return self._append_verified(kind, _EMPTY | {"note": note}, f"the {kind} entry")
+
+    def import_from(self, source: Path) -> Entry:
+        """Make this folder's (new) ledger a copy of the verified ledger in `source`, then
+        record the import: the copy keeps the HMAC key, the chain and the mark, so it verifies
+        and spends exactly what `source` spent.
+
+        The key and the mark are put in place before the database: a copy cut short leaves a
+        folder that refuses to train (its key or mark without a ledger), never an empty ledger.
+        """
+        origin = Ledger(source)
+        if self.exists() or self.key_path.exists() or self.mark_path.exists():
+            raise LedgerError(f"{self.root}: a ledger (or its key or mark) already exists")
+        if not origin.exists():
+            raise LedgerError(f"{origin.root}: no ledger there to import")
+        problems = origin.verify()
+        if problems:
+            raise LedgerTampered(origin.root, problems)
+        mark = origin._read_mark()  # before the database: the copy may be ahead of it, not behind
+        if not mark:
+            raise LedgerTampered(origin.root, [f"{origin.mark_path} is missing or unreadable"])
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        staging = self.root / f".{LEDGER}.import"
+        origin._copy_database(staging)
+        write_atomic(self.key_path, origin._key(), mode=0o600)
+        write_atomic(self.mark_path, mark, mode=0o600)
+        os.replace(staging, self.path)
+        count = len(self.entries())
+        note = json.dumps({"from": str(origin.root.resolve()), "entries": count})
+        return self.note("import", note)
+
+    def _copy_database(self, target: Path) -> None:
+        """A consistent copy of the database (SQLite's backup API), mode 0600 from the start."""
+        target.unlink(missing_ok=True)
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
+        copy = sqlite3.connect(target)
+        try:
+            with self._connect() as connection:
+                connection.backup(copy)
+        finally:
+            copy.close()
 
     def reseal(self, reason: str) -> list[str]:
         """An operator accepts the ledger as it now stands and returns it to service.
@@ -550,32 +647,21 @@ class Ledger:
         except LedgerTampered:  # missing or damaged key: a new one, put in place after commit
             key = secrets.token_bytes(32)
             write_atomic(staged_key, key, mode=0o600)
-        with self._connect() as connection:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                entries = self._entries(connection)
-                ledger_id, created_at = secrets.token_hex(16), _now()
-                genesis = _genesis(key, ledger_id)
-                connection.execute("DELETE FROM entries")
-                connection.execute("DELETE FROM head")
-                connection.execute(
-                    "INSERT INTO head VALUES (1, ?, ?, 0, ?, ?)",
-                    (
-                        ledger_id,
-                        created_at,
-                        genesis,
-                        _head_mac(key, ledger_id, created_at, 0, genesis),
-                    ),
-                )
-                for entry in entries:
-                    values = {name: getattr(entry, name) for name in _FIELDS[3:]}
-                    self._append(connection, key, entry.kind, values, entry.recorded_at)
-                note = json.dumps({"reason": reason, "problems": problems})
-                last = self._append(connection, key, "reseal", _EMPTY | {"note": note})
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
+        with self._connect() as connection, self._writing(connection, "the reseal"):
+            entries = self._entries(connection)
+            ledger_id, created_at = secrets.token_hex(16), _now()
+            genesis = _genesis(key, ledger_id)
+            connection.execute("DELETE FROM entries")
+            connection.execute("DELETE FROM head")
+            connection.execute(
+                "INSERT INTO head VALUES (1, ?, ?, 0, ?, ?)",
+                (ledger_id, created_at, genesis, _head_mac(key, ledger_id, created_at, 0, genesis)),
+            )
+            for entry in entries:
+                values = {name: getattr(entry, name) for name in _FIELDS[3:]}
+                self._append(connection, key, entry.kind, values, entry.recorded_at)
+            note = json.dumps({"reason": reason, "problems": problems})
+            last = self._append(connection, key, "reseal", _EMPTY | {"note": note})
         self._write_mark(key, last.seq, last.mac)
         if staged_key.exists():
             os.replace(staged_key, self.key_path)

@@ -2,26 +2,30 @@
 
 The coordinator proposes the mechanism (noise multiplier or target epsilon, delta, clipping);
 the institution decides whether to run it. Before training it computes the epsilon this round
-would bring its data to, with the same accountant, noise multiplier sigma and sampling rate q
-the trainer is about to use:
+would bring its data to, with the round's `Mechanism` (the sigma, q and step count the trainer
+is about to use, all from public values: see confide.privacy.mechanism):
 
-    eps_after = eps_accountant(history + [(sigma, q, local_epochs * steps_per_epoch)], delta)
+    eps_after = eps_accountant(history + [(sigma, q, local_epochs * batches_per_epoch)], delta)
 
 where `history` is every DP-SGD step ever taken on the dataset (the institution's ledger,
-all jobs), the accountant is RDP and delta is the institution's own `max_delta`. It refuses
-the round if `eps_after > max_epsilon`, if the job's delta exceeds `max_delta`, or if the job
-turns DP off while the institution requires it. The limits live in the institution's own
-settings file; nothing in a coordinator's message can change them.
+all jobs), the accountant is the institution's (`accountant`, RDP by default) and delta is its
+own `max_delta`. It refuses the round if `eps_after > max_epsilon`, if the job's delta exceeds
+`max_delta` or is not below 1/N for its declared size N, or if the job turns DP off while the
+institution requires it. The limits live in the institution's own settings file; nothing in a
+coordinator's message can change them. Every input to the decision is public or the
+institution's own history: a refusal reveals nothing about the examples of this round.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import Field
 
-from confide.privacy.accounting import HistoryEntry, epsilon, sample_rate_and_steps
-from confide.privacy.config import PrivacyConfig, TrainConfig
+from confide.privacy.accounting import HistoryEntry, epsilon
+from confide.privacy.config import PrivacyConfig
+from confide.privacy.mechanism import DeltaTooLarge, Mechanism, check_delta
 from confide.tasks.config import StrictModel
 
 # Flower's error codes stop at 8; a refusal is not a crash, so it has codes of its own.
@@ -48,48 +52,34 @@ class PrivacyPolicy(StrictModel):
         description="refuse jobs that turn DP-SGD off (a round without DP spends an "
         "unbounded epsilon: the ledger then refuses every later round on the dataset)",
     )
+    accountant: Literal["rdp", "pld"] = Field(
+        default="rdp",
+        description="the accountant that composes the dataset's cumulative epsilon over every "
+        "job (rdp: Renyi DP, Opacus; pld: privacy loss distributions, Google dp-accounting, "
+        "tighter)",
+    )
 
 
 class PolicyRefusal(ValueError):
     """This round would break the institution's limits; the message says which and by how much."""
 
 
-def round_spend(
-    privacy: PrivacyConfig, train: TrainConfig, examples: int, planned_rounds: int
-) -> HistoryEntry:
-    """(sigma, q, steps) of one round as the trainer will run it (sigma 0 without DP)."""
-    from confide.privacy.trainer import planned_noise
-
-    rate, per_epoch = sample_rate_and_steps(examples, train.batch_size)
-    if not privacy.enabled:
-        return (0.0, rate, per_epoch * train.local_epochs)
-    sigma = planned_noise(privacy, train, examples, planned_rounds)
-    return (sigma, rate, per_epoch * train.local_epochs)
-
-
 def projected_epsilon(
-    privacy: PrivacyConfig,
-    train: TrainConfig,
-    examples: int,
-    history: list[HistoryEntry],
-    planned_rounds: int,
-) -> tuple[float, float]:
-    """(epsilon of the job's run after one more round, sigma that round would use), with the
-    job's delta and accountant."""
-    entry = round_spend(privacy, train, examples, planned_rounds)
-    return epsilon([*history, entry], privacy.delta, privacy.accountant), entry[0]
+    privacy: PrivacyConfig, mechanism: Mechanism, history: list[HistoryEntry]
+) -> float:
+    """Epsilon of the job's run after one more round of `mechanism`, with the job's delta and
+    accountant (what the trainer will then report)."""
+    return epsilon([*history, mechanism.history_entry], privacy.delta, privacy.accountant)
 
 
 def check_round(
     policy: PrivacyPolicy,
     privacy: PrivacyConfig,
-    train: TrainConfig,
-    examples: int,
+    mechanism: Mechanism,
     history: list[HistoryEntry],
-    planned_rounds: int,
 ) -> None:
-    """Raise `PolicyRefusal` if training this round would break `policy`; `history` is the
-    dataset's whole ledger history."""
+    """Raise `PolicyRefusal` if training one round of `mechanism` would break `policy`;
+    `history` is the dataset's whole ledger history."""
     if not privacy.enabled:
         if policy.require_dp:
             raise PolicyRefusal(
@@ -101,17 +91,29 @@ def check_round(
             f"the job's delta {privacy.delta:g} exceeds this institution's max_delta "
             f"{policy.max_delta:g}"
         )
-    entry = round_spend(privacy, train, examples, planned_rounds)
-    after = epsilon([*history, entry], policy.max_delta, "rdp")
+    check_job_delta(privacy, mechanism)
+    after = epsilon([*history, mechanism.history_entry], policy.max_delta, policy.accountant)
     if after > policy.max_epsilon:
-        spent = epsilon(history, policy.max_delta, "rdp")
+        spent = epsilon(history, policy.max_delta, policy.accountant)
         if math.isinf(spent):
             raise PolicyRefusal(
                 "this dataset was trained on without DP (its ledger holds a round with no "
                 "noise): no finite epsilon holds for it any more"
             )
         raise PolicyRefusal(
-            f"this round would bring the dataset's cumulative epsilon (every job, RDP, "
-            f"delta {policy.max_delta:g}) from {spent:.3f} to {after:.3f} (sigma {entry[0]:.3f}), "
-            f"over this institution's max_epsilon {policy.max_epsilon:g}"
+            f"this round would bring the dataset's cumulative epsilon (every job, "
+            f"{policy.accountant.upper()}, delta {policy.max_delta:g}) from {spent:.3f} to "
+            f"{after:.3f} (sigma {mechanism.noise_multiplier:.3f}), over this institution's "
+            f"max_epsilon {policy.max_epsilon:g}"
         )
+
+
+def check_job_delta(privacy: PrivacyConfig, mechanism: Mechanism) -> None:
+    """`PolicyRefusal` if a DP job's delta is not below 1/N for the declared size N: every
+    institution checks this, whatever its own limits."""
+    if not privacy.enabled:
+        return
+    try:
+        check_delta(privacy.delta, mechanism.declared_examples)
+    except DeltaTooLarge as error:
+        raise PolicyRefusal(f"the job's {error}") from error

@@ -2,28 +2,36 @@
 
 DP-SGD (Abadi et al. 2016) per step: draw a Poisson batch (each example independently with
 probability q), clip every per-sample gradient to L2 norm <= C, sum, add N(0, sigma^2 C^2 I),
-divide by the expected batch size q*n. Opacus does all three; this module feeds it the
-institution's accountant history so that the reported epsilon is cumulative.
+divide by the expected batch size. q, the step count, sigma and the divisor come from the
+round's `Mechanism` (confide.privacy.mechanism), which depends on the institution's declared
+size, never on `len(data)`: the data only decides which examples each Poisson draw picks.
+
+Why Opacus's building blocks (GradSampleModule, DPOptimizer) and not `PrivacyEngine`:
+`make_private` derives q = 1 / len(data_loader) and the divisor from the dataset it is given,
+which is exactly the dependence on the private example count this module must avoid. The
+Poisson draw is one Bernoulli(q) mask per step over the local examples (what Opacus's
+UniformWithReplacementSampler does), with q and the step count fixed in advance.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from confide.privacy.accounting import (
-    HistoryEntry,
-    epsilon,
-    noise_for_budget,
-    sample_rate_and_steps,
-)
+from confide.privacy.accounting import HistoryEntry, epsilon
 from confide.privacy.config import PrivacyConfig, TrainConfig
+from confide.privacy.mechanism import Mechanism
 from confide.tasks.datasets import Dataset
 from confide.tasks.seeding import derive_seed
+
+# Where the DP-SGD Gaussian noise comes from (see confide.privacy.noise and docs/privacy.md):
+# "torch" is PyTorch's generator (Mersenne Twister, not cryptographic) seeded with the round's
+# seed; "csprng" draws every noise value from the operating system's CSPRNG.
+NoiseSource = Literal["torch", "csprng"]
 
 
 class PrivacyError(ValueError):
@@ -34,6 +42,7 @@ class PrivacyError(ValueError):
 class RoundResult:
     """What one round of local training produced.
 
+    `examples` is the local (private) training set size: it stays at the institution.
     `history` is the full accountant history after this round (the input history plus this
     round's steps); `epsilon` is the cumulative epsilon at `delta` over all of it.
     """
@@ -43,6 +52,7 @@ class RoundResult:
     steps: int
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
+    divisor: float = 0.0
     epsilon: float = 0.0
     delta: float = 0.0
     history: list[HistoryEntry] = field(default_factory=list)
@@ -58,26 +68,104 @@ def check_model(model: nn.Module) -> None:
         raise PrivacyError(f"model is not compatible with DP-SGD (Opacus): {details}")
 
 
-def planned_noise(privacy: PrivacyConfig, train: TrainConfig, examples: int, rounds: int) -> float:
-    """sigma for this institution: the configured one, or the smallest meeting the target over
-    `rounds` rounds of `train.local_epochs` epochs."""
-    if privacy.noise_multiplier is not None:
-        return privacy.noise_multiplier
-    assert privacy.target_epsilon is not None  # PrivacyConfig guarantees one of the two
-    rate, per_epoch = sample_rate_and_steps(examples, train.batch_size)
-    return noise_for_budget(
-        privacy.target_epsilon,
-        privacy.delta,
-        rate,
-        per_epoch * train.local_epochs * rounds,
-        privacy.accountant,
-    )
-
-
 def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     if train.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=train.lr)
     return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _plain_sgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train: TrainConfig,
+    batches: torch.Generator,
+) -> int:
+    """Shuffled minibatch SGD for `train.local_epochs` epochs; returns the step count."""
+    optimizer = _optimizer(model, train)
+    criterion = nn.CrossEntropyLoss()
+    steps = 0
+    for _ in range(train.local_epochs):
+        order = torch.randperm(len(y), generator=batches).to(x.device)
+        for batch in order.split(train.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            criterion(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+            steps += 1
+    return steps
+
+
+def _dp_optimizer(
+    model: nn.Module,
+    train: TrainConfig,
+    privacy: PrivacyConfig,
+    mechanism: Mechanism,
+    noise: torch.Generator | None,
+) -> torch.optim.Optimizer:
+    """Opacus's DPOptimizer (or the CSPRNG variant when `noise` is None): clip to C, sum, add
+    N(0, sigma^2 C^2), divide by the mechanism's public divisor."""
+    settings = {
+        "noise_multiplier": mechanism.noise_multiplier,
+        "max_grad_norm": privacy.max_grad_norm,
+        "expected_batch_size": mechanism.divisor,
+        # The per-sample losses are summed (below); "mean" here makes the optimizer divide the
+        # noisy sum by expected_batch_size, the public divisor, instead of the batch's size.
+        "loss_reduction": "mean",
+    }
+    if noise is None:
+        from confide.privacy.noise import CsprngDPOptimizer
+
+        return CsprngDPOptimizer(_optimizer(model, train), **settings)
+    from opacus.optimizers import DPOptimizer
+
+    return DPOptimizer(_optimizer(model, train), generator=noise, **settings)
+
+
+def _dp_sgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train: TrainConfig,
+    privacy: PrivacyConfig,
+    mechanism: Mechanism,
+    *,
+    seed: int,
+    noise_source: NoiseSource,
+) -> None:
+    """`mechanism.steps` DP-SGD steps on (x, y), the model updated in place."""
+    from opacus.grad_sample.utils import prepare_module
+
+    check_model(model)
+    batches = torch.Generator().manual_seed(derive_seed(seed, "batches", bits=63))
+    noise = None
+    if noise_source == "torch":
+        noise = torch.Generator(device=x.device).manual_seed(derive_seed(seed, "noise", bits=63))
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    with warnings.catch_warnings():
+        # Backward hooks note that the input does not require grad: known, not actionable.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        private_model = prepare_module(
+            model, privacy.grad_sample_mode, batch_first=True, loss_reduction="sum"
+        )
+        optimizer = _dp_optimizer(private_model, train, privacy, mechanism, noise)
+        try:
+            for _ in range(mechanism.steps):
+                # Poisson sampling: each example joins with probability q, independently. An
+                # empty batch still takes a (noise-only) step: skipping it would leak that the
+                # batch was empty and break the accountant's step count.
+                chosen = torch.rand(len(y), generator=batches) < mechanism.sample_rate
+                index = chosen.nonzero().flatten().to(x.device)
+                optimizer.zero_grad(set_to_none=True)
+                criterion(private_model(x[index]), y[index]).backward()
+                optimizer.step()
+        finally:
+            # Unwrap so the caller's model is a plain module again (no hooks, no grad_sample).
+            private_model.remove_hooks()
+            private_model.cleanup()
 
 
 def train_round(
@@ -86,95 +174,54 @@ def train_round(
     train: TrainConfig,
     privacy: PrivacyConfig,
     *,
+    mechanism: Mechanism,
     history: list[HistoryEntry],
-    planned_rounds: int,
     seed: int,
     device: torch.device | str = "cpu",
+    noise_source: NoiseSource = "torch",
 ) -> RoundResult:
-    """Train `model` in place on `data` for `train.local_epochs` epochs.
+    """Train `model` in place on `data` for one round of `mechanism` (see
+    confide.privacy.mechanism.plan_round); with privacy on, DP-SGD continuing `history`.
 
-    With privacy on, batches are Poisson-sampled, per-sample gradients clipped and noised, and
-    the accountant continues from `history`. `seed` fixes batch sampling and noise (through
-    separate derived streams), so the same inputs give the same result: whoever knows the
-    seed can regenerate the noise, so in deployment it must be the institution's secret.
+    `seed` fixes batch sampling and, with the "torch" noise source, the noise (separate
+    derived streams), so the same inputs give the same result: whoever knows the seed can
+    regenerate that noise, so in deployment it must be the institution's secret. The
+    "csprng" source draws the noise from the OS CSPRNG instead (not reproducible).
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
+    if mechanism.private != privacy.enabled:
+        raise ValueError("the mechanism was planned for another privacy setting")
     device = torch.device(device)
     model.to(device).train()
     x = torch.as_tensor(data.x, device=device)
     y = torch.as_tensor(data.y, device=device)
-    batches = torch.Generator().manual_seed(derive_seed(seed, "batches", bits=63))
-    criterion = nn.CrossEntropyLoss()
-    optimizer = _optimizer(model, train)
-
     if not privacy.enabled:
-        steps = 0
-        for _ in range(train.local_epochs):
-            order = torch.randperm(len(y), generator=batches).to(device)
-            for batch in order.split(train.batch_size):
-                optimizer.zero_grad(set_to_none=True)
-                criterion(model(x[batch]), y[batch]).backward()
-                optimizer.step()
-                steps += 1
-        return RoundResult(
-            state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            examples=len(data),
-            steps=steps,
-            history=list(history),
-        )
-
-    from opacus import PrivacyEngine
-
-    check_model(model)
-    sigma = planned_noise(privacy, train, len(data), planned_rounds)
-    noise = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise", bits=63))
-    loader = DataLoader(TensorDataset(x, y), batch_size=train.batch_size, generator=batches)
-    # Two known warnings, neither actionable: Opacus says secure_mode is off on every call
-    # (the seed's source is the caller's choice, see build_client_app), and backward hooks
-    # note that the input does not require grad. Every other warning still shows.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        engine = PrivacyEngine(accountant=privacy.accountant)
-        engine.accountant.history = [tuple(entry) for entry in history]
-        private_model, private_optimizer, private_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=sigma,
-            max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=noise,
-            grad_sample_mode=privacy.grad_sample_mode,
-        )
-        # Opacus takes the expected batch size as int(n * (1/ceil(n/B))), which floating point
-        # can round down (to 0 for B = 1 and some n, which would divide the update by zero).
-        private_optimizer.expected_batch_size = max(
-            1, round(len(data) * private_loader.sample_rate)
-        )
-        steps = 0
-        for _ in range(train.local_epochs):
-            for batch_x, batch_y in private_loader:
-                private_optimizer.zero_grad(set_to_none=True)
-                # An empty Poisson batch still takes a (noise-only) step: skipping it would leak
-                # that the batch was empty and break the accountant's step count. Its mean loss is
-                # NaN but the per-sample gradients are empty tensors, so the clipped sum is zero.
-                criterion(private_model(batch_x), batch_y).backward()
-                private_optimizer.step()
-                steps += 1
-    # Unwrap so the caller's model is a plain module again (no hooks, no grad_sample).
-    private_model.remove_hooks()
-    private_model.cleanup()
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    new_history = [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
+        batches = torch.Generator().manual_seed(derive_seed(seed, "batches", bits=63))
+        steps = _plain_sgd(model, x, y, train, batches)
+        return RoundResult(_state(model), len(data), steps, history=list(history))
+    _dp_sgd(model, x, y, train, privacy, mechanism, seed=seed, noise_source=noise_source)
+    new_history = _extend(history, mechanism.history_entry)
     return RoundResult(
-        state=state,
+        state=_state(model),
         examples=len(data),
-        steps=steps,
-        noise_multiplier=sigma,
-        sample_rate=float(private_loader.sample_rate),
+        steps=mechanism.steps,
+        noise_multiplier=mechanism.noise_multiplier,
+        sample_rate=mechanism.sample_rate,
+        divisor=mechanism.divisor,
         epsilon=epsilon(new_history, privacy.delta, privacy.accountant),
         delta=privacy.delta,
         history=new_history,
     )
+
+
+def _extend(history: list[HistoryEntry], entry: HistoryEntry) -> list[HistoryEntry]:
+    """`history` plus `entry`, merged into the last entry when (sigma, q) repeat (as Opacus's
+    accountants keep their history: the same steps, fewer entries)."""
+    sigma, rate, steps = entry
+    merged = [(float(s), float(q), int(n)) for s, q, n in history]
+    if merged and merged[-1][:2] == (sigma, rate):
+        merged[-1] = (sigma, rate, merged[-1][2] + steps)
+    else:
+        merged.append((float(sigma), float(rate), int(steps)))
+    return merged

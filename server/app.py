@@ -159,7 +159,15 @@ def write_deployed_results(
 ) -> None:
     """results.json, job.toml and plots of a finished deployed run."""
     rows = [
-        institution_row(key, job.privacy, history, key, spend.examples, spend.validation_examples)
+        institution_row(
+            key,
+            job.privacy,
+            history,
+            key=key,
+            examples=None,  # stays at the institution; only its declared size travels
+            declared_examples=spend.declared_examples or None,
+            validation_examples=spend.validation_examples,
+        )
         for key, spend in sorted(history.institutions.items())
     ]
     report = privacy_document(name, job, history, rows, simulated=False)

@@ -3,12 +3,16 @@
 The service runs next to the SuperLink, over TLS with the same server certificate. It never
 sees an institution's private key or data: a `Register` call carries the join token and the
 institution's public key, which the coordinator registers with the SuperLink so that the
-institution's SuperNode can authenticate.
+institution's SuperNode can authenticate. A `RotateKey` call replaces that key with a new one,
+signed with the current key (`confide.protos.key_rotation`), so an institution keeps its name,
+its folder and its privacy ledger when its key changes.
 """
 
 from __future__ import annotations
 
 import tempfile
+import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,9 +23,21 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine
 
+from confide.protos.key_rotation import (
+    MAX_CLOCK_SKEW,
+    rotation_message,
+    rotation_signature_valid,
+)
 from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
 from confide.server.flower import CONNECTION, FlowerError, flwr_json
-from confide.server.institutions import enrolled, record_enrollment
+from confide.server.institutions import (
+    InstitutionError,
+    KeyRegistry,
+    enrolled,
+    enrolled_key,
+    record_enrollment,
+    rotate_key,
+)
 from confide.server.pki import fingerprint, load_certificate
 from confide.server.tokens import JoinToken, TokenError, redeem_token, release_token
 
@@ -32,10 +48,8 @@ class RegistrationError(RuntimeError):
     """The SuperLink did not register the key; the message says why."""
 
 
-class Registrar(Protocol):
-    def register(self, public_key_openssh: bytes, institution: str) -> int:
-        """Register the key with the SuperLink under `institution`; return the node id."""
-        ...
+class Registrar(KeyRegistry, Protocol):
+    """What the service needs of the SuperLink: `FlowerRegistrar`, or a stand-in in tests."""
 
 
 class FlowerRegistrar:
@@ -89,6 +103,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self.engine = engine
         self.registrar = registrar
         self.superlink_address = superlink_address
+        # One rotation at a time: two requests must not both find the same key current.
+        self._rotating = threading.Lock()
 
     def GetCaCertificate(
         self, request: enrollment_pb2.GetCaCertificateRequest, context: grpc.ServicerContext
@@ -130,6 +146,77 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         return enrollment_pb2.RegisterResponse(
             institution=institution, node_id=node_id, superlink_address=self.superlink_address
         )
+
+    def RotateKey(
+        self, request: enrollment_pb2.RotateKeyRequest, context: grpc.ServicerContext
+    ) -> enrollment_pb2.RotateKeyResponse:
+        """Replace the caller's key, once it proved it holds the current one."""
+        try:
+            with self._rotating:
+                node_id = self._rotate(request)
+        except _Refused as refusal:
+            context.abort(refusal.code, str(refusal))
+        return enrollment_pb2.RotateKeyResponse(
+            institution=request.institution,
+            node_id=node_id,
+            superlink_address=self.superlink_address,
+        )
+
+    def _rotate(self, request: enrollment_pb2.RotateKeyRequest) -> int:
+        name, new = request.institution, request.new_public_key_openssh
+        try:
+            check_public_key(new)
+        except ValueError as error:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        old, node_id = self._authenticate(request)
+        if new.strip() == old.strip():
+            return node_id  # already rotated: a retry whose first reply was lost
+        try:
+            return rotate_key(self.engine, self.registrar, name, old, new)
+        except RegistrationError as error:
+            raise _Refused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"SuperLink refused: {error}; nothing changed"
+            ) from None
+        except InstitutionError as error:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, str(error)) from None
+
+    def _authenticate(self, request: enrollment_pb2.RotateKeyRequest) -> tuple[bytes, int]:
+        """The key and node id the institution is enrolled with, if the request is signed
+        with that key, for this coordinator, recently."""
+        name = request.institution
+        current = enrolled_key(self.engine, name)
+        if current is None:
+            raise _Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{name!r} is not enrolled here (unknown or revoked): join with a new token",
+            )
+        message = rotation_message(
+            institution=name,
+            new_public_key=request.new_public_key_openssh,
+            ca_fingerprint=self.ca_fingerprint,
+            timestamp=request.timestamp,
+        )
+        if not rotation_signature_valid(current[0], message, request.signature):
+            raise _Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the signature does not match the key {name} is enrolled with",
+            )
+        skew = abs(time.time() - request.timestamp)
+        if skew > MAX_CLOCK_SKEW:
+            raise _Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the request was signed {skew:.0f} s away from the coordinator's clock (at "
+                f"most {MAX_CLOCK_SKEW} s allowed): check the institution's clock",
+            )
+        return current
+
+
+class _Refused(Exception):
+    """A request the service answers with `code` and the message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def serve(

@@ -11,16 +11,20 @@ class InstitutionSpend:
     """An institution's latest cumulative sample-level privacy spend in this job."""
 
     institution: str
-    examples: int = 0  # training examples, as the institution last reported them
+    # The size the institution declares (its update's weight); its actual count stays local.
+    declared_examples: int = 0
     validation_examples: int = 0
     rounds_trained: int = 0
     epsilon: float = 0.0
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
     steps: int = 0
-    # The dataset's spend over every job in the institution's ledger (RDP), at its own delta.
+    noise_generator: str | None = None  # as the institution reports it (report.NOISE_GENERATORS)
+    # The dataset's spend over every job in the institution's ledger, with its own accountant
+    # at its own delta.
     dataset_epsilon: float | None = None
     dataset_delta: float | None = None
+    dataset_accountant: str | None = None
 
 
 @dataclass

@@ -2,11 +2,14 @@
 
 Revoking unregisters the institution's key from the SuperLink: a connected SuperNode is cut
 off and the old key cannot come back. The record stays, marked revoked, for the audit trail.
+Rotating replaces an enrolled institution's key with a new one under the same name (the
+enrollment service checks the institution's proof of possession of its current key first).
 """
 
 from __future__ import annotations
 
 import datetime
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +28,16 @@ class NodeRegistry(Protocol):
     def statuses(self) -> dict[int, str]: ...
 
 
+class KeyRegistry(Protocol):
+    def register(self, public_key_openssh: bytes, institution: str) -> int:
+        """Register the key with the SuperLink under `institution`; return the node id."""
+        ...
+
+    def unregister(self, node_id: int) -> None:
+        """Unregister the node from the SuperLink (a connected SuperNode is cut off)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Institution:
     name: str
@@ -39,6 +52,37 @@ def enrolled(engine: Engine, name: str) -> bool:
     with Session(engine) as session:
         row = session.get(InstitutionRow, name)
         return row is not None and row.revoked_at is None
+
+
+def enrolled_key(engine: Engine, name: str) -> tuple[bytes, int] | None:
+    """The public key and node id `name` is enrolled with, None if unknown or revoked."""
+    with Session(engine) as session:
+        row = session.get(InstitutionRow, name)
+        if row is None or row.revoked_at is not None:
+            return None
+        return row.public_key, int(row.node_id)
+
+
+def rotate_key(engine: Engine, registry: KeyRegistry, name: str, old: bytes, new: bytes) -> int:
+    """Replace `name`'s key `old` with `new`; return the new node id.
+
+    The new key is registered first and the old node unregistered next (the new one is
+    unregistered again if that fails), so the SuperLink never holds neither key nor, once this
+    returns, both; the record changes last, in the same transaction that found `old` current.
+    """
+    with Session(engine) as session, session.begin():
+        row = session.get(InstitutionRow, name)
+        if row is None or row.revoked_at is not None or row.public_key != old:
+            raise InstitutionError(f"{name} is not enrolled with that key")
+        node_id = registry.register(new, name)
+        try:
+            registry.unregister(int(row.node_id))
+        except BaseException:
+            with suppress(RuntimeError):  # best effort: the caller reports the first failure
+                registry.unregister(node_id)
+            raise
+        row.node_id, row.public_key = str(node_id), new
+        return node_id
 
 
 def record_enrollment(engine: Engine, name: str, node_id: int, public_key: bytes) -> None:

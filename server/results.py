@@ -46,16 +46,24 @@ def institution_row(
     identifier: int | str,
     privacy: PrivacyConfig,
     history: JobHistory,
+    *,
     key: str,
-    examples: int,
+    examples: int | None,
+    declared_examples: int | None,
     validation_examples: int,
 ) -> dict[str, Any]:
-    """One institution's entry in results.json; `key` names it in the job history."""
+    """One institution's entry in results.json; `key` names it in the job history.
+
+    `examples` is its training set size where the coordinator knows it (a simulation), None in
+    deployment, where only the declared size travels."""
     spend = history.institutions.get(key)
     dp = privacy.enabled
+    if spend is not None and spend.declared_examples:
+        declared_examples = spend.declared_examples  # as the institution's replies declared
     return {
         "id": identifier,
         "examples": examples,
+        "declared_examples": declared_examples,
         "validation_examples": validation_examples,
         "rounds_trained": spend.rounds_trained if spend else 0,
         "epsilon": spend.epsilon if (spend and dp) else (0.0 if dp else None),
@@ -64,9 +72,11 @@ def institution_row(
         "sample_rate": spend.sample_rate if (spend and dp) else None,
         "steps": spend.steps if spend else 0,
         "accountant": privacy.accountant if dp else None,
-        # The institution's dataset over every job in its ledger (RDP, its own delta).
+        "noise_generator": spend.noise_generator if (spend and dp) else None,
+        # The institution's dataset over every job in its ledger (its accountant and delta).
         "dataset_epsilon": json_epsilon(spend.dataset_epsilon) if spend else None,
         "dataset_delta": spend.dataset_delta if spend else None,
+        "dataset_accountant": spend.dataset_accountant if spend else None,
     }
 
 

@@ -214,7 +214,7 @@ class ConfideFedAvg(FedAvg):
             try:
                 metrics = reply.content["metrics"]
                 # Privacy was spent whether or not the update is usable: record it first.
-                self._record_spend(institution, metrics)
+                self._record_spend(institution, metrics, reply.content)
                 if int(metrics["num-examples"]) < 1:
                     raise UpdateRejected("num-examples must be at least 1")
                 assert self.global_arrays is not None
@@ -249,9 +249,13 @@ class ConfideFedAvg(FedAvg):
         )
         return arrays, metrics
 
-    def _record_spend(self, institution: str, metrics: MetricRecord) -> None:
+    def _record_spend(self, institution: str, metrics: MetricRecord, content: RecordDict) -> None:
         """Update the institution's cumulative spend from its reply (KeyError if incomplete)."""
         spend = self.history.spend(institution)
+        if keys.MECHANISM in content:
+            mechanism = content[keys.MECHANISM]
+            spend.noise_generator = str(mechanism.get(keys.NOISE_GENERATOR, "")) or None
+            spend.dataset_accountant = str(mechanism.get(keys.DATASET_ACCOUNTANT, "")) or None
         if int(metrics[keys.DP_ENABLED]):
             reported = float(metrics[keys.EPSILON])
             if reported < spend.epsilon:
@@ -272,7 +276,7 @@ class ConfideFedAvg(FedAvg):
         else:
             spend.steps += int(metrics[keys.STEPS])
         spend.rounds_trained += 1
-        spend.examples = int(metrics["num-examples"])
+        spend.declared_examples = int(metrics["num-examples"])
         if keys.DATASET_EPSILON in metrics:
             spend.dataset_epsilon = max(
                 spend.dataset_epsilon or 0.0, float(metrics[keys.DATASET_EPSILON])

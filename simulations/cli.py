@@ -117,13 +117,28 @@ def bench(
             "(ROUNDS rounds) and update only that section of OUTPUT"
         ),
     ] = False,
+    accountants: Annotated[
+        bool,
+        typer.Option(
+            help="instead: accuracy at the same target epsilon with sigma calibrated by RDP "
+            "and by PLD, on digits-dp and breast-cancer-dp (or SCENARIO if given), over "
+            "--seeds seeds; updates only that section of OUTPUT"
+        ),
+    ] = False,
+    seeds: Annotated[int, typer.Option(min=1, max=20, help="seeds per --accountants row")] = 3,
 ) -> None:
     """Compare DP off, DP on and plain Flower on one workload; write the ratios to OUTPUT."""
     from confide.simulations.bench import run_benchmarks, run_deployed_benchmark
     from confide.simulations.runner import RunError
 
     try:
-        if deployed:
+        if accountants:
+            from confide.simulations.accountant_bench import run_accountant_benchmark
+
+            default = scenario == "digits-dp"
+            names = ["digits-dp", "breast-cancer-dp"] if default else [scenario]
+            run_accountant_benchmark(names, output, seeds=seeds, console=console)
+        elif deployed:
             run_deployed_benchmark(rounds, output, console=console)
         else:
             run_benchmarks(scenario, rounds, output, scale=scale, console=console)

@@ -246,17 +246,20 @@ def _cpus() -> int:
     return os.cpu_count() or 1
 
 
-def replace_section(document: str, section: str) -> str:
-    """`document` with its deployed-bench section replaced by `section` (appended if absent)."""
-    if START in document and END in document:
-        before = document[: document.index(START)]
-        after = document[document.index(END) + len(END) :]
+def replace_section(document: str, section: str, markers: tuple[str, str] = (START, END)) -> str:
+    """`document` with the section between `markers` (the deployed bench's by default)
+    replaced by `section` (appended if absent)."""
+    start, end = markers
+    if start in document and end in document:
+        before = document[: document.index(start)]
+        after = document[document.index(end) + len(end) :]
         return before + section + after
     return document.rstrip("\n") + "\n\n" + section + "\n"
 
 
-def kept_section(document: str) -> str | None:
-    """The deployed-bench section of an existing document, to carry over on a rewrite."""
-    if START in document and END in document:
-        return document[document.index(START) : document.index(END) + len(END)]
+def kept_section(document: str, markers: tuple[str, str] = (START, END)) -> str | None:
+    """The section between `markers` of an existing document, to carry over on a rewrite."""
+    start, end = markers
+    if start in document and end in document:
+        return document[document.index(start) : document.index(end) + len(end)]
     return None

@@ -21,13 +21,16 @@ from flwr.serverapp import ServerApp
 
 from confide.client.app import build_client_app
 from confide.client.device import resolve_device
-from confide.privacy.trainer import PrivacyError, check_model, planned_noise
+from confide.privacy.ledger import Ledger
+from confide.privacy.mechanism import DeltaTooLarge, check_delta, planned_noise
+from confide.privacy.trainer import PrivacyError, check_model
 from confide.server.app import build_server_app
 from confide.server.history import JobHistory, RoundObserver
 from confide.simulations.environment import apply_defaults
 from confide.simulations.resources import MemorySampler
 from confide.simulations.scenario import ScenarioConfig
 from confide.tasks.registry import get_task
+from confide.tasks.seeding import derive_seed
 from confide.tasks.splits import FederatedSplit
 
 
@@ -133,22 +136,33 @@ def preflight(scenario: ScenarioConfig, split: FederatedSplit) -> None:
         check_model(model)
     except PrivacyError as error:
         raise SimulationError(f"task.model: {error}") from None
-    for index, local in enumerate(split.institutions):
-        examples = len(local.train)
-        if privacy.delta >= 1.0 / examples:
-            raise SimulationError(
-                f"privacy.delta = {privacy.delta:g} is not below 1/n = {1 / examples:.3g} for "
-                f"institution {index} ({examples} training examples): with delta >= 1/n a "
-                "mechanism may publish a whole record. Choose delta well below 1/n."
-            )
+    rounds = scenario.federation.rounds
+    for index, declared in enumerate(scenario.declared_sizes(split)):
         try:
-            planned_noise(privacy, scenario.train, examples, scenario.federation.rounds)
-        except ValueError as error:  # Opacus: the target cannot be met at any noise level
+            check_delta(privacy.delta, declared)
+        except DeltaTooLarge as error:
+            raise SimulationError(f"institution {index}: privacy.{error}") from None
+        try:
+            planned_noise(privacy, scenario.train, declared, rounds)
+        except ValueError as error:  # the target cannot be met at any noise level
             raise SimulationError(
                 f"privacy.target_epsilon = {privacy.target_epsilon:g} cannot be met by "
-                f"institution {index} ({examples} examples, {scenario.federation.rounds} "
-                f"rounds): {error}"
+                f"institution {index} (declared size {declared}, {rounds} rounds): {error}"
             ) from None
+
+
+def run_position(state: Path | None, institutions: int) -> int:
+    """How many rounds the virtual institutions' ledgers under `state` already hold: the
+    coordinator's central-DP noise of a run that continues them is then drawn afresh (the
+    institutions do the same per ledger, see build_client_app)."""
+    if state is None:
+        return 0
+    total = 0
+    for index in range(institutions):
+        ledger = Ledger(state / f"institution-{index}")
+        if ledger.exists():
+            total += sum(entry.kind == "spend" for entry in ledger.entries())
+    return total
 
 
 def run_scenario(
@@ -163,8 +177,9 @@ def run_scenario(
 
     Virtual institution i keeps its privacy ledger in `state/institution-<i>` (a later run
     given the same `state` continues its spend). Virtual institutions seed their noise from
-    the scenario seed, so runs are reproducible; see `build_client_app` for why a deployed
-    institution must not do that.
+    the scenario seed and their ledger's position, so the same scenario and starting state
+    repeat a run while a run that continues a ledger draws fresh noise; see
+    `build_client_app` for why a deployed institution must not seed from anything public.
     """
     source = scenario.data_source(state)
     split = source.split()  # validates the partition before Ray starts
@@ -179,7 +194,9 @@ def run_scenario(
         history=history,
         observer=observer,
         test_set=split.test,
-        noise_seed=scenario.seed,
+        noise_seed=derive_seed(
+            scenario.seed, "central", run_position(state, scenario.simulation.institutions)
+        ),
     )
     client_app = build_client_app(source, noise_seed=scenario.seed)
     try:

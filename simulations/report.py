@@ -33,9 +33,16 @@ def run_directory(root: Path, scenario: ScenarioConfig) -> Path:
 
 def institution_rows(scenario: ScenarioConfig, outcome: SimulationOutcome) -> list[dict[str, Any]]:
     history, split = outcome.history, outcome.split
+    declared = scenario.declared_sizes(split)
     return [
         institution_row(
-            index, scenario.privacy, history, str(index), len(local.train), len(local.validation)
+            index,
+            scenario.privacy,
+            history,
+            key=str(index),
+            examples=len(local.train),
+            declared_examples=declared[index],
+            validation_examples=len(local.validation),
         )
         for index, local in enumerate(split.institutions)
     ]

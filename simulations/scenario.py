@@ -10,12 +10,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from confide.client.data import SimulatedInstitutions
 from confide.privacy.policy import PrivacyPolicy
 from confide.server.job import FederationConfig, JobFile
 from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
+from confide.tasks.splits import FederatedSplit
 
 
 class ScenarioError(ValueError):
@@ -37,6 +38,20 @@ class SimulationSettings(StrictModel):
         description="every virtual institution's own limits, enforced from its ledger like a "
         "deployed institution's [privacy] table; by default spend is recorded, not limited",
     )
+    declared_examples: int | list[int] | None = Field(
+        default=None,
+        description="the size each virtual institution publishes (one for all, or one per "
+        "institution): DP-SGD's sampling rate, steps, noise and the update's weight follow "
+        "from it; by default each declares its partition's training size",
+    )
+
+    @field_validator("declared_examples")
+    @classmethod
+    def _positive_sizes(cls, value: int | list[int] | None) -> int | list[int] | None:
+        sizes = [value] if isinstance(value, int) else (value or [])
+        if any(size < 1 or size > 100_000_000 for size in sizes):
+            raise ValueError("declared sizes must be between 1 and 100000000")
+        return value
 
 
 class ScenarioConfig(JobFile):
@@ -46,6 +61,11 @@ class ScenarioConfig(JobFile):
     @model_validator(mode="after")
     def _fits_institutions(self) -> ScenarioConfig:
         count = self.simulation.institutions
+        declared = self.simulation.declared_examples
+        if isinstance(declared, list) and len(declared) != count:
+            raise ValueError(
+                f"simulation.declared_examples lists {len(declared)} sizes for {count} institutions"
+            )
         for field in ("min_available", "min_train", "min_evaluate"):
             value = getattr(self.federation, field)
             if value > count:
@@ -66,7 +86,18 @@ class ScenarioConfig(JobFile):
             self.simulation.device,
             state=state,
             policy=self.simulation.policy,
+            declared=self._declared(),
         )
+
+    def _declared(self) -> tuple[int, ...] | None:
+        declared = self.simulation.declared_examples
+        if isinstance(declared, int):
+            return (declared,) * self.simulation.institutions
+        return tuple(declared) if declared is not None else None
+
+    def declared_sizes(self, split: FederatedSplit) -> tuple[int, ...]:
+        """The size each virtual institution of `split` publishes."""
+        return self._declared() or tuple(len(local.train) for local in split.institutions)
 
 
 def bundled_scenarios() -> dict[str, Path]:

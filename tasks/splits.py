@@ -97,6 +97,14 @@ def validation_indices(
     return np.arange(len(shard)), np.arange(0)
 
 
+def training_size(examples: int, fraction: float) -> int:
+    """How many of `examples` stay for training once `validation_indices` holds `fraction`
+    out (its ceil(fraction * n), none held out below two examples)."""
+    if fraction > 0 and examples >= 2:
+        return examples - int(np.ceil(fraction * examples))
+    return examples
+
+
 def split_validation(
     shard: Dataset, fraction: float, seed: int, what: str = "validation_fraction"
 ) -> InstitutionData:

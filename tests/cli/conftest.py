@@ -1,25 +1,28 @@
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 SCRIPT = Path(sys.executable).with_name("confide-simulate")
+CLIENT = Path(sys.executable).with_name("confide-client")
+Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
-@pytest.fixture
-def simulate(tmp_path: Path):
-    """Run the installed `confide-simulate` console script in `tmp_path`."""
+def _runner(script: Path, cwd: Path) -> Run:
+    """Run an installed console script in `cwd`, as an operator would (wide, plain output)."""
 
     def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        assert SCRIPT.exists(), f"console script not installed at {SCRIPT}"
+        assert script.exists(), f"console script not installed at {script}"
         env = os.environ | {"COLUMNS": "200", "NO_COLOR": "1"}
         return subprocess.run(
-            [str(SCRIPT), *args],
-            cwd=tmp_path,
+            [str(script), *args],
+            cwd=cwd,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -27,3 +30,74 @@ def simulate(tmp_path: Path):
         )
 
     return run
+
+
+@pytest.fixture
+def simulate(tmp_path: Path) -> Run:
+    """Run the installed `confide-simulate` console script in `tmp_path`."""
+    return _runner(SCRIPT, tmp_path)
+
+
+@pytest.fixture
+def confide_client(tmp_path: Path) -> Run:
+    """Run the installed `confide-client` console script in `tmp_path`."""
+    return _runner(CLIENT, tmp_path)
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Path:
+    """An institution's data file: 40 rows, two features and a binary label."""
+    path = tmp_path / "records.csv"
+    rows = ["age,dose,label", *(f"{30 + i},{i % 5},{i % 2}" for i in range(40))]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def join_cli(enrollment_coordinator, confide_client: Run, records: Path, tmp_path: Path):
+    """`confide-client join --no-start` of institution NAME into `tmp_path/NAME` at the
+    enrollment service of `enrollment_coordinator`, with a fresh join token."""
+    from confide.server.tokens import create_token
+
+    def join(name: str, *extra: str, data: Path = records) -> subprocess.CompletedProcess[str]:
+        token = create_token(
+            enrollment_coordinator["engine"],
+            name,
+            datetime.timedelta(hours=1),
+            enrollment_coordinator["fingerprint"],
+        )
+        token_file = tmp_path / f"{name}.token"
+        token_file.write_text(str(token))
+        return confide_client(
+            "join",
+            "--server",
+            f"127.0.0.1:{enrollment_coordinator['port']}",
+            "--dir",
+            str(tmp_path / name),
+            "--data",
+            str(data),
+            "--token-file",
+            str(token_file),
+            "--no-start",
+            *extra,
+        )
+
+    return join
+
+
+@pytest.fixture
+def spent_institution(join_cli, records: Path, tmp_path: Path) -> Path:
+    """Institution hospital-a, joined for real, whose ledger recorded 3 DP-SGD rounds on
+    `records` (as its ClientApp records them)."""
+    from confide.privacy.ledger import Ledger, Spend, fingerprint_file
+
+    joined = join_cli("hospital-a")
+    assert joined.returncode == 0, joined.stderr
+    folder = tmp_path / "hospital-a"
+    fingerprint = fingerprint_file(records)
+    ledger = Ledger(folder).open()
+    for server_round in (1, 2, 3):
+        ledger.record(
+            Spend("default", fingerprint, "job", "7", server_round, 32, 0.25, 1.1, 4, 1e-5, "rdp")
+        )
+    return folder

@@ -91,7 +91,8 @@ def _scenario_with(tmp_path: Path, old: str, new: str) -> str:
 def test_delta_not_below_one_over_n_is_refused_before_ray_starts(simulate, tmp_path):
     result = simulate("run", _scenario_with(tmp_path, "delta = 1e-5", "delta = 0.01"))
     assert result.returncode == 2
-    assert "privacy.delta" in result.stderr and "1/n" in result.stderr
+    assert "privacy.delta = 0.01" in result.stderr and "1/N" in result.stderr
+    assert "declared size" in result.stderr
     assert not any((tmp_path / "results").iterdir())
 
 

@@ -1,14 +1,16 @@
 """End to end through the real CLI: Flower's simulation engine on Ray, Opacus DP-SGD.
 
-Three institutions, two rounds, DP on; the run is made twice with one seed to check that the
-numbers in results.json repeat exactly. The second run is given the first one's ledgers
-(`--state`), so it also checks that a second job continues each institution's spend.
+Three institutions, two rounds, DP on. The first run starts from empty ledgers; the second
+and third are each given a copy of the first one's ledgers (`--state`): they continue each
+institution's spend, draw fresh noise (their losses differ from the first run's), and repeat
+each other exactly (same seed, same starting state).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +39,17 @@ def _run(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], Path
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
+    """The first run and one that continues its ledgers."""
     first = _run(tmp_path_factory.mktemp("run0"))
-    return [first, _run(tmp_path_factory.mktemp("run1"), "--state", str(first[1] / "state"))]
+    starts = []
+    for copy in ("state1", "state2"):
+        starts.append(tmp_path_factory.mktemp(copy) / "state")
+        shutil.copytree(first[1] / "state", starts[-1])
+    continued = [
+        _run(tmp_path_factory.mktemp(f"run{i}"), "--state", str(start))
+        for i, start in enumerate(starts, 1)
+    ]
+    return [first, *continued]
 
 
 def test_run_writes_every_artefact(two_runs):
@@ -106,9 +117,9 @@ def test_resolved_scenario_records_the_overrides(two_runs):
     assert resolved["seed"] == 7
 
 
-# What legitimately differs between the two runs: time, and the ledgers (the second run's
-# institutions continue the first run's spend).
-VARIES = ("seconds", "timing", "dataset_epsilon", "ledgers")
+# What legitimately differs between two runs from the same starting state: time, and where
+# the ledgers are.
+VARIES = ("seconds", "timing", "ledgers")
 
 
 def _without_timing(value):
@@ -119,11 +130,21 @@ def _without_timing(value):
     return value
 
 
-def test_same_seed_gives_the_same_numbers(two_runs):
-    first, second = (
-        json.loads((directory / "results.json").read_text()) for _, directory in two_runs
+def test_same_seed_and_starting_state_give_the_same_numbers(two_runs):
+    second, third = (
+        json.loads((directory / "results.json").read_text()) for _, directory in two_runs[1:]
     )
-    assert _without_timing(first) == _without_timing(second)
+    assert _without_timing(second) == _without_timing(third)
+
+
+def test_a_run_that_continues_the_ledgers_draws_fresh_noise(two_runs):
+    """Audit finding 2: with the same seed, a continuing run replayed the first run's batches
+    and noise (identical losses round by round) while its ledger counted both runs."""
+    first, second = (
+        json.loads((directory / "results.json").read_text()) for _, directory in two_runs[:2]
+    )
+    for before, after in zip(first["rounds"], second["rounds"], strict=True):
+        assert before["loss"] != after["loss"]
 
 
 def test_the_second_run_continues_each_institutions_ledger(two_runs):
@@ -135,7 +156,7 @@ def test_the_second_run_continues_each_institutions_ledger(two_runs):
     logging.getLogger("absl").setLevel(logging.ERROR)
     first, second = (
         json.loads((directory / "privacy.json").read_text())["sample_level"]["institutions"]
-        for _, directory in two_runs
+        for _, directory in two_runs[:2]
     )
     for before, after in zip(first, second, strict=True):
         assert before["dataset_epsilon"] == pytest.approx(before["epsilon"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import socket
@@ -14,9 +15,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from confide.client.institution import InstitutionDir
+from confide.privacy.ledger import Ledger, Spend, fingerprint_file
 from confide.server import pki
-from confide.server.enrollment import FlowerRegistrar, RegistrationError
+from confide.server.enrollment import EnrollmentService, FlowerRegistrar, RegistrationError, serve
 from confide.server.flower import write_connection
+from confide.server.state import open_database
+from confide.server.tokens import create_token
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -106,3 +111,57 @@ def test_the_same_key_cannot_be_registered_twice(superlink):
     superlink.register(key, "hospital-b")
     with pytest.raises(RegistrationError):
         superlink.register(key, "hospital-b")
+
+
+def confide_client(*args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run(
+        [str(BIN / "confide-client"), *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+@pytest.fixture
+def enrollment(superlink, tmp_path):
+    """confide's enrollment service (TLS) in front of the real SuperLink."""
+    state = superlink.flwr_home.parent  # the SuperLink fixture's folder: its CA and certificate
+    engine = open_database(f"sqlite:///{tmp_path}/confide.db")
+    service = EnrollmentService(state / "ca.pem", engine, superlink, "127.0.0.1:9091")
+    server, port = serve(service, "127.0.0.1:0", state / "server.key", state / "server.pem")
+    yield {"engine": engine, "port": port, "ca": pki.load_certificate(state / "ca.pem")}
+    server.stop(0)
+    engine.dispose()
+
+
+def test_rotate_key_moves_the_institution_to_a_new_node_and_keeps_its_budget(
+    superlink, enrollment, tmp_path
+):
+    token = create_token(
+        enrollment["engine"],
+        "hospital-r",
+        datetime.timedelta(hours=1),
+        pki.fingerprint(enrollment["ca"]),
+    )
+    (tmp_path / "token").write_text(str(token))
+    data = tmp_path / "records.csv"
+    data.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(20)))
+    folder = tmp_path / "hospital-r"
+    joined = confide_client(
+        "join", "--server", f"127.0.0.1:{enrollment['port']}", "--dir", str(folder),
+        "--data", str(data), "--token-file", str(tmp_path / "token"), "--no-start",
+    )  # fmt: skip
+    assert joined.returncode == 0, joined.stderr
+    directory = InstitutionDir(folder)
+    old_node = directory.load().node_id
+    ledger = Ledger(folder)
+    for server_round in (1, 2):
+        spend = Spend("default", fingerprint_file(data), "job", "1", server_round, 16, 0.5, 1.0, 2,
+                      1e-5, "rdp")  # fmt: skip
+        ledger.record(spend)
+    spent = ledger.spent(1e-5)
+    rotated = confide_client("rotate-key", "--dir", str(folder))
+    assert rotated.returncode == 0, rotated.stderr
+    new_node = directory.load().node_id
+    statuses = superlink.statuses()
+    assert new_node != old_node and statuses[new_node] == "registered"
+    assert statuses.get(old_node, "unregistered") == "unregistered"
+    assert ledger.spent(1e-5) == spent and ledger.verify() == []

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63onfide/v1/enrollment.proto\x12\nconfide.v1\"\x19\n\x17GetCaCertificateRequest\"6\n\x18GetCaCertificateResponse\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x01 \x01(\x0c\"<\n\x0fRegisterRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x1a\n\x12public_key_openssh\x18\x02 \x01(\x0c\"S\n\x10RegisterResponse\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x19\n\x11superlink_address\x18\x03 \x01(\t2\xb2\x01\n\nEnrollment\x12]\n\x10GetCaCertificate\x12#.confide.v1.GetCaCertificateRequest\x1a$.confide.v1.GetCaCertificateResponse\x12\x45\n\x08Register\x12\x1b.confide.v1.RegisterRequest\x1a\x1c.confide.v1.RegisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63onfide/v1/enrollment.proto\x12\nconfide.v1\"\x19\n\x17GetCaCertificateRequest\"6\n\x18GetCaCertificateResponse\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x01 \x01(\x0c\"<\n\x0fRegisterRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x1a\n\x12public_key_openssh\x18\x02 \x01(\x0c\"S\n\x10RegisterResponse\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x19\n\x11superlink_address\x18\x03 \x01(\t\"m\n\x10RotateKeyRequest\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x1e\n\x16new_public_key_openssh\x18\x02 \x01(\x0c\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"T\n\x11RotateKeyResponse\x12\x13\n\x0binstitution\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x19\n\x11superlink_address\x18\x03 \x01(\t2\xfc\x01\n\nEnrollment\x12]\n\x10GetCaCertificate\x12#.confide.v1.GetCaCertificateRequest\x1a$.confide.v1.GetCaCertificateResponse\x12\x45\n\x08Register\x12\x1b.confide.v1.RegisterRequest\x1a\x1c.confide.v1.RegisterResponse\x12H\n\tRotateKey\x12\x1c.confide.v1.RotateKeyRequest\x1a\x1d.confide.v1.RotateKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_end=186
   _globals['_REGISTERRESPONSE']._serialized_start=188
   _globals['_REGISTERRESPONSE']._serialized_end=271
-  _globals['_ENROLLMENT']._serialized_start=274
-  _globals['_ENROLLMENT']._serialized_end=452
+  _globals['_ROTATEKEYREQUEST']._serialized_start=273
+  _globals['_ROTATEKEYREQUEST']._serialized_end=382
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=384
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=468
+  _globals['_ENROLLMENT']._serialized_start=471
+  _globals['_ENROLLMENT']._serialized_end=723
 # @@protoc_insertion_point(module_scope)

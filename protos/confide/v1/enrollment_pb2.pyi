@@ -31,3 +31,25 @@ class RegisterResponse(_message.Message):
     node_id: int
     superlink_address: str
     def __init__(self, institution: _Optional[str] = ..., node_id: _Optional[int] = ..., superlink_address: _Optional[str] = ...) -> None: ...
+
+class RotateKeyRequest(_message.Message):
+    __slots__ = ("institution", "new_public_key_openssh", "timestamp", "signature")
+    INSTITUTION_FIELD_NUMBER: _ClassVar[int]
+    NEW_PUBLIC_KEY_OPENSSH_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    institution: str
+    new_public_key_openssh: bytes
+    timestamp: int
+    signature: bytes
+    def __init__(self, institution: _Optional[str] = ..., new_public_key_openssh: _Optional[bytes] = ..., timestamp: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class RotateKeyResponse(_message.Message):
+    __slots__ = ("institution", "node_id", "superlink_address")
+    INSTITUTION_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SUPERLINK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    institution: str
+    node_id: int
+    superlink_address: str
+    def __init__(self, institution: _Optional[str] = ..., node_id: _Optional[int] = ..., superlink_address: _Optional[str] = ...) -> None: ...

@@ -44,6 +44,11 @@ class EnrollmentStub(object):
                 request_serializer=confide_dot_v1_dot_enrollment__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=confide_dot_v1_dot_enrollment__pb2.RegisterResponse.FromString,
                 _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/confide.v1.Enrollment/RotateKey',
+                request_serializer=confide_dot_v1_dot_enrollment__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=confide_dot_v1_dot_enrollment__pb2.RotateKeyResponse.FromString,
+                _registered_method=True)
 
 
 class EnrollmentServicer(object):
@@ -67,6 +72,23 @@ class EnrollmentServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKey(self, request, context):
+        """Replace an enrolled institution's key with a new one it made itself, under the same name:
+        the institution keeps its folder, and so its privacy ledger. Authenticated by proof of
+        possession of the CURRENT key: `signature` is made with it over the message defined in
+        confide/key_rotation.py (domain-separated; institution, new key, CA fingerprint,
+        timestamp). The coordinator registers the new key with the SuperLink, unregisters the old
+        node and records the new node id and key, so a replayed request no longer verifies. A
+        request whose new key is already the registered one, signed by it, answers the current
+        node id (a retry after a lost reply).
+        Errors: UNAUTHENTICATED (unknown or revoked institution, wrong signature, timestamp too far
+        from the coordinator's clock), INVALID_ARGUMENT (bad key), FAILED_PRECONDITION (the
+        SuperLink refused the new key or would not unregister the old one; nothing changed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnrollmentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +101,11 @@ def add_EnrollmentServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=confide_dot_v1_dot_enrollment__pb2.RegisterRequest.FromString,
                     response_serializer=confide_dot_v1_dot_enrollment__pb2.RegisterResponse.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=confide_dot_v1_dot_enrollment__pb2.RotateKeyRequest.FromString,
+                    response_serializer=confide_dot_v1_dot_enrollment__pb2.RotateKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +162,33 @@ class Enrollment(object):
             '/confide.v1.Enrollment/Register',
             confide_dot_v1_dot_enrollment__pb2.RegisterRequest.SerializeToString,
             confide_dot_v1_dot_enrollment__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/confide.v1.Enrollment/RotateKey',
+            confide_dot_v1_dot_enrollment__pb2.RotateKeyRequest.SerializeToString,
+            confide_dot_v1_dot_enrollment__pb2.RotateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

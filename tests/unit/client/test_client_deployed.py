@@ -11,10 +11,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from confide.client.app import build_client_app
 from confide.client.data import STATE_DIR_KEY, deployed_institution
 from confide.client.institution import InstitutionConfig, InstitutionDir
-from confide.privacy.accounting import epsilon, sample_rate_and_steps
+from confide.privacy.accounting import epsilon
 from confide.privacy.config import PrivacyConfig, TrainConfig
 from confide.privacy.instructions import RoundInstructions
 from confide.privacy.ledger import Ledger, fingerprint_file
+from confide.privacy.mechanism import sampling
 from confide.privacy.policy import LEDGER_UNUSABLE, REFUSED_BY_POLICY, PrivacyPolicy
 from confide.tasks.config import TaskConfig
 from confide.tasks.datasets import DatasetError, load_digits
@@ -22,13 +23,15 @@ from confide.tasks.registry import get_task
 
 pytestmark = pytest.mark.usefixtures("inside_a_run")
 LABELS = [str(k) for k in range(10)]
+# The institution's file holds 120 examples (108 for training); it publishes 100.
+DECLARED = 100
 
 
 @pytest.fixture
 def institution(tmp_path: Path):
     """An institution directory whose CSV holds 120 digits without any 9."""
 
-    def make(policy: PrivacyPolicy = PrivacyPolicy()) -> Context:
+    def make(policy: PrivacyPolicy = PrivacyPolicy(), declared: int | None = DECLARED) -> Context:
         digits = load_digits()
         keep = np.flatnonzero(digits.y != 9)[:120]
         lines = [",".join([*(f"p{j}" for j in range(64)), "digit"])]
@@ -44,6 +47,7 @@ def institution(tmp_path: Path):
             label_column="digit",
             device="cpu",
             privacy=policy,
+            declared_examples=declared,
         )
         InstitutionDir(tmp_path).save(config)
         return Context(
@@ -103,8 +107,39 @@ def test_train_replies_with_weights_and_the_rounds_privacy_spend(institution):
     reply = build_client_app()(_train_message(_instructions()), context)
     assert not reply.has_error()
     metrics = reply.content["metrics"]
-    assert metrics["num-examples"] == 108 and 0 < metrics["epsilon"] < 10
+    assert 0 < metrics["epsilon"] < 10
+    # The weight is the declared size: the 108 training examples never leave.
+    assert metrics["num-examples"] == DECLARED
+    assert metrics["sample-rate"] == sampling(DECLARED, 20)[0]
     assert reply.content["identity"]["institution"] == "hospital-x"
+    assert reply.content["mechanism"]["noise-generator"] == "os-csprng"  # the default
+
+
+def test_the_torch_generator_is_reported_when_the_institution_chooses_it(institution, tmp_path):
+    context = institution()
+    directory = InstitutionDir(tmp_path)
+    directory.save(directory.load().model_copy(update={"noise_generator": "torch"}))
+    reply = build_client_app()(_train_message(_instructions()), context)
+    assert reply.content["mechanism"]["noise-generator"] == "torch-os-seeded"
+
+
+def test_an_institution_without_a_declared_size_refuses_to_train(institution):
+    context = institution(declared=None)
+    reply = build_client_app()(_train_message(_instructions()), context)
+    assert reply.has_error() and reply.error.code == REFUSED_BY_POLICY
+    assert "declares no size" in reply.error.reason and "declared_examples" in reply.error.reason
+    assert Ledger(Path(context.node_config[STATE_DIR_KEY])).entries() == []
+
+
+def test_a_deployed_institution_refuses_a_delta_not_below_one_over_its_declared_size(
+    institution,
+):
+    # Its own max_delta would allow 0.02; 1/N = 0.01 does not.
+    context = institution(PrivacyPolicy(max_delta=0.05))
+    reply = build_client_app()(_train_message(_instructions(delta=0.02)), context)
+    assert reply.has_error() and reply.error.code == REFUSED_BY_POLICY
+    assert "delta = 0.02 is not below 1/N = 0.01" in reply.error.reason
+    assert Ledger(Path(context.node_config[STATE_DIR_KEY])).entries() == []
 
 
 def test_a_round_past_the_institutions_limit_is_refused_not_trained(institution):
@@ -154,7 +189,7 @@ def test_a_restarted_supernode_continues_the_runs_spend_from_the_ledger(institut
     first = app(_train_message(_instructions(), 1), context).content["metrics"]["epsilon"]
     second = app(_train_message(_instructions(), 2), _context(context, 1)).content["metrics"]
     assert second["epsilon"] > first  # counted on from round 1, not from zero
-    rate, steps = sample_rate_and_steps(108, 20)
+    rate, steps = sampling(DECLARED, 20)
     assert second["epsilon"] == pytest.approx(epsilon([(1.0, rate, 2 * steps)], 1e-5))
 
 
@@ -164,7 +199,7 @@ def test_a_second_job_starts_from_the_first_jobs_spend(institution):
     for server_round in (1, 2):
         app(_train_message(_instructions(), server_round), context)
     metrics = app(_train_message(_instructions(), 1), _context(context, 2)).content["metrics"]
-    rate, steps = sample_rate_and_steps(108, 20)
+    rate, steps = sampling(DECLARED, 20)
     per_round = (1.0, rate, steps)
     assert metrics["epsilon"] == pytest.approx(epsilon([per_round], 1e-5))  # this job only
     assert metrics["dataset-epsilon"] == pytest.approx(epsilon([per_round] * 3, 1e-5))
@@ -177,7 +212,7 @@ def test_a_second_job_starts_from_the_first_jobs_spend(institution):
 
 
 def test_the_limit_stops_training_at_the_round_that_would_cross_it(institution):
-    rate, steps = sample_rate_and_steps(108, 20)
+    rate, steps = sampling(DECLARED, 20)
     spent = [epsilon([(1.0, rate, steps)] * k, 1e-5) for k in range(1, 8)]
     limit = (spent[4] + spent[5]) / 2  # five rounds fit, the sixth would not
     context = institution(PrivacyPolicy(max_epsilon=limit))

@@ -17,10 +17,11 @@ import copy
 
 import pytest
 import torch
+from rounds import train_round
 from torch import nn
 
 from confide.privacy.config import PrivacyConfig, TrainConfig
-from confide.privacy.trainer import RoundResult, train_round
+from confide.privacy.trainer import RoundResult
 from confide.tasks.datasets import Dataset
 
 EXAMPLES = 32

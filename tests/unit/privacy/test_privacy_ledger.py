@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import stat
@@ -25,6 +26,7 @@ from confide.privacy.ledger import (
     fingerprint_bytes,
     fingerprint_file,
 )
+from confide.privacy.ledger_index import LedgerIndex
 
 
 def spend(round_: int = 1, run: str = "1", dataset: str = "default", sigma: float = 1.1) -> Spend:
@@ -243,3 +245,118 @@ def test_values_are_signed_as_stored_and_odd_paths_work(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "a #b ?c %d").open()
     ledger.record(Spend("default", "sha256:x", "job", "1", 1, 300, 1, 2, 5, 1e-5, "rdp"))  # ints
     assert ledger.verify() == [] and ledger.history("default") == [(2.0, 1.0, 5)]
+
+
+FULL_DISK_WRITER = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from confide.privacy.ledger import Ledger, LedgerTampered, Spend
+    ledger, operation, room = Ledger(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write(), not a killed process
+    limit = ledger.path.stat().st_size + room
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    written = 0
+    try:
+        while True:
+            if operation == "record":
+                spend = Spend("default", "sha256:x", "job", "1", 100 + written, 100, 0.1, 1.0,
+                              10, 1e-5, "rdp")
+                ledger.record(spend)
+            else:
+                ledger.reseal("checked by hand")
+            written += 1
+    except Exception as error:
+        cause = error.__cause__
+        print(json.dumps({
+            "written": written,
+            "type": type(error).__name__,
+            "tampered": isinstance(error, LedgerTampered),
+            "message": str(error),
+            "cause": getattr(cause, "sqlite_errorname", repr(cause)),
+        }))
+    """
+)
+
+
+@pytest.mark.parametrize(("operation", "room"), [("record", 2000), ("record", 0), ("reseal", 0)])
+def test_a_full_disk_is_reported_as_a_failed_write_and_the_ledger_stays_usable(
+    ledger: Ledger, operation: str, room: int
+) -> None:
+    """The disk fills up under a real writer process: no mock, SQLite's own error path.
+
+    The writer lowers its RLIMIT_FSIZE to `room` bytes past the database's size (SIGXFSZ
+    ignored), which needs no privileges: the kernel then fails the write() that would grow a
+    file past the limit with EFBIG, after the writes before it succeeded — a disk filling up.
+    SQLite answers that write failure as it answers ENOSPC (SQLITE_IOERR_WRITE here,
+    SQLITE_FULL for ENOSPC): it rolls the transaction back itself (sqlite.org/lang_transaction
+    .html, "Response To Errors Within A Transaction"). Root in this container can mount no small
+    filesystem for a real ENOSPC, and SQLite refuses /dev/full as its journal; this is the
+    nearest real condition. With `room` 2000 some rounds are recorded before the disk fills.
+    """
+    before = len(ledger.entries())
+    child = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_WRITER, str(ledger.root), operation, str(room)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stderr
+    outcome = json.loads(child.stdout)
+    assert outcome["type"] == "LedgerError" and not outcome["tampered"], outcome
+    assert "the disk is full or the write failed" in outcome["message"], outcome
+    assert "was not recorded" in outcome["message"], outcome
+    assert outcome["cause"].startswith(("SQLITE_FULL", "SQLITE_IOERR")), outcome
+    assert outcome["written"] > 0 if room else outcome["written"] == 0, outcome
+    # Either every entry written in full or none of the failed one; the mark not advanced.
+    assert ledger.verify() == []
+    entries = ledger.entries()
+    assert len(entries) == before + outcome["written"]
+    assert json.loads(ledger.mark_path.read_text())["count"] == len(entries)
+    # With room on the disk again, the next write succeeds.
+    ledger.record(spend(99))
+    assert ledger.verify() == [] and len(ledger.entries()) == len(entries) + 1
+
+
+def test_an_imported_ledger_verifies_and_spends_what_its_source_spent(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    copy = Ledger(tmp_path / "moved")
+    entry = copy.import_from(ledger.root)
+    assert entry.kind == "import" and json.loads(entry.note)["entries"] == 4
+    assert str(ledger.root.resolve()) in entry.note
+    assert copy.verify() == [] and copy.spent(1e-5) == ledger.spent(1e-5)
+    assert copy.history("default") == ledger.history("default")
+    for name in (LEDGER, KEY, MARK):
+        assert stat.S_IMODE((copy.root / name).stat().st_mode) == 0o600
+    with pytest.raises(LedgerError, match="already exists"):
+        copy.import_from(ledger.root)
+
+
+def test_a_ledger_that_fails_verification_is_not_imported(ledger: Ledger, tmp_path: Path) -> None:
+    sql(ledger, "DELETE FROM entries WHERE seq = 2")
+    with pytest.raises(LedgerTampered, match="entry 2 is missing"):
+        Ledger(tmp_path / "moved").import_from(ledger.root)
+    assert not (tmp_path / "moved" / LEDGER).exists()
+
+
+def test_operator_entries_go_through_the_chain_and_spend_nothing(ledger: Ledger) -> None:
+    before = ledger.spent(1e-5)
+    entry = ledger.note("new-budget", '{"reason": "new consent round"}')
+    assert entry.kind == "new-budget" and entry.steps == 0 and entry.fingerprint == ""
+    assert ledger.verify() == [] and ledger.spent(1e-5) == before
+    sql(ledger, "UPDATE entries SET note = '{}' WHERE seq = 5")
+    assert any("entry 5 was altered" in problem for problem in ledger.verify())
+    with pytest.raises(ValueError, match="spend"):
+        ledger.note("spend", "")
+
+
+def test_spends_index_institution_folders_only(tmp_path: Path, ledger_index: Path) -> None:
+    simulated = Ledger(tmp_path / "state" / "institution-0").open()
+    simulated.record(spend(1))
+    assert LedgerIndex(ledger_index).folders("sha256:abc") == []
+    institution = tmp_path / "hospital"
+    institution.mkdir()
+    (institution / "institution.toml").write_text("")  # what makes a folder an institution's
+    Ledger(institution).record(spend(1))
+    Ledger(institution).record(spend(2))
+    assert LedgerIndex(ledger_index).folders("sha256:abc") == [institution.resolve()]

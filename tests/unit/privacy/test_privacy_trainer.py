@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
+from rounds import train_round
 from torch import nn
 
 from confide.privacy.accounting import epsilon, noise_for_budget
 from confide.privacy.config import PrivacyConfig, TrainConfig
-from confide.privacy.trainer import PrivacyError, RoundResult, check_model, train_round
+from confide.privacy.trainer import PrivacyError, RoundResult, check_model
 from confide.tasks.datasets import Dataset
 
 DP = PrivacyConfig(noise_multiplier=1.0, delta=1e-5)
@@ -314,7 +315,9 @@ def test_dp_off_trains_a_batchnorm_model(small_digits):
 def test_empty_dataset_is_refused(make_model, digits):
     empty = digits.subset(np.arange(0))
     with pytest.raises(ValueError, match="empty dataset"):
-        train_round(make_model(), empty, TRAIN, DP, history=[], planned_rounds=1, seed=0)
+        train_round(
+            make_model(), empty, TRAIN, DP, history=[], planned_rounds=1, seed=0, declared=10
+        )
 
 
 @pytest.mark.parametrize("examples", [49, 98, 161])
@@ -332,9 +335,13 @@ def test_batch_size_one_never_divides_the_update_by_zero(digits, make_model, exa
     assert all(torch.isfinite(value).all() for value in result.state.values())
 
 
-@pytest.mark.parametrize(("examples", "batch"), [(93, 1), (99, 1), (200, 20), (1437, 64)])
-def test_planned_steps_per_epoch_equal_the_steps_opacus_takes(digits, make_model, examples, batch):
-    from confide.privacy.accounting import sample_rate_and_steps
+@pytest.mark.parametrize(
+    ("examples", "declared", "batch"), [(93, 93, 1), (99, 120, 1), (200, 150, 20), (1437, 1437, 64)]
+)
+def test_a_round_takes_the_declared_sizes_rate_and_steps_whatever_the_data_holds(
+    digits, make_model, examples, declared, batch
+):
+    from confide.privacy.mechanism import sampling
 
     result = train_round(
         make_model(hidden=()),
@@ -344,8 +351,10 @@ def test_planned_steps_per_epoch_equal_the_steps_opacus_takes(digits, make_model
         history=[],
         planned_rounds=1,
         seed=0,
+        declared=declared,
     )
-    assert (result.sample_rate, result.steps) == sample_rate_and_steps(examples, batch)
+    assert (result.sample_rate, result.steps) == sampling(declared, batch)
+    assert result.divisor == pytest.approx(declared * result.sample_rate)
 
 
 def test_returned_state_is_a_copy_not_the_live_parameters(small_digits, make_model):

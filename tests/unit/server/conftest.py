@@ -68,17 +68,20 @@ class InProcessGrid(Grid):
 @pytest.fixture
 def federation(tmp_path: Path):
     """(grid, source) for `institutions` virtual digits institutions with ledgers in
-    tmp_path/state and an optional policy."""
+    tmp_path/`state` and an optional policy."""
 
     def make(
-        institutions: int = 3, policy: PrivacyPolicy | None = None, run_id: int = 1
+        institutions: int = 3,
+        policy: PrivacyPolicy | None = None,
+        run_id: int = 1,
+        state: str = "state",
     ) -> tuple[InProcessGrid, SimulatedInstitutions]:
         source = SimulatedInstitutions(
             TaskConfig(name="digits"),
             DataConfig(test_fraction=0.2, validation_fraction=0.1),
             institutions,
             seed=0,
-            state=tmp_path / "state",
+            state=tmp_path / state,
             policy=policy,
         )
         app = build_client_app(source, noise_seed=0)

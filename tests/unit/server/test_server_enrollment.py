@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ssl
+import time
 
 import grpc
 import pytest
@@ -11,27 +12,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from confide.protos.key_rotation import rotation_message, sign_rotation
 from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
 from confide.server import pki
-from confide.server.enrollment import EnrollmentService, RegistrationError, serve
-from confide.server.state import open_database
+from confide.server.institutions import enrolled_key, revoke
 from confide.server.tokens import create_token
 
 DAY = datetime.timedelta(days=1)
-
-
-class RecordingRegistrar:
-    """Stands in for the SuperLink (tested against a real one in the e2e suite)."""
-
-    def __init__(self) -> None:
-        self.registered: list[tuple[bytes, str]] = []
-        self.refuse = False
-
-    def register(self, public_key_openssh: bytes, institution: str) -> int:
-        if self.refuse:
-            raise RegistrationError("key already registered")
-        self.registered.append((public_key_openssh, institution))
-        return 1000 + len(self.registered)
 
 
 def openssh_public_key(key) -> bytes:
@@ -41,27 +28,8 @@ def openssh_public_key(key) -> bytes:
 
 
 @pytest.fixture
-def coordinator(tmp_path):
-    ca_key, ca = pki.create_ca()
-    server_key, server = pki.issue_server_certificate(ca_key, ca, ["localhost", "127.0.0.1"])
-    pki.write_certificate(tmp_path / "ca.pem", ca)
-    pki.write_certificate(tmp_path / "server.pem", server, ca)
-    pki.write_private_key(tmp_path / "server.key", server_key)
-    engine = open_database(f"sqlite:///{tmp_path}/confide.db")
-    registrar = RecordingRegistrar()
-    service = EnrollmentService(tmp_path / "ca.pem", engine, registrar, "127.0.0.1:9091")
-    server_handle, port = serve(
-        service, "127.0.0.1:0", tmp_path / "server.key", tmp_path / "server.pem"
-    )
-    yield {
-        "port": port,
-        "ca": ca,
-        "engine": engine,
-        "registrar": registrar,
-        "fingerprint": pki.fingerprint(ca),
-    }
-    server_handle.stop(0)
-    engine.dispose()
+def coordinator(enrollment_coordinator):
+    return enrollment_coordinator
 
 
 def stub(port: int, roots: bytes) -> enrollment_pb2_grpc.EnrollmentStub:
@@ -159,3 +127,130 @@ def test_plaintext_client_is_refused(coordinator):
             enrollment_pb2.GetCaCertificateRequest(), timeout=5
         )
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# -- key rotation -------------------------------------------------------------------------
+def enroll(coordinator, name: str = "hospital-a") -> tuple[ec.EllipticCurvePrivateKey, int]:
+    """An institution enrolled with a token; its private key and node id."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    token = create_token(coordinator["engine"], name, DAY, coordinator["fingerprint"])
+    request = enrollment_pb2.RegisterRequest(
+        token=str(token), public_key_openssh=openssh_public_key(key)
+    )
+    return key, verified_stub(coordinator).Register(request, timeout=10).node_id
+
+
+def rotation(
+    coordinator,
+    new_key: bytes,
+    signer: ec.EllipticCurvePrivateKey,
+    *,
+    name: str = "hospital-a",
+    timestamp: int | None = None,
+    ca_fingerprint: str | None = None,
+) -> enrollment_pb2.RotateKeyRequest:
+    """A rotation request signed as an institution signs it."""
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    message = rotation_message(
+        institution=name,
+        new_public_key=new_key,
+        ca_fingerprint=ca_fingerprint or coordinator["fingerprint"],
+        timestamp=timestamp,
+    )
+    return enrollment_pb2.RotateKeyRequest(
+        institution=name,
+        new_public_key_openssh=new_key,
+        timestamp=timestamp,
+        signature=sign_rotation(signer, message),
+    )
+
+
+def refused(coordinator, request: enrollment_pb2.RotateKeyRequest) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as refusal:
+        verified_stub(coordinator).RotateKey(request, timeout=10)
+    return refusal.value
+
+
+def test_a_rotation_signed_with_the_current_key_replaces_it_and_its_replay_fails(coordinator):
+    old, old_node = enroll(coordinator)
+    new = openssh_public_key(ec.generate_private_key(ec.SECP384R1()))
+    request = rotation(coordinator, new, old)
+    reply = verified_stub(coordinator).RotateKey(request, timeout=10)
+    assert reply.institution == "hospital-a" and reply.node_id != old_node
+    assert reply.superlink_address == "127.0.0.1:9091"
+    registrar = coordinator["registrar"]
+    assert registrar.registered[-1] == (new, "hospital-a")
+    assert registrar.unregistered == [old_node]
+    assert enrolled_key(coordinator["engine"], "hospital-a") == (new, reply.node_id)
+    replay = refused(coordinator, request)
+    assert replay.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "signature does not match" in replay.details()
+    assert len(registrar.registered) == 2 and registrar.unregistered == [old_node]
+
+
+def test_a_retry_signed_with_the_new_key_answers_the_current_node(coordinator):
+    old, _ = enroll(coordinator)
+    key = ec.generate_private_key(ec.SECP384R1())
+    first = verified_stub(coordinator).RotateKey(
+        rotation(coordinator, openssh_public_key(key), old), timeout=10
+    )
+    again = verified_stub(coordinator).RotateKey(
+        rotation(coordinator, openssh_public_key(key), key), timeout=10
+    )
+    assert again.node_id == first.node_id and len(coordinator["registrar"].registered) == 2
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("another key signed", "signature does not match"),
+        ("signed for another coordinator", "signature does not match"),
+        ("signed ten minutes ago", "coordinator's clock"),
+        ("signed ten minutes ahead", "coordinator's clock"),
+    ],
+)
+def test_a_rotation_not_signed_now_with_the_current_key_for_this_coordinator_is_refused(
+    coordinator, case: str, message: str
+):
+    old, node = enroll(coordinator)
+    new = openssh_public_key(ec.generate_private_key(ec.SECP384R1()))
+    now = int(time.time())
+    request = {
+        "another key signed": lambda: rotation(
+            coordinator, new, ec.generate_private_key(ec.SECP384R1())
+        ),
+        "signed for another coordinator": lambda: rotation(
+            coordinator, new, old, ca_fingerprint="0" * 64
+        ),
+        "signed ten minutes ago": lambda: rotation(coordinator, new, old, timestamp=now - 600),
+        "signed ten minutes ahead": lambda: rotation(coordinator, new, old, timestamp=now + 600),
+    }[case]()
+    refusal = refused(coordinator, request)
+    assert refusal.code() == grpc.StatusCode.UNAUTHENTICATED and message in refusal.details()
+    assert enrolled_key(coordinator["engine"], "hospital-a") == (openssh_public_key(old), node)
+    assert len(coordinator["registrar"].registered) == 1
+    assert coordinator["registrar"].unregistered == []
+
+
+@pytest.mark.parametrize("name", ["hospital-a", "hospital-z"], ids=["revoked", "unknown"])
+def test_a_revoked_or_unknown_institution_cannot_rotate(coordinator, name: str):
+    old, _ = enroll(coordinator)
+    revoke(coordinator["engine"], coordinator["registrar"], "hospital-a")
+    new = openssh_public_key(ec.generate_private_key(ec.SECP384R1()))
+    refusal = refused(coordinator, rotation(coordinator, new, old, name=name))
+    assert refusal.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "not enrolled here" in refusal.details()
+    assert len(coordinator["registrar"].registered) == 1
+
+
+def test_a_new_key_the_superlink_refuses_leaves_the_current_one(coordinator):
+    old, node = enroll(coordinator)
+    coordinator["registrar"].refuse = True
+    new = openssh_public_key(ec.generate_private_key(ec.SECP384R1()))
+    refusal = refused(coordinator, rotation(coordinator, new, old))
+    assert refusal.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "nothing changed" in refusal.details()
+    assert enrolled_key(coordinator["engine"], "hospital-a") == (openssh_public_key(old), node)
+    assert coordinator["registrar"].unregistered == []
+    bad = refused(coordinator, rotation(coordinator, b"not a key", old))
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT

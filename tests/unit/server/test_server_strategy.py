@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from confide.privacy.accounting import epsilon, sample_rate_and_steps
+from confide.privacy.accounting import epsilon
 from confide.privacy.config import CentralPrivacyConfig, PrivacyConfig, TrainConfig
 from confide.privacy.ledger import Ledger
+from confide.privacy.mechanism import sampling
 from confide.privacy.policy import PrivacyPolicy
 from confide.server.app import run
 from confide.server.central_dp import central_epsilon
@@ -38,7 +39,7 @@ def run_job(job_config: JobConfig, grid, source, seed: int | None = 0) -> JobHis
 
 def dataset_epsilon(source, index: int, rounds: int, delta: float = 1e-5) -> float:  # type: ignore[no-untyped-def]
     """What `rounds` rounds of this module's jobs spend at institution `index` (sigma 1)."""
-    rate, steps = sample_rate_and_steps(len(source.split().institutions[index].train), 64)
+    rate, steps = sampling(source.declared_size(index), 64)
     return epsilon([(1.0, rate, steps * rounds)], delta)
 
 
@@ -93,10 +94,26 @@ def test_central_dp_is_reproducible_with_a_seed_and_changes_the_model(federation
     central = CentralPrivacyConfig(enabled=True, noise_multiplier=1.0, clipping_norm=1.0)
     results = []
     for seed, dp in ((0, central), (0, central), (0, CentralPrivacyConfig())):
-        grid, source = federation(run_id=len(results) + 1)
+        # Each from fresh ledgers: the same starting state (see the next test).
+        grid, source = federation(run_id=len(results) + 1, state=f"state-{len(results)}")
         history = run_job(job(rounds=1, central_privacy=dp), grid, source, seed)
         results.append(history.rounds[-1].metrics["loss"])
     assert results[0] == results[1] != results[2]
+
+
+def test_a_run_that_continues_the_ledgers_draws_fresh_noise_and_a_fresh_start_repeats(
+    federation,
+):
+    """Finding 2 of the audit: the same seed on continued ledgers replayed the first run's
+    batches and noise, while the ledger composed both runs as independent."""
+    losses = []
+    for run_id, state in ((1, "kept"), (2, "kept"), (3, "fresh")):
+        grid, source = federation(run_id=run_id, state=state)
+        history = run_job(job(rounds=2), grid, source, 0)
+        losses.append([r.metrics["loss"] for r in history.rounds])
+    first, continued, repeated = losses
+    assert continued[0] != first[0] and continued[1] != first[1]
+    assert repeated == first  # the same seed from the same (empty) starting state
 
 
 def test_the_privacy_report_recomputes_from_its_own_parameters(federation):
@@ -107,7 +124,15 @@ def test_the_privacy_report_recomputes_from_its_own_parameters(federation):
     config = job(rounds=2, central_privacy=central)
     history = run_job(config, grid, source)
     rows = [
-        institution_row(i, config.privacy, history, str(i), len(local.train), 0)
+        institution_row(
+            i,
+            config.privacy,
+            history,
+            key=str(i),
+            examples=len(local.train),
+            declared_examples=len(local.train),
+            validation_examples=0,
+        )
         for i, local in enumerate(source.split().institutions)
     ]
     report = privacy_document("test-job", config, history, rows, simulated=True)
