@@ -4,8 +4,8 @@
 - `train`: verifies the institution's ledger, checks that the round keeps the dataset within
   the institution's limits over every job ever run on it, loads the global model, trains
   locally (DP-SGD unless the job turns it off), records the round in the ledger and replies
-  with weights, the institution's declared size (its weight; the actual example count never
-  leaves) and the privacy spent (this run's and the dataset's), or with a refusal that says
+  with weights, the institution's declared size (its weight; its training count is not
+  sent) and the privacy spent (this run's and the dataset's), or with a refusal that says
   which limit the round would break or what is wrong with the ledger;
 - `evaluate`: scores the global model on the local validation split.
 
@@ -73,9 +73,14 @@ class _Books:
         if me.ledger is None:
             run = _history(context)
             return cls(run, run, 0)
-        ledger = Ledger(me.ledger).open()
-        dataset = ledger.history(me.dataset)
-        recorded = ledger.history(me.dataset, run=str(context.run_id))
+        # One verified read: every spend on the dataset, and which of them were this run's.
+        spends = [
+            entry
+            for entry in Ledger(me.ledger).entries()
+            if entry.kind == "spend" and entry.dataset == me.dataset
+        ]
+        dataset = [entry.history_entry for entry in spends]
+        recorded = [entry.history_entry for entry in spends if entry.run == str(context.run_id)]
         # A SuperNode restarted during the job has an empty state: the ledger has the run.
         run = _history(context) or recorded
         return cls(run, dataset, len(dataset) - len(recorded))
@@ -123,7 +128,9 @@ def _mechanism(
         cache = context.state[NOISE] if NOISE in context.state else ConfigRecord()
         if key not in cache:
             try:
-                cache[key] = planned_noise(privacy, train, declared, instructions.rounds)
+                cache[key] = planned_noise(
+                    privacy, train, declared_examples=declared, rounds=instructions.rounds
+                )
             except ValueError as error:  # no sigma meets the target
                 raise PolicyRefusal(f"the job's target epsilon cannot be met: {error}") from None
             context.state[NOISE] = cache
@@ -165,18 +172,21 @@ def _check(
     books = _Books.read(me, context)
     check_job_delta(privacy, mechanism)
     if me.policy is not None:
-        check_round(me.policy, privacy, mechanism, books.dataset)
+        check_round(me.policy, privacy, mechanism=mechanism, history=books.dataset)
     return privacy, mechanism, books
 
 
-def _reply_metrics(
+def _reply(
     me: LocalInstitution,
     privacy: PrivacyConfig,
     mechanism: Mechanism,
     result: RoundResult,
+    *,
     dataset: list[HistoryEntry],
-) -> dict[str, int | float]:
-    """The train reply's numbers: weight = the declared size, never the local count."""
+    generator: str,
+) -> RecordDict:
+    """The train reply: weights, the numbers (weight = the declared size, not the training
+    set's size) and how the round was run."""
     budget_delta, budget_accountant = _budget(me, privacy)
     metrics: dict[str, int | float] = {
         "num-examples": mechanism.declared_examples,
@@ -193,7 +203,16 @@ def _reply_metrics(
             keys.SAMPLE_RATE: result.sample_rate,
             keys.TOTAL_STEPS: sum(n for _, _, n in result.history),
         }
-    return metrics
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(result.state),
+            "metrics": MetricRecord(metrics),
+            "identity": ConfigRecord({"institution": me.name}),
+            keys.MECHANISM: ConfigRecord(
+                {keys.NOISE_GENERATOR: generator, keys.DATASET_ACCOUNTANT: budget_accountant}
+            ),
+        }
+    )
 
 
 def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None) -> ClientApp:
@@ -257,7 +276,7 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
             examples=result.examples,
             sample_rate=mechanism.sample_rate,
             noise_multiplier=mechanism.noise_multiplier,
-            steps=mechanism.steps,
+            steps=result.steps,  # the mechanism's with DP; without, the shuffled epochs' steps
             delta=privacy.delta,
             accountant=privacy.accountant,
         )
@@ -269,21 +288,13 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
                 reason = f"{institution} cannot record round {server_round}: {problem}"
                 return Message(error=Error(LEDGER_UNUSABLE, reason), reply_to=message)
         _store_history(context, result.history)
-        metrics = _reply_metrics(
-            me, privacy, mechanism, result, [*books.dataset, spend.history_entry]
-        )
-        reply = RecordDict(
-            {
-                "arrays": ArrayRecord(result.state),
-                "metrics": MetricRecord(metrics),
-                "identity": ConfigRecord({"institution": institution}),
-                keys.MECHANISM: ConfigRecord(
-                    {
-                        keys.NOISE_GENERATOR: noise_generator(me.noise_source, noise_seed),
-                        keys.DATASET_ACCOUNTANT: _budget(me, privacy)[1],
-                    }
-                ),
-            }
+        reply = _reply(
+            me,
+            privacy,
+            mechanism,
+            result,
+            dataset=[*books.dataset, spend.history_entry],
+            generator=noise_generator(me.noise_source, noise_seed),
         )
         return Message(reply, reply_to=message)
 

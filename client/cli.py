@@ -49,6 +49,26 @@ def _training_size(rows: int) -> int:
     return max(1, training_size(rows, fraction))
 
 
+def _declare(declared: int | None, rows: int, max_delta: float) -> int:
+    """The size to declare (the operator's, else the training examples rounded to two
+    significant figures), refused here if the institution's max_delta is not below 1/N and
+    1/n; warnings are printed."""
+    from confide.client.institution import InstitutionError, check_local_privacy
+    from confide.privacy.mechanism import default_declared_size
+
+    training = _training_size(rows)
+    declared = declared or default_declared_size(training)
+    try:
+        warnings = check_local_privacy(
+            declared_examples=declared, max_delta=max_delta, training_examples=training
+        )
+    except InstitutionError as error:
+        raise fail(str(error)) from None
+    for warning in warnings:
+        console.print(f"warning: {warning}", highlight=False)
+    return declared
+
+
 def _token(token: str | None, token_file: Path | None) -> str:
     if (token is None) == (token_file is None):
         raise fail("give exactly one of --token and --token-file")
@@ -123,7 +143,8 @@ def join(
             min=1,
             max=100_000_000,
             help="the size this institution publishes (DP-SGD's sampling rate and its update's "
-            "weight follow from it); default: the training examples the data holds now",
+            "weight follow from it); default: the training examples the data holds now, "
+            "rounded to two significant figures",
         ),
     ] = None,
     noise_generator: Annotated[
@@ -178,6 +199,7 @@ def join(
     if noise_generator not in ("csprng", "torch"):
         raise fail(f"--noise-generator {noise_generator!r}: use csprng or torch")
     rows = _check_data(data, label_column)
+    declared = _declare(declared_examples, rows, max_delta)
     plan = _ledger_plan(state, data, dataset, max_delta, (ledger_from, new_budget, reason))
     try:
         prepare_ledger(state, plan)
@@ -199,7 +221,7 @@ def join(
         port=port,
         privacy=policy,
         dataset=dataset,
-        declared_examples=declared_examples or _training_size(rows),
+        declared_examples=declared,
         noise_generator=noise_generator,
     )
     directory.save(config)

@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from confide.privacy.instructions import RoundInstructions
 from confide.privacy.ledger import DEFAULT_DATASET, fingerprint_bytes, fingerprint_file
+from confide.privacy.mechanism import default_declared_size
 from confide.privacy.policy import PrivacyPolicy
 from confide.privacy.trainer import NoiseSource
 from confide.tasks.config import DataConfig, TaskConfig, unflatten
@@ -83,9 +84,10 @@ class SimulatedInstitutions:
 
     With `state`, institution i keeps its ledger in `state/institution-<i>` and, with
     `policy`, enforces those limits like a deployed institution. Institution i declares
-    `declared[i]` examples (`declared` None: its partition's training size, what a deployed
-    institution's `join` declares by default). Noise is PyTorch's generator, seeded from the
-    scenario seed so that runs repeat (documented in every simulated privacy report).
+    `declared[i]` examples (`declared` None: its partition's training size rounded to two
+    significant figures, what a deployed institution's `join` declares by default). Noise
+    is PyTorch's generator, seeded from the scenario seed so that runs repeat (documented in
+    every simulated privacy report).
     """
 
     task: TaskConfig
@@ -122,7 +124,7 @@ class SimulatedInstitutions:
         """The size virtual institution `index` publishes."""
         if self.declared is not None:
             return self.declared[index]
-        return len(self.split().institutions[index].train)
+        return default_declared_size(len(self.split().institutions[index].train))
 
     @classmethod
     def from_context(cls, context: Context) -> SimulatedInstitutions:

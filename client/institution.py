@@ -93,3 +93,39 @@ class InstitutionDir:
             return validate_file(read_toml(path), InstitutionConfig, path, "settings")
         except ConfigFileError as error:
             raise InstitutionError(str(error)) from None
+
+
+def check_local_privacy(
+    *, declared_examples: int | None, max_delta: float, training_examples: int
+) -> list[str]:
+    """Checks of the institution's own settings against its data, made on this host only
+    (at `join` and `start`; never in a reply, where they would tell the coordinator about the
+    private count). Raises InstitutionError for what would weaken the guarantee; returns
+    warnings for what only costs accuracy.
+
+    With N the declared size and n the training examples the file holds now: `max_delta`
+    must be below both 1/N and 1/n, so that no job the institution accepts may publish a
+    whole record; a declared size far from n scales every step by n/N.
+    """
+    declared = declared_examples
+    if declared is None:
+        raise InstitutionError(
+            f"{SETTINGS}: no declared_examples. Set it to about the {training_examples} "
+            "training examples the data holds (it is published: DP-SGD's sampling rate and "
+            "this institution's weight follow from it); see docs/privacy.md"
+        )
+    limit = max_delta
+    for size, what in ((declared, "declared_examples"), (training_examples, "training examples")):
+        if limit >= 1.0 / size:
+            raise InstitutionError(
+                f"{SETTINGS}: [privacy] max_delta = {limit:g} is not below 1/{size} "
+                f"({what}): a job with such a delta may publish a whole record. Choose "
+                "max_delta well below 1/n."
+            )
+    if not declared / 2 <= training_examples <= declared * 2:
+        return [
+            f"declared_examples = {declared}, but the data holds {training_examples} training "
+            "examples: every DP-SGD step is scaled by their ratio, which costs accuracy (not "
+            "privacy); update declared_examples in institution.toml if the data changed"
+        ]
+    return []

@@ -22,7 +22,13 @@ import time
 from collections.abc import Callable
 
 from confide.client.data import STATE_DIR_KEY
-from confide.client.institution import InstitutionDir
+from confide.client.institution import (
+    SETTINGS,
+    InstitutionConfig,
+    InstitutionDir,
+    InstitutionError,
+    check_local_privacy,
+)
 from confide.tasks.environment import executable, flower_process_environment
 
 CONNECTION_REFUSED = 305  # Flower's SUPERNODE_CONNECTION_ERROR exit code
@@ -49,6 +55,33 @@ def supernode_command(directory: InstitutionDir) -> list[str]:
     ]
 
 
+NOISE = {
+    "csprng": "every DP-SGD noise value from the operating system's CSPRNG",
+    "torch": "DP-SGD noise from PyTorch's generator (Mersenne Twister, not cryptographic), "
+    'seeded from the OS CSPRNG each round (noise_generator = "torch")',
+}
+
+
+def preflight(config: InstitutionConfig) -> list[str]:
+    """Local checks of the settings against the data before the SuperNode starts
+    (InstitutionError if they would weaken the guarantee); returns lines to show."""
+    from confide.tasks.datasets import DatasetError, read_file
+    from confide.tasks.splits import training_size
+
+    try:
+        _, labels = read_file(config.data, config.label_column)
+    except DatasetError as error:
+        raise InstitutionError(f"{SETTINGS}: data: {error}") from None
+    warnings = check_local_privacy(
+        declared_examples=config.declared_examples,
+        max_delta=config.privacy.max_delta,
+        training_examples=training_size(len(labels), config.validation_fraction),
+    )
+    return [f"warning: {line}" for line in warnings] + [
+        f"declared size {config.declared_examples} (published); {NOISE[config.noise_generator]}"
+    ]
+
+
 def run_supernode(directory: InstitutionDir, say: Callable[[str], None]) -> int:
     """Run the SuperNode until it exits or SIGTERM/SIGINT; return an exit code for the CLI."""
     command = supernode_command(directory)
@@ -63,6 +96,8 @@ def run_supernode(directory: InstitutionDir, say: Callable[[str], None]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, terminate)
+    for line in preflight(config):
+        say(line)
     say(f"SuperNode for {config.name} connecting to {config.superlink} (TLS)")
     started = time.monotonic()
     while True:

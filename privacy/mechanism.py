@@ -42,7 +42,6 @@ class Mechanism:
     is 0 and `private` is False)."""
 
     declared_examples: int
-    batch_size: int
     local_epochs: int
     sample_rate: float
     batches_per_epoch: int
@@ -76,7 +75,7 @@ def sampling(declared_examples: int, batch_size: int) -> tuple[float, int]:
 
 
 def planned_noise(
-    privacy: PrivacyConfig, train: TrainConfig, declared_examples: int, rounds: int
+    privacy: PrivacyConfig, train: TrainConfig, *, declared_examples: int, rounds: int
 ) -> float:
     """sigma: the configured one, or the smallest that meets the target over `rounds` rounds
     of `train.local_epochs` epochs at the declared size's rate (conservative under client
@@ -105,17 +104,28 @@ def plan_round(
     same mechanism whatever data they hold."""
     rate, batches = sampling(declared_examples, train.batch_size)
     sigma = (
-        planned_noise(privacy, train, declared_examples, planned_rounds) if privacy.enabled else 0.0
+        planned_noise(privacy, train, declared_examples=declared_examples, rounds=planned_rounds)
+        if privacy.enabled
+        else 0.0
     )
     return Mechanism(
         declared_examples=declared_examples,
-        batch_size=train.batch_size,
         local_epochs=train.local_epochs,
         sample_rate=rate,
         batches_per_epoch=batches,
         noise_multiplier=sigma,
         private=privacy.enabled,
     )
+
+
+def default_declared_size(training_examples: int) -> int:
+    """The size an institution declares unless its operator chooses one: its training
+    examples rounded to two significant figures (1437 -> 1400, 259 -> 260, 70 -> 70), so that
+    what is published says how large the data is rather than exactly how large."""
+    if training_examples < 1:
+        return 1
+    digits = len(str(training_examples)) - 2
+    return max(1, round(training_examples, -digits) if digits > 0 else training_examples)
 
 
 def check_delta(delta: float, declared_examples: int) -> None:

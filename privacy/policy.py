@@ -64,22 +64,16 @@ class PolicyRefusal(ValueError):
     """This round would break the institution's limits; the message says which and by how much."""
 
 
-def projected_epsilon(
-    privacy: PrivacyConfig, mechanism: Mechanism, history: list[HistoryEntry]
-) -> float:
-    """Epsilon of the job's run after one more round of `mechanism`, with the job's delta and
-    accountant (what the trainer will then report)."""
-    return epsilon([*history, mechanism.history_entry], privacy.delta, privacy.accountant)
-
-
 def check_round(
     policy: PrivacyPolicy,
     privacy: PrivacyConfig,
+    *,
     mechanism: Mechanism,
     history: list[HistoryEntry],
 ) -> None:
     """Raise `PolicyRefusal` if training one round of `mechanism` would break `policy`;
-    `history` is the dataset's whole ledger history."""
+    `history` is the dataset's whole ledger history. (delta < 1/N is every institution's
+    check, with or without limits of its own: `check_job_delta`.)"""
     if not privacy.enabled:
         if policy.require_dp:
             raise PolicyRefusal(
@@ -91,7 +85,6 @@ def check_round(
             f"the job's delta {privacy.delta:g} exceeds this institution's max_delta "
             f"{policy.max_delta:g}"
         )
-    check_job_delta(privacy, mechanism)
     after = epsilon([*history, mechanism.history_entry], policy.max_delta, policy.accountant)
     if after > policy.max_epsilon:
         spent = epsilon(history, policy.max_delta, policy.accountant)

@@ -33,11 +33,14 @@ SAMPLE_NEIGHBOURING_DETAIL = (
 )
 # What each institution publishes on purpose (confide.privacy.mechanism).
 PUBLISHED = [
-    "its declared size N (institution.toml: declared_examples; in simulation the partition's "
-    "training size unless simulation.declared_examples says otherwise): the sampling rate "
+    "its declared size N (institution.toml: declared_examples, by default the training count "
+    "at join rounded to two significant figures; in simulation the partition's training size "
+    "rounded the same way unless simulation.declared_examples says otherwise): the sampling rate "
     "q = 1/ceil(N/B), the steps per round, sigma and the divisor follow from it, and it is "
     "the update's FedAvg weight (num-examples)",
     "that it took part in a round, and the noise generator it used",
+    "its dataset's cumulative epsilon, delta and accountant from its ledger (dataset_epsilon)",
+    "with federated evaluation: its validation size and metrics (not differentially private)",
 ]
 SAMPLE_ACCOUNTANTS = {
     "rdp": "RDP (Opacus RDPAccountant; Mironov et al. 2019, conversion of Balle et al. 2020)",

@@ -160,12 +160,24 @@ def _dp_sgd(
                 chosen = torch.rand(len(y), generator=batches) < mechanism.sample_rate
                 index = chosen.nonzero().flatten().to(x.device)
                 optimizer.zero_grad(set_to_none=True)
-                criterion(private_model(x[index]), y[index]).backward()
+                if len(index):
+                    criterion(private_model(x[index]), y[index]).backward()
+                else:
+                    _no_examples(private_model)
                 optimizer.step()
         finally:
             # Unwrap so the caller's model is a plain module again (no hooks, no grad_sample).
             private_model.remove_hooks()
             private_model.cleanup()
+
+
+def _no_examples(model: nn.Module) -> None:
+    """Per-sample gradients of an empty batch, set directly: not every grad-sample mode can
+    run a forward pass on zero examples (ExpandedWeights refuses one), and whether a batch is
+    empty must never decide whether the round fails."""
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
 
 
 def train_round(
@@ -183,13 +195,15 @@ def train_round(
     """Train `model` in place on `data` for one round of `mechanism` (see
     confide.privacy.mechanism.plan_round); with privacy on, DP-SGD continuing `history`.
 
+    With DP an empty `data` is no error: every step is a noise-only step, as for any empty
+    Poisson batch (an error would tell n = 0 from n = 1).
     `seed` fixes batch sampling and, with the "torch" noise source, the noise (separate
     derived streams), so the same inputs give the same result: whoever knows the seed can
     regenerate that noise, so in deployment it must be the institution's secret. The
     "csprng" source draws the noise from the OS CSPRNG instead (not reproducible).
     """
-    if len(data) == 0:
-        raise ValueError("cannot train on an empty dataset")
+    if len(data) == 0 and not privacy.enabled:
+        raise ValueError("cannot train on an empty dataset without DP")
     if mechanism.private != privacy.enabled:
         raise ValueError("the mechanism was planned for another privacy setting")
     device = torch.device(device)

@@ -143,7 +143,7 @@ def preflight(scenario: ScenarioConfig, split: FederatedSplit) -> None:
         except DeltaTooLarge as error:
             raise SimulationError(f"institution {index}: privacy.{error}") from None
         try:
-            planned_noise(privacy, scenario.train, declared, rounds)
+            planned_noise(privacy, scenario.train, declared_examples=declared, rounds=rounds)
         except ValueError as error:  # the target cannot be met at any noise level
             raise SimulationError(
                 f"privacy.target_epsilon = {privacy.target_epsilon:g} cannot be met by "

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from confide.client.data import SimulatedInstitutions
+from confide.privacy.mechanism import default_declared_size
 from confide.privacy.policy import PrivacyPolicy
 from confide.server.job import FederationConfig, JobFile
 from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
@@ -42,7 +43,8 @@ class SimulationSettings(StrictModel):
         default=None,
         description="the size each virtual institution publishes (one for all, or one per "
         "institution): DP-SGD's sampling rate, steps, noise and the update's weight follow "
-        "from it; by default each declares its partition's training size",
+        "from it; by default each declares its partition's training size rounded to two "
+        "significant figures",
     )
 
     @field_validator("declared_examples")
@@ -97,7 +99,9 @@ class ScenarioConfig(JobFile):
 
     def declared_sizes(self, split: FederatedSplit) -> tuple[int, ...]:
         """The size each virtual institution of `split` publishes."""
-        return self._declared() or tuple(len(local.train) for local in split.institutions)
+        return self._declared() or tuple(
+            default_declared_size(len(local.train)) for local in split.institutions
+        )
 
 
 def bundled_scenarios() -> dict[str, Path]:

@@ -377,7 +377,20 @@ def check_privacy_report(folder: Path, results: dict, run_id: str, tmp_path: Pat
     config = CentralPrivacyConfig(enabled=True, noise_multiplier=0.02, clipping_norm=2.0)
     assert central["epsilon"] == pytest.approx(central_epsilon(config, [2, 2]))
     assert results["privacy"]["institution_level"]["epsilon"] == central["epsilon"]
+    # The deployed statement says exactly what drew the noise (audit finding 3).
+    statement = report["statement"]
+    assert "the operating system's CSPRNG (os.urandom) for every noise value (2 institutions)" in (
+        statement
+    )
+    assert "NumPy's PCG64 generator (not a cryptographic generator) seeded with 128 bits" in (
+        statement
+    )
+    assert "secret source" not in statement
+    assert report["sample_level"]["neighbouring"] == "add-remove"
     for row in report["sample_level"]["institutions"]:
+        settings = tomllib.loads((tmp_path / row["id"] / "institution.toml").read_text())
+        assert row["declared_examples"] == settings["declared_examples"]
+        assert row["noise_generator"] == "os-csprng"
         history = [(row["noise_multiplier"], row["sample_rate"], row["steps"])]
         assert row["epsilon"] == pytest.approx(epsilon(history, 1e-5), rel=1e-9)
         assert row["dataset_epsilon"] == pytest.approx(row["epsilon"])  # their first job

@@ -242,3 +242,30 @@ def test_a_tampered_ledger_stops_training_until_an_operator_reseals_it(instituti
     assert "confide-client budget verify" in reply.error.reason
     ledger.reseal("test: accepted the edited row")
     assert not app(_train_message(_instructions(), 2), context).has_error()
+
+
+def test_a_pld_job_calibrates_and_reports_with_pld_and_the_ledger_states_the_institutions_pld(
+    institution,
+):
+    from confide.privacy.mechanism import plan_round
+
+    context = institution(PrivacyPolicy(accountant="pld"))
+    job = _instructions(noise_multiplier=None, target_epsilon=4.0, accountant="pld")
+    reply = build_client_app()(_train_message(job), context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = reply.content["metrics"]
+    mechanism = plan_round(job.privacy, job.train, declared_examples=DECLARED, planned_rounds=3)
+    assert metrics["noise-multiplier"] == mechanism.noise_multiplier
+    rdp_sigma = plan_round(
+        job.privacy.model_copy(update={"accountant": "rdp"}),
+        job.train,
+        declared_examples=DECLARED,
+        planned_rounds=3,
+    ).noise_multiplier
+    assert mechanism.noise_multiplier < rdp_sigma  # the same target buys less noise
+    assert metrics["epsilon"] == pytest.approx(
+        epsilon([mechanism.history_entry], 1e-5, "pld"), rel=1e-9
+    )
+    assert reply.content["mechanism"]["dataset-accountant"] == "pld"
+    entry = Ledger(Path(context.node_config[STATE_DIR_KEY])).entries()[0]
+    assert entry.accountant == "pld"

@@ -13,6 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from confide.privacy.accounting import noise_for_budget
 from confide.privacy.config import PrivacyConfig, TrainConfig
 from confide.privacy.mechanism import DeltaTooLarge, check_delta, plan_round, sampling
 from confide.privacy.trainer import train_round
@@ -54,11 +55,10 @@ def neighbours(digits: Dataset) -> tuple[Dataset, Dataset]:
     return digits.subset(np.arange(256)), digits.subset(np.arange(257))
 
 
-def test_the_mechanism_is_planned_without_the_data():
+def test_the_mechanism_follows_the_declared_size_and_the_job():
     one = plan_round(PRIVACY, TRAIN, declared_examples=DECLARED, planned_rounds=ROUNDS)
-    two = plan_round(PRIVACY, TRAIN, declared_examples=DECLARED, planned_rounds=ROUNDS)
-    assert one == two
     assert (one.sample_rate, one.steps, one.divisor) == (0.25, 4, 64.0)
+    assert one.noise_multiplier == noise_for_budget(8.0, 1e-5, 0.25, 4 * ROUNDS, "rdp")
 
 
 def test_n_and_n_plus_one_examples_train_with_identical_parameters_and_divisor(neighbours):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -282,35 +281,3 @@ def test_optimizer_refuses_a_generator() -> None:
     optimizer.generator = torch.Generator().manual_seed(0)  # set behind its back
     with pytest.raises(ValueError, match="generator"):
         zero_gradient_step(model, optimizer, 4)
-
-
-def test_noise_cost_for_a_million_parameters(record_property: Callable[..., None]) -> None:
-    """Times one step's noise for a 1M-parameter model (reported, never asserted)."""
-    model = nn.Linear(1000, 1000)  # 1,001,000 parameters
-    timings = {}
-    for name, cls, secure in [
-        ("csprng", CsprngDPOptimizer, False),
-        ("opacus-default", DPOptimizer, False),
-        ("opacus-secure-mode-torch-rng", DPOptimizer, True),
-    ]:
-        optimizer = cls(
-            torch.optim.SGD(model.parameters(), lr=0.0),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            expected_batch_size=32,
-            secure_mode=secure,
-        )
-        best = float("inf")
-        for _ in range(3):
-            for p in model.parameters():
-                p.summed_grad = torch.zeros_like(p)
-            start = time.perf_counter()
-            optimizer.add_noise()
-            best = min(best, time.perf_counter() - start)
-            assert all(p.grad.shape == p.shape for p in model.parameters())
-        timings[name] = best
-        record_property(f"noise_seconds_{name}", best)
-    print(
-        f"\none step's noise, 1,001,000 parameters, {torch.get_num_threads()} thread(s): "
-        + ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in timings.items())
-    )

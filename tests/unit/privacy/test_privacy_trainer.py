@@ -225,8 +225,9 @@ def test_empty_poisson_batches_take_a_step_and_are_counted(digits):
         planned_rounds=1,
         seed=0,
     )
-    assert 0 in model.sizes  # the seed does draw at least one empty Poisson batch
-    assert len(model.sizes) == epochs * math.ceil(3 / 1)
+    # The seed draws empty Poisson batches: they take a (noise-only) step without a forward
+    # pass, so the model saw fewer batches than the round took steps, and none empty.
+    assert 0 < len(model.sizes) < 12 and 0 not in model.sizes
     assert result.steps == epochs * math.ceil(3 / 1) == 12
     assert result.history == [(1.0, result.sample_rate, 12)]
     assert result.sample_rate == pytest.approx(1 / 3, rel=1e-12)
@@ -312,12 +313,43 @@ def test_dp_off_trains_a_batchnorm_model(small_digits):
     assert result.epsilon == 0.0
 
 
-def test_empty_dataset_is_refused(make_model, digits):
+def test_an_empty_dataset_is_refused_without_dp_and_takes_noise_only_steps_with_dp(
+    make_model, digits
+):
     empty = digits.subset(np.arange(0))
     with pytest.raises(ValueError, match="empty dataset"):
+        off = PrivacyConfig(enabled=False)
         train_round(
-            make_model(), empty, TRAIN, DP, history=[], planned_rounds=1, seed=0, declared=10
+            make_model(), empty, TRAIN, off, history=[], planned_rounds=1, seed=0, declared=10
         )
+    model = make_model()
+    before = snapshot(model)
+    result = train_round(model, empty, TRAIN, DP, history=[], planned_rounds=1, seed=0, declared=10)
+    assert result.steps == 1 and result.examples == 0
+    assert any(not torch.equal(before[k], result.state[k]) for k in before)  # the noise moved it
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch"])
+@pytest.mark.parametrize("noise_source", ["torch", "csprng"])
+def test_every_grad_sample_mode_takes_empty_poisson_batches_as_noise_only_steps(
+    digits, make_model, mode, noise_source
+):
+    """5 examples declared as 100 at batch 10: q = 0.1, 10 steps, most batches empty. A mode
+    that fails on an empty batch would make the round's outcome depend on n."""
+    privacy = PrivacyConfig(noise_multiplier=1.0, grad_sample_mode=mode)
+    result = train_round(
+        make_model(),
+        digits.subset(np.arange(5)),
+        TrainConfig(batch_size=10),
+        privacy,
+        history=[],
+        planned_rounds=1,
+        seed=3,
+        declared=100,
+        noise_source=noise_source,
+    )
+    assert result.steps == 10
+    assert all(torch.isfinite(value).all() for value in result.state.values())
 
 
 @pytest.mark.parametrize("examples", [49, 98, 161])

@@ -82,3 +82,30 @@ def test_a_policy_with_an_out_of_range_limit_is_refused_with_the_field(tmp_path)
         load_scenario(str(path))
     assert "simulation.policy.max_epsilon" in str(error.value)
     assert "central_privacy.clipping_norm" in str(error.value)
+
+
+def test_virtual_institutions_declare_their_partition_size_rounded_by_default():
+    scenario = load_scenario("breast-cancer-dp")
+    split = scenario.data_source().split()
+    sizes = [len(local.train) for local in split.institutions]
+    assert sizes == [70, 153, 159]  # the partition the bundled scenario makes (seed 0)
+    assert scenario.declared_sizes(split) == (70, 150, 160)
+    assert [scenario.data_source().declared_size(i) for i in range(3)] == [70, 150, 160]
+
+
+def test_declared_sizes_can_be_one_for_all_or_one_per_institution():
+    split = load_scenario("breast-cancer-dp").data_source().split()
+    one = load_scenario("breast-cancer-dp", {"simulation": {"declared_examples": 120}})
+    assert one.declared_sizes(split) == (120, 120, 120)
+    each = load_scenario("breast-cancer-dp", {"simulation": {"declared_examples": [60, 150, 170]}})
+    assert each.declared_sizes(split) == (60, 150, 170)
+    assert each.data_source().declared_size(2) == 170
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [([100, 100], "lists 2 sizes for 3 institutions"), (0, "between 1 and 100000000")],
+)
+def test_bad_declared_sizes_are_refused_with_the_field(value, message):
+    with pytest.raises(ScenarioError, match=message):
+        load_scenario("breast-cancer-dp", {"simulation": {"declared_examples": value}})
