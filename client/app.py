@@ -24,13 +24,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.common import Error
 
+from confide.client.continuity import index_institution_ledger
 from confide.client.data import LocalInstitution, Resolver, resolve
 from confide.client.device import resolve_device
 from confide.privacy import instructions as keys
 from confide.privacy.accounting import HistoryEntry, epsilon
 from confide.privacy.config import PrivacyConfig
 from confide.privacy.instructions import RoundInstructions
-from confide.privacy.ledger import Ledger, LedgerError, Spend
+from confide.privacy.ledger import Ledger, LedgerError, Spend, moved_to
 from confide.privacy.mechanism import Mechanism, plan_round, planned_noise
 from confide.privacy.policy import (
     LEDGER_UNUSABLE,
@@ -74,11 +75,10 @@ class _Books:
             run = _history(context)
             return cls(run, run, 0)
         # One verified read: every spend on the dataset, and which of them were this run's.
-        spends = [
-            entry
-            for entry in Ledger(me.ledger).entries()
-            if entry.kind == "spend" and entry.dataset == me.dataset
-        ]
+        entries = Ledger(me.ledger).entries()
+        if (moved := moved_to(entries)) is not None:  # before training, not after
+            raise LedgerError(f"{me.ledger}: this ledger was moved to {moved}; train from there")
+        spends = [e for e in entries if e.kind == "spend" and e.dataset == me.dataset]
         dataset = [entry.history_entry for entry in spends]
         recorded = [entry.history_entry for entry in spends if entry.run == str(context.run_id)]
         # A SuperNode restarted during the job has an empty state: the ledger has the run.
@@ -287,6 +287,8 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
             except LedgerError as problem:
                 reason = f"{institution} cannot record round {server_round}: {problem}"
                 return Message(error=Error(LEDGER_UNUSABLE, reason), reply_to=message)
+            # So that a later `join` elsewhere on this host finds this data's budget.
+            index_institution_ledger(me.ledger, [spend.fingerprint])
         _store_history(context, result.history)
         reply = _reply(
             me,

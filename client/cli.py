@@ -17,7 +17,7 @@ from confide.tasks.terminal import errors, fail
 
 if TYPE_CHECKING:
     from confide.client.continuity import LedgerPlan
-    from confide.client.institution import InstitutionDir
+    from confide.client.institution import InstitutionConfig, InstitutionDir
 
 app = typer.Typer(
     help="Join a confide coordinator as an institution and train on local data.",
@@ -178,7 +178,7 @@ def join(
     Refuses, before contacting the coordinator, data that another ledger on this host already
     spent privacy budget on, unless --ledger-from or --new-budget says what to do.
     """
-    from confide.client.continuity import index_ledger, prepare_ledger, undo_ledger
+    from confide.client.continuity import index_ledger, mark_moved, prepare_ledger, undo_ledger
     from confide.client.enrollment import JoinError
     from confide.client.enrollment import join as enroll
     from confide.client.institution import DATASET_NAME, InstitutionConfig, InstitutionDir
@@ -233,8 +233,9 @@ def join(
         "rate, noise and this institution's weight follow from it; see docs/privacy.md)",
         highlight=False,
     )
-    if warning := index_ledger(state, plan):
-        errors.print(warning, highlight=False)
+    for warning in (index_ledger(state, plan), mark_moved(state, plan)):
+        if warning:
+            errors.print(warning, highlight=False)
     if start:
         run_supernode(directory)
 
@@ -254,6 +255,7 @@ def run_supernode(directory: InstitutionDir) -> None:
 def rotate_key(state: DirOption) -> None:
     """Replace this institution's key with a new one made here, keeping this folder and so
     its privacy ledger; the coordinator unregisters the old key (restart the SuperNode)."""
+    from confide.client.continuity import index_folder
     from confide.client.enrollment import JoinError
     from confide.client.enrollment import rotate_key as rotate
     from confide.client.institution import InstitutionDir, InstitutionError
@@ -262,15 +264,36 @@ def rotate_key(state: DirOption) -> None:
     try:
         config = directory.load()
         enrollment = rotate(directory, config.name, config.enrollment)
-        directory.save(config.model_copy(update={"node_id": enrollment.node_id}))
     except (InstitutionError, JoinError, OSError) as error:
         raise fail(str(error)) from None
+    _save_rotated(directory, config, enrollment.node_id)
     console.print(
         f"new key for {config.name} registered (node {config.node_id} -> {enrollment.node_id}); "
         f"the old key no longer connects. Restart the SuperNode: confide-client start --dir "
         f"{state}",
         highlight=False,
     )
+    if warning := index_folder(state):
+        errors.print(warning, highlight=False)
+
+
+def _save_rotated(directory: InstitutionDir, config: InstitutionConfig, node_id: int) -> None:
+    """Write the new node id once the keys are rotated; if that fails, say exactly what
+    stands: the rotation itself is done and is not to be repeated."""
+    settings = directory.settings_file
+    try:
+        directory.save(config.model_copy(update={"node_id": node_id}))
+    except OSError as error:
+        raise fail(
+            f"the key was rotated, but {settings} could not be saved ({error}). The "
+            f"coordinator holds the new key as node {node_id} and unregistered node "
+            f"{config.node_id}; the new keys are in place ({directory.private_key.name}, "
+            f"{directory.public_key.name}); {settings.name} still names node {config.node_id}. "
+            f"Fix: set node_id = {node_id} in {settings} once it is writable (the SuperNode "
+            f"authenticates with its key, so it connects either way), then restart the "
+            f"SuperNode: confide-client start --dir {directory.root}. Do not run rotate-key "
+            "again for this."
+        ) from None
 
 
 @app.command()
@@ -295,6 +318,7 @@ OPERATOR_ACTIONS = {
     "reseal": "resealed by an operator",
     "import": "imported from another folder's ledger",
     "new-budget": "new budget started by an operator",
+    "moved": "moved to another folder, which continues its budget (no spend recorded here)",
 }
 
 
@@ -390,8 +414,8 @@ def verify(
     """Check the ledger's integrity chain; exit 1 if it fails (training refuses until then).
 
     An intact ledger is also indexed on this host (`join` looks there for earlier spend)."""
+    from confide.client.continuity import index_institution_ledger
     from confide.privacy.ledger import Ledger, LedgerError
-    from confide.privacy.ledger_index import index_institution_ledger
 
     ledger = Ledger(state)
     if not ledger.exists() and not ledger.key_path.exists() and not ledger.mark_path.exists():

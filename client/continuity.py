@@ -10,18 +10,33 @@ contacts the coordinator, what the new folder's ledger continues:
 - `--new-budget --reason`: a new budget on purpose (a 'new-budget' entry with the reason).
 
 Anything else is refused, naming the other ledgers, their spend and both ways out. A ledger
-that fails verification refuses too: what it spent cannot be known.
+that fails verification refuses too: what it spent cannot be known. Other folders' ledgers are
+only read (`Ledger.entries(read_only=True)`): checking them changes nothing there.
+
+Once the coordinator accepted the join, a ledger continued with `--ledger-from` gets a 'moved'
+entry naming the new folder: it records no spend any more (`mark_moved`).
+
+The host's index is written from here, never by the ledger itself: at `join`, `rotate-key`,
+`budget verify` and after each round a deployed institution records
+(`index_institution_ledger`); simulated institutions' folders are never indexed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from confide.client.institution import InstitutionDir, InstitutionError
 from confide.privacy.accounting import epsilon
-from confide.privacy.ledger import Entry, Ledger, LedgerError
+from confide.privacy.ledger import Entry, Ledger, LedgerError, LedgerTampered
 from confide.privacy.ledger_index import LedgerIndex, LedgerIndexError
+
+_log = logging.getLogger(__name__)
+# How a refusal names the accountant a folder's spend is stated with.
+_ACCOUNTANTS = {"rdp": "RDP", "pld": "PLD"}
 
 
 class ContinuityError(RuntimeError):
@@ -57,15 +72,14 @@ class _Spends:
 
 
 def _read(folder: Path, fingerprint: str) -> _Spends:
-    """The verified spends of `folder`'s ledger on `fingerprint`."""
-    ledger = Ledger(folder)
+    """The verified spends of `folder`'s ledger on `fingerprint`, read without changing any
+    file there (another folder's ledger is only checked)."""
     try:
-        problems = ledger.verify()
-        entries = [] if problems else ledger.entries()
+        entries = Ledger(folder).entries(read_only=True)
+    except LedgerTampered as error:
+        return _Spends(folder, frozenset(), problems=tuple(error.problems))
     except LedgerError as error:
-        problems = [str(error)]
-    if problems:
-        return _Spends(folder, frozenset(), problems=tuple(problems))
+        return _Spends(folder, frozenset(), problems=(str(error),))
     mine = tuple(e for e in entries if e.kind == "spend" and e.fingerprint == fingerprint)
     # A spend is the same in a copy of the ledger: compare what was spent, not the MACs
     # (a resealed copy is re-signed).
@@ -98,13 +112,26 @@ def _others(index: LedgerIndex, fingerprint: str, excluded: set[Path]) -> list[_
     return found
 
 
+def _accountant(folder: Path) -> tuple[str, str]:
+    """The accountant `folder`'s institution states its budget with (`[privacy] accountant`
+    in its institution.toml), else RDP; and where that choice came from."""
+    try:
+        chosen = InstitutionDir(folder).load().privacy.accountant
+    except (InstitutionError, OSError):
+        return "rdp", "the default: no readable institution.toml there"
+    return chosen, "as its institution.toml sets"
+
+
 def _describe(spends: _Spends, delta: float) -> str:
+    """One line of a refusal: the folder's spend as its own institution states it."""
     if spends.problems:
         return f"  {spends.folder}: its ledger fails verification ({spends.problems[0]})"
-    spent = epsilon([e.history_entry for e in spends.entries], delta)
+    accountant, source = _accountant(spends.folder)
+    spent = epsilon([e.history_entry for e in spends.entries], delta, accountant)
     datasets = ", ".join(sorted({e.dataset for e in spends.entries}))
     return (
-        f"  {spends.folder}: epsilon {spent:.3f} spent at delta {delta:g} over "
+        f"  {spends.folder}: epsilon {spent:.3f} spent at delta {delta:g} "
+        f"({_ACCOUNTANTS.get(accountant, accountant)} accountant, {source}) over "
         f"{len(spends.entries)} rounds (dataset {datasets})"
     )
 
@@ -130,6 +157,21 @@ def _uncovered(others: list[_Spends], base: frozenset[tuple[object, ...]]) -> li
     return [o for o in left if o.problems or not any(p.supersedes(o) for p in left)]
 
 
+def _imported_last(own: Ledger, source: Path) -> bool:
+    """`own` holds a finished import of `source` and nothing since: a join with
+    `--ledger-from` cut short after the import and run again."""
+    try:
+        entries = own.entries(read_only=True)
+    except LedgerError:
+        return False
+    if not entries or entries[-1].kind != "import":
+        return False
+    try:
+        return Path(json.loads(entries[-1].note)["from"]) == source.resolve()
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def _check_flags(ledger_from: Path | None, new_budget: bool, reason: str, own: Ledger) -> None:
     if ledger_from is not None and new_budget:
         raise ContinuityError("give either --ledger-from or --new-budget, not both")
@@ -137,6 +179,15 @@ def _check_flags(ledger_from: Path | None, new_budget: bool, reason: str, own: L
         raise ContinuityError("--new-budget needs --reason: it is recorded in the new ledger")
     if reason and not new_budget:
         raise ContinuityError("--reason goes with --new-budget")
+    if own.import_cut_short():
+        if ledger_from is None:
+            raise ContinuityError(
+                f"{own.root}: an import of another ledger was cut short here: run the same "
+                "join again, with its --ledger-from"
+            )
+        return  # `import_from` clears what it left and imports afresh
+    if ledger_from is not None and _imported_last(own, ledger_from):
+        return  # imported already; the rest of the join was cut short
     if _has_ledger(own) and (ledger_from is not None or new_budget):
         raise ContinuityError(
             f"{own.root} already holds a ledger: --ledger-from and --new-budget need a new folder"
@@ -144,12 +195,18 @@ def _check_flags(ledger_from: Path | None, new_budget: bool, reason: str, own: L
 
 
 def _base(source: Path, fingerprint: str, dataset: str) -> frozenset[tuple[object, ...]]:
-    """The spends a ledger this folder continues already holds (refused if it fails)."""
+    """The spends a ledger this folder continues already holds (refused if it fails, or if
+    it was moved to another folder, which continues it)."""
     spends = _read(source, fingerprint)
     if spends.problems:
         raise ContinuityError(
             f"{source}: its ledger fails verification ({'; '.join(spends.problems[:3])}); "
             f"check it first: confide-client budget verify --dir {source}"
+        )
+    if (moved := Ledger(source).moved_to()) is not None:
+        raise ContinuityError(
+            f"{source}: this ledger was moved to {moved}, which continues its budget: join "
+            f"with --ledger-from {moved}"
         )
     names = {e.dataset for e in spends.entries}
     if names and dataset not in names:
@@ -192,10 +249,12 @@ def plan_ledger(
 
 
 def prepare_ledger(state: Path, plan: LedgerPlan) -> None:
-    """Before contacting the coordinator: import the ledger or record the new budget."""
+    """Before contacting the coordinator: import the ledger (unless a join cut short did)
+    or record the new budget."""
     ledger = Ledger(state)
     if plan.source is not None:
-        ledger.import_from(plan.source)
+        if not (ledger.exists() and _imported_last(ledger, plan.source)):
+            ledger.import_from(plan.source)
     elif plan.reason is not None:
         note = {
             "reason": plan.reason,
@@ -215,6 +274,23 @@ def undo_ledger(state: Path, plan: LedgerPlan) -> None:
         path.unlink(missing_ok=True)
 
 
+def mark_moved(state: Path, plan: LedgerPlan) -> str | None:
+    """After the coordinator accepted the join: the ledger `--ledger-from` named gets a
+    'moved' entry naming `state`, so that it records no spend any more (its budget continues
+    here, and a round recorded there would not reach it). A warning if that failed."""
+    if plan.source is None:
+        return None
+    note = json.dumps({"to": str(state.resolve())})
+    try:
+        Ledger(plan.source).note("moved", note)
+    except (LedgerError, OSError) as error:
+        return (
+            f"warning: {plan.source}'s ledger could not be marked as moved here ({error}); "
+            f"never train from {plan.source} again: its rounds would not count in {state}"
+        )
+    return None
+
+
 def index_ledger(state: Path, plan: LedgerPlan) -> str | None:
     """Index the joined folder under its data's fingerprint; a warning if that failed."""
     try:
@@ -222,3 +298,33 @@ def index_ledger(state: Path, plan: LedgerPlan) -> str | None:
     except LedgerIndexError as error:
         return f"warning: {error}; another folder on this data would not be refused"
     return None
+
+
+def index_institution_ledger(folder: Path, fingerprints: Iterable[str]) -> str | None:
+    """Index an institution's ledger folder under `fingerprints` (each data file a spend
+    was recorded on); folders without institution.toml (a simulation's) are not indexed.
+
+    Best effort, called after a spend was recorded (the ClientApp), at `rotate-key` and at
+    `budget verify`: the spend stands whether or not the index can be written (a read-only
+    home, say), so a failure is logged and returned as a warning, never raised.
+    """
+    if not InstitutionDir(folder).settings_file.is_file():
+        return None
+    index = LedgerIndex()
+    for fingerprint in dict.fromkeys(fingerprints):
+        try:
+            index.add(fingerprint, folder)
+        except LedgerIndexError as error:
+            _log.warning("privacy ledger %s not indexed: %s", folder, error)
+            return f"warning: {error}; another folder on this data would not be refused"
+    return None
+
+
+def index_folder(folder: Path) -> str | None:
+    """Index an institution's folder under every data file its ledger spent on (read only;
+    a ledger that cannot be read is not indexed: its own use reports why)."""
+    try:
+        entries = Ledger(folder).entries(read_only=True)
+    except LedgerError:
+        return None
+    return index_institution_ledger(folder, (e.fingerprint for e in entries if e.kind == "spend"))

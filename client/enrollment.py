@@ -9,7 +9,8 @@
 
 Rotating the key later (`rotate_key`) keeps the folder: a new key pair is made and staged
 here, the coordinator is asked over a channel that trusts only the saved CA to replace the
-current key (the request is signed with it), and the new keys are put in place only then.
+current key (the request is signed with it), and the new keys are put in place only then. A
+staged key that an earlier attempt sent is never deleted here: the coordinator may hold it.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class RotationError(JoinError):
         self.refused = refused
 
 
-# Answers after which the coordinator certainly did not take the new key.
+# Answers after which the coordinator certainly did not take the new key (it answers a
+# rotation it started and did not finish with ABORTED, which is not among them).
 _REFUSALS = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -239,8 +241,9 @@ def rotate_key(directory: InstitutionDir, institution: str, server: str) -> Enro
     """Replace the institution's key in place: stage a new pair, have the coordinator register
     it (signed with the current key) and unregister the old one, then put it in place.
 
-    If a previous rotation staged a key and its reply was lost, the coordinator may already
-    hold that key: the request is then made again, signed with the staged key itself.
+    If a previous rotation staged a key, the coordinator may hold it (a lost reply, or a
+    rotation it did not finish): the request is made again for that key, signed with the
+    current key and then with the staged key itself.
     """
     try:
         ca_pem = directory.ca_certificate.read_bytes()
@@ -258,11 +261,37 @@ def rotate_key(directory: InstitutionDir, institution: str, server: str) -> Enro
         except RotationError as error:
             failures.append(error)
     else:
-        if all(failure.refused for failure in failures):  # the coordinator holds no staged key
-            directory.next_private_key.unlink(missing_ok=True)
-            directory.next_public_key.unlink(missing_ok=True)
-        raise RotationError(f"{failures[0]}; the current key stays in use")
+        raise _rotation_failed(directory, failures, resumed=resumed)
     # The private key first: it is what the SuperNode authenticates with.
     os.replace(directory.next_private_key, directory.private_key)
     os.replace(directory.next_public_key, directory.public_key)
     return enrollment
+
+
+def _rotation_failed(
+    directory: InstitutionDir, failures: list[RotationError], *, resumed: bool
+) -> RotationError:
+    """What went wrong and what to do. The staged key is deleted only when this attempt made
+    it and the coordinator refused it (it never registered it); one an earlier attempt sent
+    may be held by the coordinator, so it stays, and the operator is told what to do."""
+    staged = directory.next_private_key
+    details = "; ".join(dict.fromkeys(str(failure) for failure in failures))
+    if not resumed and all(failure.refused for failure in failures):
+        staged.unlink(missing_ok=True)
+        directory.next_public_key.unlink(missing_ok=True)
+        return RotationError(f"{details}; the current key stays in use", refused=True)
+    if resumed:
+        advice = (
+            f"The new key {staged} was sent by an earlier attempt and is kept: the "
+            "coordinator may hold it. Run rotate-key again once the cause above is fixed; "
+            f"delete {staged.name} and {directory.next_public_key.name} (rotate-key then makes "
+            "a new key) only if the coordinator's answer says that key cannot be used, or its "
+            "operator confirms it does not hold it."
+        )
+    else:
+        advice = (
+            f"The new key stays staged in {staged}: run rotate-key again to finish (the "
+            "coordinator may have taken it); until then the current key stays in use unless "
+            "the coordinator's answer above says otherwise."
+        )
+    return RotationError(f"{details}. {advice}", refused=all(f.refused for f in failures))

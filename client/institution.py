@@ -13,12 +13,13 @@ import tomli_w
 from pydantic import Field
 
 from confide.privacy.ledger import DEFAULT_DATASET
-from confide.privacy.ledger_index import INSTITUTION_SETTINGS
 from confide.privacy.policy import PrivacyPolicy
 from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 from confide.tasks.files import write_atomic
 
-SETTINGS = INSTITUTION_SETTINGS
+# The settings file that makes a folder an institution's (deployed, not simulated): only such
+# folders go into the host's ledger index (`confide.client.continuity`).
+SETTINGS = "institution.toml"
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 

@@ -26,8 +26,13 @@ see docs/privacy.md.
 
 Entries other than kind 'spend' carry no spend (their spend fields are empty) and are what
 operators did: 'reseal' (accepted the ledger as it stood), 'import' (this folder continues
-another folder's ledger) and 'new-budget' (a new budget on data another ledger had spent on,
-with the reason). Only 'spend' entries count towards epsilon.
+another folder's ledger), 'moved' (another folder continues this one: no spend is recorded
+here any more) and 'new-budget' (a new budget on data another ledger had spent on, with the
+reason). Only 'spend' entries count towards epsilon.
+
+Errors: LedgerTampered when the content fails verification (or is no ledger database at
+all); LedgerError, naming the cause, when the environment stops its use (a read-only or full
+disk, another process holding it): those are fixed without an operator's reseal.
 """
 
 from __future__ import annotations
@@ -45,7 +50,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from confide.privacy.accounting import HistoryEntry, epsilon
-from confide.privacy.ledger_index import index_institution_ledger
 from confide.tasks.files import write_atomic
 
 LEDGER = "ledger.sqlite"
@@ -108,7 +112,7 @@ _COLUMN_TYPES = {
     name: float if name in _REAL else int if name in _INTEGER else str for name in _FIELDS
 }
 # Kinds of the entries an operator's action writes (no spend; see the module's docstring).
-OPERATOR_KINDS = ("reseal", "import", "new-budget")
+OPERATOR_KINDS = ("reseal", "import", "moved", "new-budget")
 # Their spend fields.
 _EMPTY: dict[str, object] = {
     "dataset": "",
@@ -215,10 +219,65 @@ def _head_mac(key: bytes, ledger_id: str, created_at: str, count: int, last_mac:
     return _mac(key, "head", (_FORMAT, ledger_id, created_at, count, last_mac))
 
 
-def _write_failed(error: sqlite3.OperationalError) -> bool:
-    """SQLITE_FULL (no space left) or SQLITE_IOERR (a write the system refused)."""
-    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
-    return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+# SQLite's primary result codes that say the environment stopped the ledger's use (its file
+# system, another process, memory, permissions), not that its content is wrong: each is a
+# LedgerError naming the cause, and is fixed without a reseal. Sorting errors by their text
+# used to report "attempt to write a readonly database" as tampering.
+_UNAVAILABLE = {
+    sqlite3.SQLITE_READONLY: "the database is read-only for this process (its file, folder or "
+    "file system)",
+    sqlite3.SQLITE_CANTOPEN: "the database file cannot be opened",
+    sqlite3.SQLITE_BUSY: "another process is using the database",
+    sqlite3.SQLITE_LOCKED: "the database is locked",
+    sqlite3.SQLITE_FULL: "the disk is full or the write failed",
+    sqlite3.SQLITE_IOERR: "the disk is full or the write failed",
+    sqlite3.SQLITE_NOMEM: "out of memory",
+    sqlite3.SQLITE_PERM: "the operating system denied access to the database",
+    sqlite3.SQLITE_AUTH: "access to the database was denied",
+}
+# Codes that say the content is not the ledger it should be: damaged or replaced (CORRUPT,
+# NOTADB) or of another shape (ERROR: "no such table", a column missing; CONSTRAINT and
+# MISMATCH: rows that the schema refuses).
+_DAMAGED = (
+    sqlite3.SQLITE_CORRUPT,
+    sqlite3.SQLITE_NOTADB,
+    sqlite3.SQLITE_ERROR,
+    sqlite3.SQLITE_CONSTRAINT,
+    sqlite3.SQLITE_MISMATCH,
+)
+
+
+def _cause(error: sqlite3.Error) -> str | None:
+    """What in the environment made `error` (see `_UNAVAILABLE`); None if it says the content
+    is damaged (`_DAMAGED`). Classified by SQLite's result code, never by the message."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None:  # raised by Python's sqlite3 module itself, not by SQLite
+        return f"the database could not be used ({type(error).__name__})"
+    if code & 0xFF in _DAMAGED:
+        return None
+    if code & 0xFF == sqlite3.SQLITE_IOERR and "READ" in (error.sqlite_errorname or ""):
+        return "a read from the disk failed"
+    return _UNAVAILABLE.get(code & 0xFF, "SQLite could not use the database")
+
+
+def _describe(error: sqlite3.Error) -> str:
+    """The error as SQLite names it: `message (SQLITE_NAME)`."""
+    return f"{error} ({getattr(error, 'sqlite_errorname', None) or type(error).__name__})"
+
+
+def moved_to(entries: list[Entry]) -> str | None:
+    """Where the ledger went if its newest entry other than a reseal is 'moved' (a reseal
+    does not bring a moved ledger back); None if it was not moved."""
+    for entry in reversed(entries):
+        if entry.kind == "reseal":
+            continue
+        if entry.kind != "moved":
+            return None
+        try:
+            return str(json.loads(entry.note)["to"])
+        except (ValueError, KeyError, TypeError):
+            return entry.note
+    return None
 
 
 def fingerprint_bytes(*parts: bytes) -> str:
@@ -248,6 +307,11 @@ class Ledger:
     path = property(lambda self: self.root / LEDGER)
     key_path = property(lambda self: self.root / KEY)
     mark_path = property(lambda self: self.root / MARK)
+    # Staged beside the ledger: a new key and mark (`create`, `reseal`) and the copy an
+    # import is made in (`import_from`), each put in place by a rename.
+    _staged_key = property(lambda self: self.root / f".{KEY}.new")
+    _staged_mark = property(lambda self: self.root / f".{MARK}.new")
+    _staged_import = property(lambda self: self.root / f".{LEDGER}.import")
 
     # -- files ---------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -257,9 +321,13 @@ class Ledger:
         try:
             key = self.key_path.read_bytes()
         except FileNotFoundError:
-            raise LedgerTampered(
-                self.root, [f"the ledger's key {self.key_path} is missing"]
-            ) from None
+            problem = f"the ledger's key {self.key_path} is missing"
+            if self._staged_key.is_file():  # a creation's is put in place before this read
+                problem += (
+                    f" (the key staged beside it, {self._staged_key.name}, left by a reseal cut "
+                    "short or planted, is never adopted by itself: run the reseal again)"
+                )
+            raise LedgerTampered(self.root, [problem]) from None
         except OSError as error:
             raise LedgerError(f"{self.key_path}: cannot read the ledger key: {error}") from None
         if len(key) != 32:
@@ -294,48 +362,83 @@ class Ledger:
         os.replace(self._staged_mark, self.mark_path)
         os.replace(self._staged_key, self.key_path)
 
-    _staged_key = property(lambda self: self.root / f".{KEY}.new")
-    _staged_mark = property(lambda self: self.root / f".{MARK}.new")
-
     def _write_mark(self, key: bytes, count: int, last_mac: str) -> None:
         """Record the newest (count, mac) outside the database, after each commit: a copy of
         the database alone restored from an older backup is then behind its mark."""
         write_atomic(self.mark_path, _mark_text(key, count, last_mac), mode=0o600)
 
-    def _read_mark(self) -> str | None:
-        """The mark's text (None if missing); read before the database, so that a commit
-        in between leaves the database ahead of it, which verification accepts."""
+    def _read_mark(self, path: Path | None = None) -> str | None:
+        """The mark's text (None if missing, "" if not a readable text file); `path` reads a
+        staged mark instead. Read before the database, so that a commit in between leaves the
+        database ahead of it, which verification accepts."""
+        path = path or self.mark_path
         try:
-            return self.mark_path.read_text()
+            return path.read_text()
         except FileNotFoundError:
             return None
-        except OSError:
+        except PermissionError as error:  # the environment, not the content
+            raise LedgerError(f"{path}: cannot read the ledger's mark: {error}") from None
+        except (OSError, UnicodeDecodeError):
             return ""
 
-    def _mark_problems(self, key: bytes, entries: list[Entry], text: str | None) -> list[str]:
+    def _mark_state(
+        self, key: bytes, entries: list[Entry], text: str | None
+    ) -> tuple[list[str], bool]:
+        """The problems of the mark `text`, and whether it shows the database behind it (an
+        older copy restored, or entries deleted)."""
         if text is None:
-            return [f"{self.mark_path} (the record of the newest entry) is missing"]
+            return [f"{self.mark_path} (the record of the newest entry) is missing"], False
         try:
             mark = json.loads(text)
             count, last_mac = int(mark["count"]), str(mark["last_mac"])
             valid = hmac.compare_digest(str(mark["mac"]), _mac(key, "mark", (count, last_mac)))
         except (ValueError, KeyError, TypeError):
-            return [f"{self.mark_path} is unreadable"]
+            return [f"{self.mark_path} is unreadable"], False
         if not valid:
-            return [f"{self.mark_path} was altered"]
+            return [f"{self.mark_path} was altered"], False
         if count > len(entries):
-            return [
+            behind = (
                 f"the ledger holds {len(entries)} entries but had reached {count} "
                 "(an older copy restored, or entries deleted)"
-            ]
-        # The database may be one commit ahead of the mark (a crash between the two writes).
+            )
+            return [behind], True
+        # The database may be ahead of the mark (a crash, or a failed write, after a commit).
         if count and not hmac.compare_digest(entries[count - 1].mac, last_mac):
-            return [f"entry {count} is not the one the ledger last recorded"]
-        return []
+            return [f"entry {count} is not the one the ledger last recorded"], False
+        return [], False
 
-    def _recover_creation(self) -> None:
-        """Finish a `create` cut short after its database appeared: put the staged mark and
-        key in place — only while the ledger is still empty (a ledger with entries is no
+    def _check(
+        self,
+        key: bytes,
+        connection: sqlite3.Connection,
+        marks: tuple[str | None, str | None],
+    ) -> tuple[list[str], list[Entry], str | None]:
+        """Chain, head and mark problems in the caller's transaction, and the staged mark to
+        put in place if it is the one that fits.
+
+        `marks` are the mark and a reseal's staged mark, read before the transaction. A
+        reseal stages its mark before its commit and puts it in place after: if it was cut
+        short in between, the old mark no longer fits the re-signed chain but the staged one
+        does (it is signed with the key and names an entry of this chain), and is accepted —
+        never when the old mark shows the database behind it (that is a rollback to report).
+        """
+        problems, entries = self._problems(key, connection)
+        mark, staged = marks
+        found, behind = self._mark_state(key, entries, mark)
+        if found and not behind and self._staged_mark_fits(key, entries, staged):
+            return problems, entries, staged
+        return problems + found, entries, None
+
+    def _staged_mark_fits(self, key: bytes, entries: list[Entry], staged: str | None) -> bool:
+        """A staged mark passes as the mark would, and names an entry: a creation's (count 0)
+        would fit any chain."""
+        if not staged or self._mark_state(key, entries, staged)[0]:
+            return False
+        return int(json.loads(staged)["count"]) >= 1
+
+    def _creation_pending(self) -> list[tuple[Path, Path]]:
+        """The staged (file, final name) pairs of a `create` cut short after its database
+        appeared — only while that database is still empty (a ledger with entries is no
         creation, and a key planted beside it must not be adopted)."""
         pending = [
             (staged, final)
@@ -346,8 +449,12 @@ class Ledger:
             if staged.is_file() and not final.exists()
         ]
         if not pending or not self.exists() or not self._empty():
-            return
-        for staged, final in pending:
+            return []
+        return pending
+
+    def _recover_creation(self) -> None:
+        """Finish a `create` cut short after its database appeared (`_creation_pending`)."""
+        for staged, final in self._creation_pending():
             os.replace(staged, final)
 
     def _empty(self) -> bool:
@@ -360,37 +467,61 @@ class Ledger:
             return False
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        uri = self.path.resolve().as_uri() + "?mode=rw"
+    def _connect(self, path: Path | None = None) -> Iterator[sqlite3.Connection]:
+        """A connection to the database (or to `path`, a staged copy). SQLite's errors are
+        sorted by their result code (`_cause`): damaged or foreign content is LedgerTampered,
+        anything else a LedgerError naming the cause."""
+        path = path or self.path
+        uri = path.resolve().as_uri() + "?mode=rw"
         try:
             connection = sqlite3.connect(uri, uri=True, timeout=30.0)
         except sqlite3.Error as error:
-            raise LedgerError(f"{self.path}: cannot open the ledger: {error}") from None
+            raise self._sqlite_error(error, path) from error
         connection.isolation_level = None  # explicit transactions below
         try:
             # EXTRA also syncs the directory after the journal is deleted: a power loss right
             # after a commit cannot undo it (and leave the mark ahead of the database).
             connection.execute("PRAGMA synchronous = EXTRA")
             yield connection
-        except sqlite3.OperationalError as error:
-            message = str(error)
-            if any(word in message for word in ("locked", "disk", "unable to open", "full")):
-                raise LedgerError(f"{self.path}: cannot use the ledger now: {message}") from None
-            raise LedgerTampered(self.root, [f"not a readable ledger database: {error}"]) from None
-        except sqlite3.DatabaseError as error:
-            raise LedgerTampered(self.root, [f"not a readable ledger database: {error}"]) from None
+        except sqlite3.Error as error:
+            raise self._sqlite_error(error, path) from error
         finally:
             connection.close()
 
+    def _sqlite_error(self, error: sqlite3.Error, path: Path) -> LedgerError:
+        cause = _cause(error)
+        if cause is None:
+            problem = f"not a readable ledger database: {_describe(error)}"
+            return LedgerTampered(self.root, [problem])
+        return LedgerError(f"{path}: cannot use the ledger now: {cause}: {_describe(error)}")
+
+    def _absence(self) -> list[str] | None:
+        """None if the database is here; else the problems its absence makes: none when the
+        folder never had a ledger, one when its key or mark remain (a ledger deleted, or an
+        import cut short)."""
+        if self.exists():
+            return None
+        left = [path.name for path in (self.key_path, self.mark_path) if path.exists()]
+        if not left:
+            return []
+        problem = f"{self.path} is missing but its {' and '.join(left)} exist"
+        if self.import_cut_short():
+            problem += " (an import cut short: run the same `join --ledger-from` again)"
+        return [problem]
+
     def open(self) -> Ledger:
         """Create the ledger if this directory never had one; refuse if it had one that is
-        gone (its key or mark is still here)."""
+        gone (its key or mark is still here), or while an import into it is unfinished."""
         self._recover_creation()
-        if not self.exists():
-            left = [path.name for path in (self.key_path, self.mark_path) if path.exists()]
-            if left:
-                raise LedgerTampered(
-                    self.root, [f"{self.path} is missing but its {' and '.join(left)} exist"]
+        absence = self._absence()
+        if absence:
+            raise LedgerTampered(self.root, absence)
+        if absence is not None:
+            if self.import_cut_short():
+                raise LedgerError(
+                    f"{self.root}: an import of another ledger into this folder was cut short "
+                    f"(its copy {self._staged_import.name} is here): run the same "
+                    "`confide-client join --ledger-from` again"
                 )
             self.create()
         return self
@@ -437,35 +568,62 @@ class Ledger:
             )
         return problems, entries
 
-    def _snapshot(self, key: bytes) -> tuple[list[str], list[Entry]]:
-        """Every problem and every entry: the mark first, then one read transaction."""
-        mark = self._read_mark()
+    def _snapshot(self, key: bytes, *, read_only: bool = False) -> tuple[list[str], list[Entry]]:
+        """Every problem and every entry: the marks first, then one read transaction. A
+        reseal's staged mark that fits (`_check`) is put in place unless `read_only`."""
+        marks = (self._read_mark(), self._read_mark(self._staged_mark))
         with self._connect() as connection:
             connection.execute("BEGIN")
-            problems, entries = self._problems(key, connection)
+            problems, entries, staged = self._check(key, connection, marks)
             connection.execute("COMMIT")
-        return problems + self._mark_problems(key, entries, mark), entries
+        if staged is not None and not read_only:
+            self._adopt_staged_mark(staged)
+        return problems, entries
 
-    def verify(self) -> list[str]:
-        """Every integrity problem found (empty: the ledger is intact)."""
-        self._recover_creation()
-        if not self.exists():
-            left = [path.name for path in (self.key_path, self.mark_path) if path.exists()]
-            if left:
-                return [f"{self.path} is missing but its {' and '.join(left)} exist"]
+    def _adopt_staged_mark(self, text: str) -> None:
+        """Put a fitting staged mark in place; best effort: it is accepted where it is."""
+        with suppress(OSError):
+            write_atomic(self.mark_path, text, mode=0o600)
+            self._staged_mark.unlink()
+
+    def verify(self, *, read_only: bool = False) -> list[str]:
+        """Every integrity problem found (empty: the ledger is intact).
+
+        `read_only` changes no file: a creation cut short is not finished (its empty ledger
+        verifies) and a reseal's staged mark is not put in place. `join` reads other folders'
+        ledgers this way: checking them must not change them.
+        """
+        if not read_only:
+            self._recover_creation()
+        absence = self._absence()
+        if absence is not None:
+            return absence
+        if read_only and self._creation_pending():
             return []
         try:
-            return self._snapshot(self._key())[0]
+            return self._snapshot(self._key(), read_only=read_only)[0]
         except LedgerTampered as error:
             return error.problems
 
-    def entries(self) -> list[Entry]:
-        """Every entry, after verifying the whole chain (LedgerTampered if it fails)."""
-        self.open()
-        problems, entries = self._snapshot(self._key())
+    def entries(self, *, read_only: bool = False) -> list[Entry]:
+        """Every entry, after verifying the whole chain (LedgerTampered if it fails). A folder
+        without a ledger gets an empty one (`open`), or, with `read_only`, has no entries and
+        is left as it is."""
+        if not read_only:
+            self.open()
+        elif (absence := self._absence()) is not None or self._creation_pending():
+            if absence:
+                raise LedgerTampered(self.root, absence)
+            return []
+        problems, entries = self._snapshot(self._key(), read_only=read_only)
         if problems:
             raise LedgerTampered(self.root, problems)
         return entries
+
+    def moved_to(self) -> str | None:
+        """The folder this ledger was moved to (a 'moved' entry, see `record`); None if it was
+        not. Reads only."""
+        return moved_to(self.entries(read_only=True))
 
     def history(self, dataset: str, run: str | None = None) -> list[HistoryEntry]:
         """(sigma, q, steps) of every spend on `dataset` (only run `run`'s, if given)."""
@@ -528,87 +686,164 @@ class Ledger:
 
         On a full disk or a failed write SQLite rolls the transaction back by itself, so it is
         rolled back here only while still open (a ROLLBACK with none open fails, and that
-        failure used to be reported as tampering). Such a write is a LedgerError saying so.
+        failure used to be reported as tampering). A write the environment stops (`_cause`:
+        a full or read-only disk, another process) or a file staged beside the ledger that
+        cannot be written is a LedgerError saying so and that the ledger is unchanged.
         """
-        connection.execute("BEGIN IMMEDIATE")
         try:
+            connection.execute("BEGIN IMMEDIATE")
             yield
             connection.execute("COMMIT")
-        except BaseException as error:
-            if connection.in_transaction:
-                with suppress(sqlite3.Error):  # closing the connection discards it anyway
-                    connection.execute("ROLLBACK")
-            if isinstance(error, sqlite3.OperationalError) and _write_failed(error):
-                raise LedgerError(
-                    f"{self.path}: the disk is full or the write failed ({error}); {what} was "
-                    "not recorded and the ledger is unchanged. Free space on this disk (or fix "
-                    "it), then try again."
-                ) from error
+        except (sqlite3.Error, OSError) as error:
+            self._roll_back(connection)
+            if isinstance(error, sqlite3.Error):
+                cause, detail = _cause(error), _describe(error)
+                if cause is None:
+                    raise
+            else:
+                cause, detail = "a file beside the ledger could not be written", str(error)
+            raise LedgerError(
+                f"{self.path}: {cause} ({detail}); {what} was not recorded and the ledger is "
+                "unchanged. Fix that (free space on this disk, make the ledger writable for "
+                "this user, or stop the other process using it), then try again."
+            ) from error
+        except BaseException:
+            self._roll_back(connection)
             raise
 
-    def _append_verified(self, kind: str, values: dict[str, object], what: str) -> Entry:
-        """Append one entry atomically after verifying the chain it extends, then the mark."""
+    @staticmethod
+    def _roll_back(connection: sqlite3.Connection) -> None:
+        if connection.in_transaction:
+            with suppress(sqlite3.Error):  # closing the connection discards it anyway
+                connection.execute("ROLLBACK")
+
+    def _append_verified(
+        self, kind: str, values: dict[str, object], what: str, *, spending: bool = False
+    ) -> Entry:
+        """Append one entry atomically after verifying the chain it extends (a spend only
+        while the ledger was not moved elsewhere), then the mark."""
         self.open()
         key = self._key()
-        with self._connect() as connection:
-            mark = self._read_mark()
-            with self._writing(connection, what):
-                problems, entries = self._problems(key, connection)
-                problems += self._mark_problems(key, entries, mark)
-                if problems:
-                    raise LedgerTampered(self.root, problems)
-                entry = self._append(connection, key, kind, values)
+        marks = (self._read_mark(), self._read_mark(self._staged_mark))
+        with self._connect() as connection, self._writing(connection, what):
+            problems, entries, _ = self._check(key, connection, marks)
+            if problems:
+                raise LedgerTampered(self.root, problems)
+            if spending and (moved := moved_to(entries)) is not None:
+                raise LedgerError(
+                    f"{self.root}: this ledger was moved to {moved}; train from there "
+                    f"(confide-client start --dir {moved}). {what.capitalize()} was not recorded."
+                )
+            entry = self._append(connection, key, kind, values)
+        self._mark_after_commit(key, entry, what)
+        return entry
+
+    def _mark_after_commit(self, key: bytes, entry: Entry, what: str) -> None:
+        """Write the mark of a committed entry. A failure leaves the entry recorded and the
+        database ahead of its mark, which verification accepts; the next entry's mark catches
+        up once the cause is fixed."""
         try:
             self._write_mark(key, entry.seq, entry.mac)
-        except OSError as error:  # the entry stands: the database may be ahead of its mark
+        except OSError as error:
             raise LedgerError(
-                f"{self.path}: {what} was recorded, but {self.mark_path} could not be updated "
-                f"({error}); the ledger stays valid. Free space on this disk, then try again."
+                f"{self.path}: {what} was recorded (it stands and counts towards the budget: "
+                f"do not record it again), but the mark {self.mark_path} could not be updated "
+                f"({error}). The ledger stays valid: its database is ahead of its mark, which "
+                "verification accepts, and the next entry recorded updates the mark once this "
+                "is fixed (free space on this disk, or make the file writable)."
             ) from error
-        return entry
+        with suppress(OSError):  # a reseal's staged mark is behind the mark just written
+            self._staged_mark.unlink(missing_ok=True)
 
     def record(self, spend: Spend) -> Entry:
-        """Append `spend` atomically, after verifying the chain it extends; index the folder
-        under the spend's fingerprint if it is an institution's (`ledger_index`)."""
-        entry = self._append_verified("spend", asdict(spend) | {"note": ""}, "this round")
-        index_institution_ledger(self.root, [spend.fingerprint])
-        return entry
+        """Append `spend` atomically, after verifying the chain it extends. Refused
+        (LedgerError) once the ledger was moved ('moved' entry): its spend continues in
+        another folder's ledger, which this one would no longer reach.
+
+        Writes nothing outside this folder: whether the folder goes into the host's ledger
+        index is its caller's decision (`confide.client.continuity`)."""
+        values = asdict(spend) | {"note": ""}
+        return self._append_verified("spend", values, "this round", spending=True)
 
     def note(self, kind: str, note: str) -> Entry:
-        """Record an operator's action of `kind` ('import' or 'new-budget'; see
+        """Record an operator's action of `kind` ('import', 'moved' or 'new-budget'; see
         `OPERATOR_KINDS`) with `note`, through the same chain as every spend."""
         if kind not in OPERATOR_KINDS or kind == "reseal":
             raise ValueError(f"not an entry an operator notes: {kind!r}")
         return self._append_verified(kind, _EMPTY | {"note": note}, f"the {kind} entry")
 
-    def import_from(self, source: Path) -> Entry:
-        """Make this folder's (new) ledger a copy of the verified ledger in `source`, then
-        record the import: the copy keeps the HMAC key, the chain and the mark, so it verifies
-        and spends exactly what `source` spent.
+    # -- importing -----------------------------------------------------------------------
+    def import_cut_short(self) -> bool:
+        """An import stopped before its database was put in place: its staged copy is here,
+        the ledger is not (`import_from` run again clears it and imports afresh)."""
+        return not self.exists() and self._staged_import.is_file()
 
-        The key and the mark are put in place before the database: a copy cut short leaves a
-        folder that refuses to train (its key or mark without a ledger), never an empty ledger.
+    def import_from(self, source: Path) -> Entry:
+        """Make this folder's (new) ledger a copy of the verified ledger in `source`, with an
+        'import' entry appended: the copy keeps the HMAC key and the chain, so it verifies and
+        spends exactly what `source` spent. Nothing in `source` changes.
+
+        Staged, database last: the copy is made and its import entry appended in a staging
+        file, then the key and the new mark are put in place, then the database — its rename
+        is the one step that makes the ledger appear, entry included. A crash before it leaves
+        a folder that refuses to train (a key and mark without a ledger), never an empty
+        ledger; running the import again clears what it left and starts afresh.
         """
         origin = Ledger(source)
+        self._clear_import_cut_short(origin)
         if self.exists() or self.key_path.exists() or self.mark_path.exists():
             raise LedgerError(f"{self.root}: a ledger (or its key or mark) already exists")
         if not origin.exists():
             raise LedgerError(f"{origin.root}: no ledger there to import")
-        problems = origin.verify()
+        problems = origin.verify(read_only=True)
         if problems:
             raise LedgerTampered(origin.root, problems)
-        mark = origin._read_mark()  # before the database: the copy may be ahead of it, not behind
-        if not mark:
-            raise LedgerTampered(origin.root, [f"{origin.mark_path} is missing or unreadable"])
+        # The marks before the database: the copy may be ahead of them, not behind.
+        key = origin._key()
+        marks = (origin._read_mark(), origin._read_mark(origin._staged_mark))
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        staging = self.root / f".{LEDGER}.import"
-        origin._copy_database(staging)
-        write_atomic(self.key_path, origin._key(), mode=0o600)
-        write_atomic(self.mark_path, mark, mode=0o600)
-        os.replace(staging, self.path)
-        count = len(self.entries())
-        note = json.dumps({"from": str(origin.root.resolve()), "entries": count})
-        return self.note("import", note)
+        try:
+            origin._copy_database(self._staged_import)
+            entry = self._append_import(key, marks, origin)
+            write_atomic(self.key_path, key, mode=0o600)
+            write_atomic(self.mark_path, _mark_text(key, entry.seq, entry.mac), mode=0o600)
+            os.replace(self._staged_import, self.path)
+        except BaseException:  # a failure, not a crash: leave nothing half made behind
+            with suppress(OSError, LedgerError):
+                self._clear_import_cut_short(origin)
+            raise
+        return entry
+
+    def _append_import(
+        self, key: bytes, marks: tuple[str | None, str | None], origin: Ledger
+    ) -> Entry:
+        """Verify the staged copy against `origin`'s marks and append the import entry."""
+        staged = self._staged_import
+        with self._connect(staged) as connection, self._writing(connection, "the import"):
+            problems, entries, _ = origin._check(key, connection, marks)
+            if problems:
+                raise LedgerTampered(origin.root, problems)
+            note = json.dumps({"from": str(origin.root.resolve()), "entries": len(entries)})
+            entry = self._append(connection, key, "import", _EMPTY | {"note": note})
+        return entry
+
+    def _clear_import_cut_short(self, origin: Ledger) -> None:
+        """Remove what an import cut short left here — its staged copy and the key and mark
+        it put in place — but only if that key is `origin`'s (the same import run again):
+        another ledger's key is never removed."""
+        if not self.import_cut_short():
+            return
+        if self.key_path.exists() and (
+            not origin.key_path.is_file()
+            or self.key_path.read_bytes() != origin.key_path.read_bytes()
+        ):
+            raise LedgerError(
+                f"{self.root}: an import of another ledger than {origin.root} was cut short "
+                f"here: run join again with the --ledger-from it named, or move {KEY}, {MARK} "
+                f"and {self._staged_import.name} out of this folder"
+            )
+        for path in (self.mark_path, self.key_path, self._staged_import):  # the copy last
+            path.unlink(missing_ok=True)
 
     def _copy_database(self, target: Path) -> None:
         """A consistent copy of the database (SQLite's backup API), mode 0600 from the start."""
@@ -621,6 +856,7 @@ class Ledger:
         finally:
             copy.close()
 
+    # -- resealing -----------------------------------------------------------------------
     def reseal(self, reason: str) -> list[str]:
         """An operator accepts the ledger as it now stands and returns it to service.
 
@@ -628,6 +864,12 @@ class Ledger:
         afterwards is what the rows say; restoring a backup is the other way out), re-signed
         in sequence order, and a 'reseal' entry records `reason` and the problems found.
         Returns those problems.
+
+        Its mark (and a new key, when the old one is missing or damaged) is staged before the
+        commit and put in place after it, the key first: a reseal cut short after its commit
+        still verifies (the staged mark fits, `_check`), except before a new key was in place
+        — the ledger then reports its key missing until the reseal is run again, since a key
+        beside a ledger with entries is never adopted by itself.
         """
         if not reason.strip():
             raise LedgerError("a reseal needs a reason (it is recorded in the ledger)")
@@ -641,36 +883,79 @@ class Ledger:
                 f"{self.path} is not a readable SQLite database: restore it from a backup, or "
                 f"move it and {self.key_path} away to start a new, empty ledger"
             )
-        staged_key = self._staged_key
-        try:
-            key = self._key()
-        except LedgerTampered:  # missing or damaged key: a new one, put in place after commit
-            key = secrets.token_bytes(32)
-            write_atomic(staged_key, key, mode=0o600)
+        key, new_key = self._reseal_key()
         with self._connect() as connection, self._writing(connection, "the reseal"):
-            entries = self._entries(connection)
-            ledger_id, created_at = secrets.token_hex(16), _now()
-            genesis = _genesis(key, ledger_id)
-            connection.execute("DELETE FROM entries")
-            connection.execute("DELETE FROM head")
-            connection.execute(
-                "INSERT INTO head VALUES (1, ?, ?, 0, ?, ?)",
-                (ledger_id, created_at, genesis, _head_mac(key, ledger_id, created_at, 0, genesis)),
+            last = self._resign(
+                connection, key, json.dumps({"reason": reason, "problems": problems})
             )
-            for entry in entries:
-                values = {name: getattr(entry, name) for name in _FIELDS[3:]}
-                self._append(connection, key, entry.kind, values, entry.recorded_at)
-            note = json.dumps({"reason": reason, "problems": problems})
-            last = self._append(connection, key, "reseal", _EMPTY | {"note": note})
-        self._write_mark(key, last.seq, last.mac)
-        if staged_key.exists():
-            os.replace(staged_key, self.key_path)
+            write_atomic(self._staged_mark, _mark_text(key, last.seq, last.mac), mode=0o600)
+        self._finish_reseal(new_key)
         return problems
 
+    def _reseal_key(self) -> tuple[bytes, bool]:
+        """The key to re-sign with: the ledger's, else (missing or damaged) a new one, staged
+        beside it (True)."""
+        try:
+            return self._key(), False
+        except LedgerTampered:
+            key = secrets.token_bytes(32)
+            try:
+                write_atomic(self._staged_key, key, mode=0o600)
+            except OSError as error:
+                raise LedgerError(
+                    f"{self._staged_key}: cannot write a new key ({error}); the reseal was not "
+                    "recorded and the ledger is unchanged"
+                ) from error
+            return key, True
+
+    def _resign(self, connection: sqlite3.Connection, key: bytes, note: str) -> Entry:
+        """In the reseal's transaction: every entry re-signed in order under a new ledger id,
+        then the 'reseal' entry with `note`."""
+        entries = self._entries(connection)
+        ledger_id, created_at = secrets.token_hex(16), _now()
+        genesis = _genesis(key, ledger_id)
+        connection.execute("DELETE FROM entries")
+        connection.execute("DELETE FROM head")
+        connection.execute(
+            "INSERT INTO head VALUES (1, ?, ?, 0, ?, ?)",
+            (ledger_id, created_at, genesis, _head_mac(key, ledger_id, created_at, 0, genesis)),
+        )
+        for entry in entries:
+            values = {name: getattr(entry, name) for name in _FIELDS[3:]}
+            self._append(connection, key, entry.kind, values, entry.recorded_at)
+        return self._append(connection, key, "reseal", _EMPTY | {"note": note})
+
+    def _finish_reseal(self, new_key: bool) -> None:
+        """After the reseal's commit: a new key, then the staged mark, put in place."""
+        if new_key:
+            self._put_in_place(
+                self._staged_key,
+                self.key_path,
+                "Until it is in place, the ledger fails verification (its key is missing or "
+                "damaged): fix the cause, then run the reseal again.",
+            )
+        self._put_in_place(
+            self._staged_mark,
+            self.mark_path,
+            "Its key is in place and the ledger verifies (the staged mark fits it and is "
+            "accepted); the next use puts the mark in place once the cause is fixed.",
+        )
+
+    def _put_in_place(self, staged: Path, final: Path, state: str) -> None:
+        """One rename after a reseal's commit; a failure says what state the ledger is in."""
+        try:
+            os.replace(staged, final)
+        except OSError as error:
+            raise LedgerError(
+                f"{self.path}: the reseal was recorded, but {staged.name} could not replace "
+                f"{final} ({error}). {state}"
+            ) from error
+
     def _readable(self) -> bool:
+        """The database reads as a ledger (an environment that stops it is a LedgerError)."""
         try:
             with self._connect() as connection:
                 self._entries(connection)
                 return connection.execute("SELECT count(*) FROM head").fetchone() is not None
-        except LedgerError:
+        except LedgerTampered:
             return False

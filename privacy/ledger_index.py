@@ -15,13 +15,16 @@ names:
 It holds no spend: the ledgers do, and are verified when read. It is a guard against
 mistakes (a forgotten folder), not against the host's administrator, who can edit it.
 Writers take an exclusive lock beside it and replace it atomically.
+
+This module only reads and writes the index. Which folders go into it (an institution's, not
+a simulation's) is the client's decision (`confide.client.continuity`): recording a spend in
+a ledger writes nothing outside its folder.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,11 +33,7 @@ from pathlib import Path
 from confide.tasks.files import write_atomic
 
 INDEX_ENV = "CONFIDE_LEDGER_INDEX"
-# The settings file that makes a folder an institution's (deployed, not simulated): only
-# those ledgers are indexed, so simulations do not fill the host's index.
-INSTITUTION_SETTINGS = "institution.toml"
 _FORMAT = "confide-ledger-index-v1"
-_log = logging.getLogger(__name__)
 
 
 class LedgerIndexError(RuntimeError):
@@ -116,19 +115,3 @@ class LedgerIndex:
             yield
         finally:
             os.close(handle)
-
-
-def index_institution_ledger(folder: Path, fingerprints: list[str]) -> None:
-    """Index an institution's ledger folder under `fingerprints`, best effort.
-
-    Called after a spend was recorded: the spend stands whether or not the index can be
-    written (a read-only home, say), so a failure is logged, not raised.
-    """
-    if not (Path(folder) / INSTITUTION_SETTINGS).is_file():
-        return
-    index = LedgerIndex()
-    for fingerprint in dict.fromkeys(fingerprints):
-        try:
-            index.add(fingerprint, folder)
-        except LedgerIndexError as error:
-            _log.warning("privacy ledger %s not indexed: %s", folder, error)

@@ -166,12 +166,12 @@ def institutions_revoke(
 ) -> None:
     """Unregister the institution's key: its SuperNode is cut off and the key cannot return."""
     from confide.server.enrollment import RegistrationError
-    from confide.server.institutions import InstitutionError, revoke
+    from confide.server.institutions import InstitutionError, RotationRefused, revoke
 
     engine, registrar = _open(state)
     try:
         node_id = revoke(engine, registrar, name)
-    except (InstitutionError, RegistrationError) as error:
+    except (InstitutionError, RegistrationError, RotationRefused) as error:
         raise fail(str(error)) from None
     console.print(
         f"revoked {name} (node {node_id}); a new join token re-enrolls it with a new key",

@@ -5,7 +5,8 @@ sees an institution's private key or data: a `Register` call carries the join to
 institution's public key, which the coordinator registers with the SuperLink so that the
 institution's SuperNode can authenticate. A `RotateKey` call replaces that key with a new one,
 signed with the current key (`confide.protos.key_rotation`), so an institution keeps its name,
-its folder and its privacy ledger when its key changes.
+its folder and its privacy ledger when its key changes. A rotation cut short is finished by the
+next request for the same new key, signed with the current key or with that new key itself.
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ from confide.server.flower import CONNECTION, FlowerError, flwr_json
 from confide.server.institutions import (
     InstitutionError,
     KeyRegistry,
+    RotationRefused,
+    RotationUnfinished,
     enrolled,
     enrolled_key,
+    pending_key,
     record_enrollment,
     rotate_key,
 )
@@ -163,6 +167,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         )
 
     def _rotate(self, request: enrollment_pb2.RotateKeyRequest) -> int:
+        """Refusals (nothing changed) are FAILED_PRECONDITION, UNAUTHENTICATED or
+        INVALID_ARGUMENT; a rotation that started and did not finish is ABORTED, and the same
+        request again finishes it."""
         name, new = request.institution, request.new_public_key_openssh
         try:
             check_public_key(new)
@@ -172,17 +179,18 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         if new.strip() == old.strip():
             return node_id  # already rotated: a retry whose first reply was lost
         try:
-            return rotate_key(self.engine, self.registrar, name, old, new)
-        except RegistrationError as error:
-            raise _Refused(
-                grpc.StatusCode.FAILED_PRECONDITION, f"SuperLink refused: {error}; nothing changed"
-            ) from None
+            return rotate_key(self.engine, self.registrar, name, old=old, new=new)
+        except RotationRefused as error:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
+        except RotationUnfinished as error:
+            raise _Refused(grpc.StatusCode.ABORTED, str(error)) from None
         except InstitutionError as error:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, str(error)) from None
 
     def _authenticate(self, request: enrollment_pb2.RotateKeyRequest) -> tuple[bytes, int]:
-        """The key and node id the institution is enrolled with, if the request is signed
-        with that key, for this coordinator, recently."""
+        """The key and node id the institution is enrolled with, if the request is signed,
+        for this coordinator and recently, with that key — or with the new key it names when
+        a rotation to that key is under way (a retry that finishes it)."""
         name = request.institution
         current = enrolled_key(self.engine, name)
         if current is None:
@@ -196,7 +204,11 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             ca_fingerprint=self.ca_fingerprint,
             timestamp=request.timestamp,
         )
-        if not rotation_signature_valid(current[0], message, request.signature):
+        signers = [current[0]]
+        pending = pending_key(self.engine, name)
+        if pending is not None and pending.strip() == request.new_public_key_openssh.strip():
+            signers.append(pending)
+        if not any(rotation_signature_valid(key, message, request.signature) for key in signers):
             raise _Refused(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"the signature does not match the key {name} is enrolled with",

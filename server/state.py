@@ -40,6 +40,20 @@ class InstitutionRow(Base):
     revoked_at: Mapped[datetime.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class KeyRotationRow(Base):
+    """A key rotation under way: the new key, and its node id once the SuperLink registered
+    it. Committed before the SuperLink changes, so that a rotation cut short (a failed commit,
+    a coordinator that died) is finished by the next request instead of locking the
+    institution out (`confide.server.institutions.rotate_key`)."""
+
+    __tablename__ = "key_rotations"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    node_id: Mapped[str | None] = mapped_column(String(20))
+    started_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
+
+
 def open_database(url: str) -> Engine:
     """Connect and create missing tables (idempotent)."""
     engine = create_engine(url)

@@ -6,8 +6,12 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,14 +37,86 @@ def ledger_index(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     return path
 
 
+def _unwritable(path: Path, *, replace: bool) -> Callable[[], object]:
+    """Make `path` unwritable (see `write_protect`); return the undo."""
+    if os.geteuid() != 0 and not replace:
+        mode = path.stat().st_mode
+        path.chmod(0o444)
+        return partial(path.chmod, mode)
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot make a file immutable here (chattr +i)")
+    return partial(subprocess.run, [chattr, "-i", str(path)], check=True)
+
+
+@pytest.fixture
+def write_protect() -> Iterator[Callable[..., Callable[[], object]]]:
+    """`protect(path, replace=False)` makes the file `path` really unwritable for this test's
+    processes and returns the undo (also run at teardown). Skips where it cannot.
+
+    A normal user: mode 0444 (opening it for writing fails with EACCES). Root, whom modes do
+    not stop, and any test that needs a rename over the file to fail too (`replace`: a
+    rename depends on the folder, not the file's mode): the immutable attribute (`chattr
+    +i`), which makes the kernel refuse writing, renaming over and deleting the file, root
+    included (EPERM). It needs CAP_LINUX_IMMUTABLE and a file system that keeps the attribute
+    (ext4, xfs, btrfs); the test is skipped elsewhere.
+    """
+    undo: list[Callable[[], object]] = []
+
+    def protect(path: Path, *, replace: bool = False) -> Callable[[], object]:
+        undo.append(_unwritable(path, replace=replace))
+        try:
+            with open(path, "r+b"):
+                pass
+        except PermissionError:
+            return undo[-1]
+        pytest.skip(f"{path} stays writable for this process")
+
+    yield protect
+    for release in reversed(undo):
+        release()
+
+
+@pytest.fixture
+def refuse_updates() -> Iterator[Callable[[Any, str], Callable[[], None]]]:
+    """`refuse(engine, table)` makes a real SQLite database (a SQLAlchemy engine's) refuse
+    every update of `table` — a trigger that raises, as a commit that fails — and returns the
+    undo (also run at teardown): the step of a multi-step change that writes `table` fails,
+    those before it stand."""
+    undo: list[Callable[[], None]] = []
+
+    def refuse(engine: Any, table: str) -> Callable[[], None]:
+        trigger = f"refuse_{table}"
+        with engine.begin() as connection:
+            connection.exec_driver_sql(
+                f"CREATE TRIGGER {trigger} BEFORE UPDATE ON {table} "
+                "BEGIN SELECT RAISE(ABORT, 'the database refused the write'); END"
+            )
+
+        def allow() -> None:
+            with engine.begin() as connection:
+                connection.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
+
+        undo.append(allow)
+        return allow
+
+    yield refuse
+    for allow in reversed(undo):
+        allow()
+
+
 class RecordingRegistrar:
     """Stands in for the SuperLink behind the enrollment service (a real one registers keys
-    in tests/integration); `refuse` makes it refuse the next registrations."""
+    in tests/integration), with Flower's rules: a key is taken once, unregistered nodes
+    included, and unregistering a node not registered fails. `refuse` makes it refuse the
+    next registrations; `fail_unregister` the next N unregistrations (as a SuperLink that
+    does not answer)."""
 
     def __init__(self) -> None:
         self.registered: list[tuple[bytes, str]] = []
         self.unregistered: list[int] = []
         self.refuse = False
+        self.fail_unregister = 0
 
     def register(self, public_key_openssh: bytes, institution: str) -> int:
         from confide.server.enrollment import RegistrationError
@@ -51,7 +127,20 @@ class RecordingRegistrar:
         return 1000 + len(self.registered)
 
     def unregister(self, node_id: int) -> None:
+        from confide.server.enrollment import RegistrationError
+
+        if self.fail_unregister:
+            self.fail_unregister -= 1
+            raise RegistrationError("the SuperLink did not answer within 60s")
+        if self.statuses().get(node_id) != "registered":
+            raise RegistrationError(f"Node {node_id} already deleted, not found or unauthorized")
         self.unregistered.append(node_id)
+
+    def statuses(self) -> dict[int, str]:
+        return {
+            1001 + i: "unregistered" if 1001 + i in self.unregistered else "registered"
+            for i in range(len(self.registered))
+        }
 
 
 @pytest.fixture

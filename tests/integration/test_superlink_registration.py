@@ -20,6 +20,7 @@ from confide.privacy.ledger import Ledger, Spend, fingerprint_file
 from confide.server import pki
 from confide.server.enrollment import EnrollmentService, FlowerRegistrar, RegistrationError, serve
 from confide.server.flower import write_connection
+from confide.server.institutions import enrolled_key
 from confide.server.state import open_database
 from confide.server.tokens import create_token
 
@@ -132,24 +133,28 @@ def enrollment(superlink, tmp_path):
     engine.dispose()
 
 
+def joined(enrollment, tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """Institution `name` joined with `confide-client join` (a fresh token, 20 rows of data
+    in tmp_path); its folder and data file."""
+    token = create_token(
+        enrollment["engine"], name, datetime.timedelta(hours=1), pki.fingerprint(enrollment["ca"])
+    )
+    (tmp_path / f"{name}.token").write_text(str(token))
+    data = tmp_path / f"{name}.csv"
+    data.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(20)))
+    folder = tmp_path / name
+    result = confide_client(
+        "join", "--server", f"127.0.0.1:{enrollment['port']}", "--dir", str(folder),
+        "--data", str(data), "--token-file", str(tmp_path / f"{name}.token"), "--no-start",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return folder, data
+
+
 def test_rotate_key_moves_the_institution_to_a_new_node_and_keeps_its_budget(
     superlink, enrollment, tmp_path
 ):
-    token = create_token(
-        enrollment["engine"],
-        "hospital-r",
-        datetime.timedelta(hours=1),
-        pki.fingerprint(enrollment["ca"]),
-    )
-    (tmp_path / "token").write_text(str(token))
-    data = tmp_path / "records.csv"
-    data.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(20)))
-    folder = tmp_path / "hospital-r"
-    joined = confide_client(
-        "join", "--server", f"127.0.0.1:{enrollment['port']}", "--dir", str(folder),
-        "--data", str(data), "--token-file", str(tmp_path / "token"), "--no-start",
-    )  # fmt: skip
-    assert joined.returncode == 0, joined.stderr
+    folder, data = joined(enrollment, tmp_path, "hospital-r")
     directory = InstitutionDir(folder)
     old_node = directory.load().node_id
     ledger = Ledger(folder)
@@ -165,3 +170,24 @@ def test_rotate_key_moves_the_institution_to_a_new_node_and_keeps_its_budget(
     assert new_node != old_node and statuses[new_node] == "registered"
     assert statuses.get(old_node, "unregistered") == "unregistered"
     assert ledger.spent(1e-5) == spent and ledger.verify() == []
+
+
+def test_a_rotation_whose_last_commit_failed_is_finished_on_a_real_superlink(
+    superlink, enrollment, tmp_path, refuse_updates
+):
+    """The coordinator's last commit fails (a trigger in its real SQLite database) after the
+    real SuperLink registered the new key and unregistered the old node. rotate-key run
+    again finishes: Flower refuses to unregister that node a second time, and the
+    coordinator reads from its node list that it is unregistered already."""
+    folder, _ = joined(enrollment, tmp_path, "hospital-c")
+    old_node = InstitutionDir(folder).load().node_id
+    allow = refuse_updates(enrollment["engine"], "institutions")
+    cut = confide_client("rotate-key", "--dir", str(folder))
+    assert cut.returncode == 2 and "old key no longer connects" in " ".join(cut.stderr.split())
+    assert superlink.statuses()[old_node] == "unregistered"
+    allow()
+    again = confide_client("rotate-key", "--dir", str(folder))
+    assert again.returncode == 0, again.stderr
+    new_node = InstitutionDir(folder).load().node_id
+    assert new_node != old_node and superlink.statuses()[new_node] == "registered"
+    assert enrolled_key(enrollment["engine"], "hospital-c")[1] == new_node

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,26 @@ def test_a_pld_job_calibrates_and_reports_with_pld_and_the_ledger_states_the_ins
     assert reply.content["mechanism"]["dataset-accountant"] == "pld"
     entry = Ledger(Path(context.node_config[STATE_DIR_KEY])).entries()[0]
     assert entry.accountant == "pld"
+
+
+def test_a_recorded_round_indexes_the_institutions_folder_under_its_data(institution, ledger_index):
+    from confide.privacy.ledger_index import LedgerIndex
+
+    context = institution()
+    assert not build_client_app()(_train_message(_instructions()), context).has_error()
+    root = Path(context.node_config[STATE_DIR_KEY])
+    data = InstitutionDir(root).load().data
+    assert LedgerIndex(ledger_index).folders(fingerprint_file(data)) == [root.resolve()]
+
+
+def test_a_moved_ledger_refuses_before_training(institution, tmp_path):
+    context = institution()
+    app = build_client_app()
+    assert not app(_train_message(_instructions(), 1), context).has_error()
+    ledger = Ledger(Path(context.node_config[STATE_DIR_KEY]))
+    # What `join --ledger-from` leaves behind in the ledger it continues.
+    ledger.note("moved", json.dumps({"to": str(tmp_path / "elsewhere")}))
+    reply = app(_train_message(_instructions(), 2), context)
+    assert reply.has_error() and reply.error.code == LEDGER_UNUSABLE
+    assert "moved to" in reply.error.reason and "elsewhere" in reply.error.reason
+    assert [e.kind for e in ledger.entries()] == ["spend", "moved"]  # nothing trained

@@ -26,7 +26,6 @@ from confide.privacy.ledger import (
     fingerprint_bytes,
     fingerprint_file,
 )
-from confide.privacy.ledger_index import LedgerIndex
 
 
 def spend(round_: int = 1, run: str = "1", dataset: str = "default", sigma: float = 1.1) -> Spend:
@@ -96,8 +95,9 @@ def test_training_without_dp_spends_an_unbounded_budget(ledger: Ledger) -> None:
         ("DELETE FROM entries WHERE seq = 4", "the head records 4 entries and 3"),
         ("UPDATE entries SET seq = -seq WHERE seq IN (2, 3)", "out of order"),
         ("UPDATE head SET count = 3", "head record was altered"),
+        ("DROP TABLE head", "no such table: head"),
     ],
-    ids=["edit-sigma", "edit-last", "delete-middle", "delete-newest", "reorder", "head"],
+    ids=["edit-sigma", "edit-last", "delete-middle", "delete-newest", "reorder", "head", "schema"],
 )
 def test_tampering_is_detected_and_stops_every_use(
     ledger: Ledger, tampering: str, problem: str
@@ -350,13 +350,191 @@ def test_operator_entries_go_through_the_chain_and_spend_nothing(ledger: Ledger)
         ledger.note("spend", "")
 
 
-def test_spends_index_institution_folders_only(tmp_path: Path, ledger_index: Path) -> None:
-    simulated = Ledger(tmp_path / "state" / "institution-0").open()
-    simulated.record(spend(1))
-    assert LedgerIndex(ledger_index).folders("sha256:abc") == []
+def test_recording_writes_nothing_outside_the_ledger_folder(
+    tmp_path: Path, ledger_index: Path
+) -> None:
+    """The host's index is the client's business (`confide.client.continuity`): a spend
+    recorded in an institution's folder does not write it."""
     institution = tmp_path / "hospital"
     institution.mkdir()
-    (institution / "institution.toml").write_text("")  # what makes a folder an institution's
+    (institution / "institution.toml").write_text("")
     Ledger(institution).record(spend(1))
-    Ledger(institution).record(spend(2))
-    assert LedgerIndex(ledger_index).folders("sha256:abc") == [institution.resolve()]
+    assert not ledger_index.exists()
+    assert {path.name for path in institution.iterdir()} == {"institution.toml", LEDGER, KEY, MARK}
+
+
+# -- the environment, not tampering ---------------------------------------------------------
+@pytest.mark.parametrize("condition", ["read-only file", "journal path is a folder"])
+def test_a_ledger_the_system_cannot_write_is_an_error_naming_why_not_tampering(
+    ledger: Ledger, write_protect, condition: str
+) -> None:
+    """Real conditions, no mock: a database file this process cannot write (`write_protect`:
+    mode 0444, or as root the immutable attribute) makes SQLite open it read-only and answer
+    a write with SQLITE_READONLY, "attempt to write a readonly database" — which used to be
+    reported as tampering. A folder where SQLite's rollback journal goes makes every use fail
+    with SQLITE_IOERR. Either is a LedgerError saying what, and the ledger is unchanged."""
+    if condition == "read-only file":
+        write_protect(ledger.path)
+        assert ledger.verify() == []  # reading works
+        expected = "read-only"
+    else:
+        (ledger.root / f"{LEDGER}-journal").mkdir()
+        expected = "a read from the disk failed"
+    with pytest.raises(LedgerError) as refused:
+        ledger.record(spend(5))
+    assert not isinstance(refused.value, LedgerTampered), refused.value
+    assert expected in str(refused.value) and str(ledger.path) in str(refused.value)
+    if condition == "read-only file":
+        assert "this round was not recorded and the ledger is unchanged" in str(refused.value)
+        assert "SQLITE_READONLY" in str(refused.value)
+        assert len(ledger.entries()) == 4
+
+
+def test_a_round_whose_mark_could_not_be_written_stands_and_the_ledger_stays_valid(
+    ledger: Ledger, write_protect
+) -> None:
+    """The commit succeeds and the mark's rename after it fails (ledger.head immutable: the
+    rename over it is refused, the database is not). The round is recorded and counts; the
+    message says so, and not to record it again."""
+    release = write_protect(ledger.mark_path, replace=True)
+    with pytest.raises(LedgerError) as failed:
+        ledger.record(spend(5))
+    message = str(failed.value)
+    assert not isinstance(failed.value, LedgerTampered)
+    assert "this round was recorded" in message and "do not record it again" in message
+    assert str(ledger.mark_path) in message and "stays valid" in message
+    assert ledger.verify() == [] and len(ledger.entries()) == 5
+    assert json.loads(ledger.mark_path.read_text())["count"] == 4
+    release()
+    ledger.record(spend(6))
+    assert json.loads(ledger.mark_path.read_text())["count"] == 6 and ledger.verify() == []
+
+
+@pytest.mark.parametrize("key", ["kept", "missing"])
+def test_a_reseal_whose_mark_could_not_be_put_in_place_is_reported_and_still_verifies(
+    ledger: Ledger, write_protect, key: str
+) -> None:
+    """The reseal commits; putting its mark in place fails. It used to raise a raw OSError
+    and, with a new key (the old one missing), leave that key staged: every entry then read
+    as altered. The key goes in place first, and the staged mark fits the ledger."""
+    sql(ledger, "DELETE FROM entries WHERE seq = 2")
+    if key == "missing":
+        ledger.key_path.unlink()
+    release = write_protect(ledger.mark_path, replace=True)
+    with pytest.raises(LedgerError) as failed:
+        ledger.reseal("checked by hand")
+    message = str(failed.value)
+    assert f"the reseal was recorded, but .{MARK}.new could not replace" in message
+    assert "Its key is in place and the ledger verifies" in message
+    assert not (ledger.root / f".{KEY}.new").exists()
+    assert ledger.verify() == [] and ledger.entries()[-1].kind == "reseal"
+    release()
+    ledger.record(spend(5))  # the next use puts the mark in place
+    assert ledger.verify() == [] and not (ledger.root / f".{MARK}.new").exists()
+
+
+CRASH = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from confide.privacy.ledger import Ledger
+
+    def kill_before(event, args):  # SIGKILL just before the rename onto the named file
+        if event == "os.rename" and Path(os.fsdecode(args[1])).name == sys.argv[2]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    ledger = Ledger(Path(sys.argv[1]))
+    sys.addaudithook(kill_before)
+    if sys.argv[3] == "reseal":
+        ledger.reseal("checked by hand")
+    else:
+        ledger.import_from(Path(sys.argv[3]))
+    """
+)
+
+
+def crash(root: Path, before: str, operation: str) -> None:
+    """Run `operation` on the ledger in `root` in a process killed (SIGKILL, a real crash)
+    right before it renames a file onto the name `before` (Python's audit hook on
+    os.rename and os.replace)."""
+    child = subprocess.run([sys.executable, "-c", CRASH, str(root), before, operation], timeout=120)
+    assert child.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("key", ["kept", "missing"])
+def test_a_reseal_killed_after_its_commit(ledger: Ledger, key: str) -> None:
+    """Killed before the mark went in place, it verifies (the staged mark fits); killed before
+    a new key went in place, it says so, and the reseal run again returns it to service."""
+    sql(ledger, "DELETE FROM entries WHERE seq = 2")
+    if key == "missing":
+        ledger.key_path.unlink()
+    crash(ledger.root, KEY if key == "missing" else MARK, "reseal")
+    if key == "kept":
+        assert ledger.verify() == [] and ledger.entries()[-1].kind == "reseal"
+        return
+    (problem,) = ledger.verify()
+    assert "is missing" in problem and "run the reseal again" in problem
+    ledger.reseal("the first reseal was cut short")
+    assert ledger.verify() == [] and [e.kind for e in ledger.entries()][-2:] == ["reseal"] * 2
+
+
+# -- moving and importing ---------------------------------------------------------------------
+def test_a_moved_ledger_records_no_spend_even_after_a_reseal(ledger: Ledger) -> None:
+    ledger.note("moved", json.dumps({"to": "/srv/hospital-b"}))
+    assert ledger.moved_to() == "/srv/hospital-b"
+    with pytest.raises(LedgerError, match="this ledger was moved to /srv/hospital-b; train from"):
+        ledger.record(spend(5))
+    ledger.reseal("checked by hand")
+    with pytest.raises(LedgerError, match="moved to /srv/hospital-b"):
+        ledger.record(spend(5))
+    assert len(ledger.spent(1e-5)) == 1 and ledger.spent(1e-5)[0].rounds == 4
+
+
+@pytest.mark.parametrize("before", [KEY, MARK, LEDGER])
+def test_an_import_killed_part_way_is_refused_for_training_and_done_again(
+    ledger: Ledger, tmp_path: Path, before: str
+) -> None:
+    moved = Ledger(tmp_path / "moved")
+    crash(moved.root, before, str(ledger.root))
+    assert moved.import_cut_short() and not moved.exists()
+    with pytest.raises(LedgerError, match="cut short"):
+        moved.open()  # never an empty ledger in its place
+    entry = moved.import_from(ledger.root)
+    assert entry.kind == "import" and moved.verify() == []
+    assert moved.spent(1e-5) == ledger.spent(1e-5)
+    assert not moved.import_cut_short() and not (moved.root / f".{LEDGER}.import").exists()
+
+
+def test_an_import_that_fails_at_its_last_step_leaves_nothing_behind(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    """The rename that puts the database in place fails (a folder stands in its way): the
+    key and mark already written and the staged copy are removed again."""
+    moved = Ledger(tmp_path / "moved")
+    moved.path.mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        moved.import_from(ledger.root)
+    assert sorted(path.name for path in moved.root.iterdir()) == [LEDGER]
+
+
+def test_an_import_cut_short_from_another_ledger_is_not_cleared(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    other = Ledger(tmp_path / "other").open()
+    moved = Ledger(tmp_path / "moved")
+    crash(moved.root, LEDGER, str(ledger.root))
+    with pytest.raises(LedgerError, match="an import of another ledger"):
+        moved.import_from(other.root)
+    assert moved.key_path.read_bytes() == ledger.key_path.read_bytes()
+
+
+def test_a_read_only_check_changes_nothing(tmp_path: Path) -> None:
+    """A creation cut short (its key still staged) reads as an empty ledger, and stays as it
+    is: `join` checks other folders' ledgers this way."""
+    ledger = Ledger(tmp_path / "i").open()
+    ledger.key_path.rename(ledger.root / f".{KEY}.new")
+    before = sorted(path.name for path in ledger.root.iterdir())
+    assert ledger.verify(read_only=True) == [] and ledger.entries(read_only=True) == []
+    assert sorted(path.name for path in ledger.root.iterdir()) == before
+    assert Ledger(tmp_path / "none").entries(read_only=True) == []
+    assert not (tmp_path / "none").exists()

@@ -254,3 +254,77 @@ def test_a_new_key_the_superlink_refuses_leaves_the_current_one(coordinator):
     assert coordinator["registrar"].unregistered == []
     bad = refused(coordinator, rotation(coordinator, b"not a key", old))
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- a rotation cut short at the coordinator ------------------------------------------------
+@pytest.mark.parametrize("retry_signer", ["current key", "new key"])
+@pytest.mark.parametrize("cut", ["unregistering the old node", "recording the new key"])
+def test_a_rotation_cut_short_at_the_coordinator_is_finished_by_a_retry(
+    coordinator, refuse_updates, cut: str, retry_signer: str
+):
+    """Cut short after the SuperLink registered the new key: the old node not yet unregistered
+    (the SuperLink does not answer once), or unregistered and the final commit failed. The
+    answer says what stands; the same request again, signed with either key, finishes it
+    without registering the key twice, and the institution can then authenticate with it."""
+    old, old_node = enroll(coordinator)
+    new = ec.generate_private_key(ec.SECP384R1())
+    registrar, engine = coordinator["registrar"], coordinator["engine"]
+    if cut == "unregistering the old node":
+        registrar.fail_unregister = 1
+    else:
+        allow = refuse_updates(engine, "institutions")
+    first = refused(coordinator, rotation(coordinator, openssh_public_key(new), old))
+    assert first.code() == grpc.StatusCode.ABORTED, first.details()
+    new_node = 1002
+    assert f"node {new_node}" in first.details() and "rotate-key again" in first.details()
+    if cut == "unregistering the old node":
+        assert "both keys connect" in first.details() and registrar.unregistered == []
+    else:
+        assert "the old key no longer connects" in first.details()
+        assert registrar.unregistered == [old_node]
+        allow()
+    assert enrolled_key(engine, "hospital-a") == (openssh_public_key(old), old_node)
+    signer = old if retry_signer == "current key" else new
+    reply = verified_stub(coordinator).RotateKey(
+        rotation(coordinator, openssh_public_key(new), signer), timeout=10
+    )
+    assert reply.node_id == new_node and len(registrar.registered) == 2
+    assert registrar.unregistered == [old_node]
+    assert enrolled_key(engine, "hospital-a") == (openssh_public_key(new), new_node)
+    newer = openssh_public_key(ec.generate_private_key(ec.SECP384R1()))
+    assert verified_stub(coordinator).RotateKey(rotation(coordinator, newer, new), timeout=10)
+
+
+def test_a_new_key_whose_node_id_could_not_be_recorded_is_refused_and_unregistered(
+    coordinator, refuse_updates
+):
+    """The SuperLink registered the new key and the coordinator could not record its node id:
+    the node is unregistered again (no node it does not know of), the answer says so and
+    that the key cannot be used again, and the current key stays in use."""
+    old, old_node = enroll(coordinator)
+    new = openssh_public_key(ec.generate_private_key(ec.SECP384R1()))
+    allow = refuse_updates(coordinator["engine"], "key_rotations")
+    refusal = refused(coordinator, rotation(coordinator, new, old))
+    assert refusal.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "node 1002 was unregistered again" in refusal.details()
+    assert "current key stays in use" in refusal.details()
+    assert coordinator["registrar"].unregistered == [1002]
+    allow()
+    again = refused(coordinator, rotation(coordinator, new, old))  # the same key: spent
+    assert again.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot be used" in again.details() and "delete institution.key.next" in again.details()
+    fresh = openssh_public_key(ec.generate_private_key(ec.SECP384R1()))
+    reply = verified_stub(coordinator).RotateKey(rotation(coordinator, fresh, old), timeout=10)
+    assert enrolled_key(coordinator["engine"], "hospital-a") == (fresh, reply.node_id)
+    assert coordinator["registrar"].unregistered == [1002, old_node]
+
+
+def test_revoking_during_a_rotation_unregisters_both_keys(coordinator):
+    old, old_node = enroll(coordinator)
+    new = ec.generate_private_key(ec.SECP384R1())
+    coordinator["registrar"].fail_unregister = 1
+    refused(coordinator, rotation(coordinator, openssh_public_key(new), old))
+    revoke(coordinator["engine"], coordinator["registrar"], "hospital-a")
+    assert sorted(coordinator["registrar"].unregistered) == sorted([old_node, 1002])
+    after = refused(coordinator, rotation(coordinator, openssh_public_key(new), new))
+    assert after.code() == grpc.StatusCode.UNAUTHENTICATED
