@@ -76,8 +76,8 @@ class _Books:
             return cls(run, run, 0)
         # One verified read: every spend on the dataset, and which of them were this run's.
         entries = Ledger(me.ledger).entries()
-        if (moved := moved_to(entries)) is not None:  # before training, not after
-            raise LedgerError(f"{me.ledger}: this ledger was moved to {moved}; train from there")
+        if (moved := moved_to(entries)) is not None:  # before training; final for the job
+            raise PolicyRefusal(f"its ledger was moved to {moved}; train from there")
         spends = [e for e in entries if e.kind == "spend" and e.dataset == me.dataset]
         dataset = [entry.history_entry for entry in spends]
         recorded = [entry.history_entry for entry in spends if entry.run == str(context.run_id)]

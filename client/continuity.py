@@ -196,14 +196,17 @@ def _check_flags(ledger_from: Path | None, new_budget: bool, reason: str, own: L
 
 def _base(source: Path, fingerprint: str, dataset: str) -> frozenset[tuple[object, ...]]:
     """The spends a ledger this folder continues already holds (refused if it fails, or if
-    it was moved to another folder, which continues it)."""
+    it was moved to another folder that still holds the ledger continuing it)."""
     spends = _read(source, fingerprint)
     if spends.problems:
         raise ContinuityError(
             f"{source}: its ledger fails verification ({'; '.join(spends.problems[:3])}); "
             f"check it first: confide-client budget verify --dir {source}"
         )
-    if (moved := Ledger(source).moved_to()) is not None:
+    moved = Ledger(source).moved_to()
+    # A destination that lost its ledger (deleted, disk gone) continues nothing: this ledger
+    # is then the newest record of the budget, and continuing it is the way back.
+    if moved is not None and _has_ledger(Ledger(Path(moved))):
         raise ContinuityError(
             f"{source}: this ledger was moved to {moved}, which continues its budget: join "
             f"with --ledger-from {moved}"

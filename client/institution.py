@@ -121,7 +121,7 @@ def check_local_privacy(
             raise InstitutionError(
                 f"{SETTINGS}: [privacy] max_delta = {limit:g} is not below 1/{size} "
                 f"({what}): a job with such a delta may publish a whole record. Choose "
-                "max_delta well below 1/n."
+                f"max_delta well below 1/{size}."
             )
     if not declared / 2 <= training_examples <= declared * 2:
         return [

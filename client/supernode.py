@@ -75,7 +75,7 @@ def preflight(config: InstitutionConfig) -> list[str]:
     warnings = check_local_privacy(
         declared_examples=config.declared_examples,
         max_delta=config.privacy.max_delta,
-        training_examples=training_size(len(labels), config.validation_fraction),
+        training_examples=max(1, training_size(len(labels), config.validation_fraction)),
     )
     return [f"warning: {line}" for line in warnings] + [
         f"declared size {config.declared_examples} (published); {NOISE[config.noise_generator]}"

@@ -247,12 +247,18 @@ _DAMAGED = (
 )
 
 
+def _same(stored: object, expected: str) -> bool:
+    """A stored MAC equals the expected one (in constant time); a value that is no text at
+    all (a BLOB or NULL written into the column) is simply not equal."""
+    return isinstance(stored, str) and hmac.compare_digest(stored, expected)
+
+
 def _cause(error: sqlite3.Error) -> str | None:
     """What in the environment made `error` (see `_UNAVAILABLE`); None if it says the content
     is damaged (`_DAMAGED`). Classified by SQLite's result code, never by the message."""
     code = getattr(error, "sqlite_errorcode", None)
-    if code is None:  # raised by Python's sqlite3 module itself, not by SQLite
-        return f"the database could not be used ({type(error).__name__})"
+    if code is None:  # raised by Python's sqlite3 module reading the content (e.g. text that
+        return None  # is not UTF-8): what the rows hold, not the environment
     if code & 0xFF in _DAMAGED:
         return None
     if code & 0xFF == sqlite3.SQLITE_IOERR and "READ" in (error.sqlite_errorname or ""):
@@ -403,7 +409,7 @@ class Ledger:
             )
             return [behind], True
         # The database may be ahead of the mark (a crash, or a failed write, after a commit).
-        if count and not hmac.compare_digest(entries[count - 1].mac, last_mac):
+        if count and not _same(entries[count - 1].mac, last_mac):
             return [f"entry {count} is not the one the ledger last recorded"], False
         return [], False
 
@@ -545,9 +551,7 @@ class Ledger:
             return ["the ledger's head record is missing"], entries
         ledger_id, created_at, count, last_mac, head_mac = head
         problems = []
-        if not hmac.compare_digest(
-            head_mac, _head_mac(key, ledger_id, created_at, count, last_mac)
-        ):
+        if not _same(head_mac, _head_mac(key, ledger_id, created_at, count, last_mac)):
             problems.append("the head record was altered (or the key replaced)")
         previous = _genesis(key, ledger_id)
         for position, entry in enumerate(entries, start=1):
@@ -556,10 +560,10 @@ class Ledger:
                     f"entry {position} is missing or out of order (found seq {entry.seq})"
                 )
             values = tuple(getattr(entry, name) for name in _FIELDS)
-            if not hmac.compare_digest(entry.mac, _mac(key, previous, values)):
+            if not _same(entry.mac, _mac(key, previous, values)):
                 problems.append(f"entry {entry.seq} was altered, moved or follows a deleted one")
-            previous = entry.mac
-        if count != len(entries) or not hmac.compare_digest(last_mac, previous):
+            previous = entry.mac if isinstance(entry.mac, str) else ""
+        if count != len(entries) or not _same(last_mac, previous):
             problems.append(
                 f"the head records {count} entries and {len(entries)} are present "
                 "(entries deleted, or an older copy restored)"

@@ -134,18 +134,36 @@ def _start(
             pending = session.get(KeyRotationRow, name)
             if pending is not None and pending.public_key == new:
                 node = None if pending.node_id is None else int(pending.node_id)
-                return int(row.node_id), node, True
-            if pending is not None:
-                _abandon(registry, pending)
+                if node is None or not _gone(registry, node):
+                    return int(row.node_id), node, True
+                # Its node was unregistered meanwhile (a revocation that failed halfway, an
+                # operator): this rotation cannot finish. Forgotten here, committed on exit.
                 session.delete(pending)
-                session.flush()
-            now = datetime.datetime.now(datetime.UTC)
-            session.add(KeyRotationRow(name=name, public_key=new, node_id=None, started_at=now))
-            return int(row.node_id), None, False
+            else:
+                if pending is not None:
+                    _abandon(registry, pending)
+                    session.delete(pending)
+                    session.flush()
+                now = datetime.datetime.now(datetime.UTC)
+                session.add(KeyRotationRow(name=name, public_key=new, node_id=None, started_at=now))
+                return int(row.node_id), None, False
     except SQLAlchemyError as error:
         raise RotationRefused(
             f"the coordinator could not record the rotation ({error}); nothing changed"
         ) from None
+    raise RotationRefused(
+        f"the new key's node {node} was unregistered before the rotation finished (a "
+        "revocation, or the coordinator's operator); the SuperLink never takes that key "
+        f"again. The current key stays in use: {_START_OVER}"
+    )
+
+
+def _gone(registry: NodeRegistry, node: int) -> bool:
+    """The SuperLink lists `node` as unregistered (an unknown status is not taken as gone)."""
+    try:
+        return registry.statuses().get(node) == "unregistered"
+    except RuntimeError:
+        return False
 
 
 def _abandon(registry: NodeRegistry, pending: KeyRotationRow) -> None:

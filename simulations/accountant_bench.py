@@ -92,6 +92,7 @@ def noise_seconds(parameters: int = 1000) -> dict[str, float]:
 
     from confide.privacy.noise import CsprngDPOptimizer
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = torch.nn.Linear(parameters, parameters)
     settings = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "expected_batch_size": 64}
@@ -111,6 +112,7 @@ def noise_seconds(parameters: int = 1000) -> dict[str, float]:
             optimizer.add_noise()
             best = min(best, time.perf_counter() - started)
         seconds[name] = best
+    torch.set_num_threads(threads)
     return seconds
 
 

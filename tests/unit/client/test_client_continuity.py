@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -84,10 +85,21 @@ def test_checking_other_folders_changes_none_of_them(tmp_path: Path) -> None:
 
 def test_a_moved_ledger_is_not_continued_again(tmp_path: Path) -> None:
     folder = institution(tmp_path / "hospital-a")
-    Ledger(folder).note("moved", '{"to": "/srv/hospital-b"}')
+    moved = institution(tmp_path / "hospital-b")  # holds the ledger that continues it
+    Ledger(folder).note("moved", json.dumps({"to": str(moved)}))
     message = refusal(tmp_path, ledger_from=folder)
-    assert "was moved to /srv/hospital-b" in message
-    assert "--ledger-from /srv/hospital-b" in message
+    assert f"was moved to {moved}" in message
+    assert f"--ledger-from {moved}" in message
+
+
+def test_a_moved_ledger_whose_destination_lost_its_ledger_can_be_continued(tmp_path: Path):
+    """Else the only way out would be a new budget: the reset the continuity is there for."""
+    folder = institution(tmp_path / "hospital-a")
+    Ledger(folder).note("moved", json.dumps({"to": str(tmp_path / "lost")}))
+    plan = plan_ledger(state=tmp_path / "new", data=tmp_path / "data.csv",
+                       fingerprint=FINGERPRINT, dataset="default", delta=1e-5,
+                       ledger_from=folder)  # fmt: skip
+    assert plan.source == folder
 
 
 def test_only_institution_folders_are_indexed(tmp_path: Path, ledger_index: Path) -> None:

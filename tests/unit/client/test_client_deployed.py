@@ -290,6 +290,6 @@ def test_a_moved_ledger_refuses_before_training(institution, tmp_path):
     # What `join --ledger-from` leaves behind in the ledger it continues.
     ledger.note("moved", json.dumps({"to": str(tmp_path / "elsewhere")}))
     reply = app(_train_message(_instructions(), 2), context)
-    assert reply.has_error() and reply.error.code == LEDGER_UNUSABLE
+    assert reply.has_error() and reply.error.code == REFUSED_BY_POLICY  # final: never again
     assert "moved to" in reply.error.reason and "elsewhere" in reply.error.reason
     assert [e.kind for e in ledger.entries()] == ["spend", "moved"]  # nothing trained

@@ -96,8 +96,22 @@ def test_training_without_dp_spends_an_unbounded_budget(ledger: Ledger) -> None:
         ("UPDATE entries SET seq = -seq WHERE seq IN (2, 3)", "out of order"),
         ("UPDATE head SET count = 3", "head record was altered"),
         ("DROP TABLE head", "no such table: head"),
+        ("UPDATE entries SET note = CAST(X'FF' AS TEXT) WHERE seq = 2", "not a readable ledger"),
+        ("UPDATE entries SET mac = X'00' WHERE seq = 3", "entry 3 was altered"),
+        ("UPDATE head SET mac = X'00'", "head record was altered"),
     ],
-    ids=["edit-sigma", "edit-last", "delete-middle", "delete-newest", "reorder", "head", "schema"],
+    ids=[
+        "edit-sigma",
+        "edit-last",
+        "delete-middle",
+        "delete-newest",
+        "reorder",
+        "head",
+        "schema",
+        "not-utf8",
+        "mac-blob",
+        "head-mac-blob",
+    ],
 )
 def test_tampering_is_detected_and_stops_every_use(
     ledger: Ledger, tampering: str, problem: str

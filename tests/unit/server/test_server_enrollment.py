@@ -328,3 +328,25 @@ def test_revoking_during_a_rotation_unregisters_both_keys(coordinator):
     assert sorted(coordinator["registrar"].unregistered) == sorted([old_node, 1002])
     after = refused(coordinator, rotation(coordinator, openssh_public_key(new), new))
     assert after.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_rotation_whose_new_node_was_unregistered_meanwhile_is_refused_not_completed(
+    coordinator,
+):
+    """A rotation cut short at step 3, then its new node unregistered (a revocation that
+    failed halfway, an operator): a retry must not make that dead node the institution's;
+    the current key stays, and a rotation to a fresh key works."""
+    old, old_node = enroll(coordinator)
+    new = ec.generate_private_key(ec.SECP384R1())
+    registrar, engine = coordinator["registrar"], coordinator["engine"]
+    registrar.fail_unregister = 1
+    first = refused(coordinator, rotation(coordinator, openssh_public_key(new), old))
+    assert first.code() == grpc.StatusCode.ABORTED
+    registrar.unregister(1002)  # the new key's node, gone before the rotation finished
+    retry = refused(coordinator, rotation(coordinator, openssh_public_key(new), old))
+    assert "was unregistered before the rotation finished" in retry.details()
+    assert enrolled_key(engine, "hospital-a") == (openssh_public_key(old), old_node)
+    fresh = openssh_public_key(ec.generate_private_key(ec.SECP384R1()))
+    reply = verified_stub(coordinator).RotateKey(rotation(coordinator, fresh, old), timeout=10)
+    assert enrolled_key(engine, "hospital-a") == (fresh, reply.node_id)
+    assert registrar.unregistered == [1002, old_node]
