@@ -166,9 +166,14 @@ def _dp_sgd(
                     _no_examples(private_model)
                 optimizer.step()
         finally:
-            # Unwrap so the caller's model is a plain module again (no hooks, no grad_sample).
+            # Nothing noise-free stays on the caller's parameters (the last step's clipped sum
+            # `summed_grad`, per-sample gradients), and the model is a plain module again.
+            optimizer.zero_grad(set_to_none=True)
             private_model.remove_hooks()
             private_model.cleanup()
+            for parameter in model.parameters():
+                if hasattr(parameter, "summed_grad"):
+                    del parameter.summed_grad
 
 
 def _no_examples(model: nn.Module) -> None:

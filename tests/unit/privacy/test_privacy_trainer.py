@@ -63,7 +63,7 @@ def assert_plain_module(model: nn.Module) -> None:
         assert not module._backward_hooks, name
         assert not module._backward_pre_hooks, name
     for name, parameter in model.named_parameters():
-        for attribute in ("grad_sample", "_forward_counter", "_current_grad_sample"):
+        for attribute in ("grad_sample", "_forward_counter", "_current_grad_sample", "summed_grad"):
             assert not hasattr(parameter, attribute), (name, attribute)
 
 
