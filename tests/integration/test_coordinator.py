@@ -392,8 +392,11 @@ def check_privacy_report(folder: Path, results: dict, run_id: str, tmp_path: Pat
         assert row["declared_examples"] == settings["declared_examples"]
         assert row["noise_generator"] == "os-csprng"
         history = [(row["noise_multiplier"], row["sample_rate"], row["steps"])]
-        assert row["epsilon"] == pytest.approx(epsilon(history, 1e-5), rel=1e-9)
-        assert row["dataset_epsilon"] == pytest.approx(row["epsilon"])  # their first job
+        assert row["epsilon"] == pytest.approx(epsilon(history, 1e-5, "pld"), rel=1e-9)
+        # Their first job, stated by their own ledgers with RDP (a looser bound than PLD).
+        assert row["dataset_accountant"] == "rdp"
+        assert row["dataset_epsilon"] == pytest.approx(epsilon(history, 1e-5, "rdp"))
+        assert row["dataset_epsilon"] > row["epsilon"]
         state = tmp_path / row["id"]
         entries = Ledger(state).entries()
         assert [(e.job, e.run, e.round) for e in entries] == [
@@ -418,6 +421,9 @@ lr = 1.0
 [privacy]
 target_epsilon = 8.0
 delta = 1e-5
+# The tighter accountant, deployed: it calibrates sigma and reports the job's epsilon; each
+# institution states its ledger's cumulative epsilon with its own accountant (RDP here).
+accountant = "pld"
 # Wiring only: two institutions cannot get a useful institution-level epsilon (this one is in
 # the thousands); the test checks that the noise is added and accounted, not its strength.
 [central_privacy]
@@ -474,7 +480,7 @@ def test_two_institutions_train_a_dp_job_and_its_results_are_written(
     trained = {row["id"]: row for row in results["institutions"]}
     assert set(trained) == {"train-0", "train-1"}
     for row in trained.values():
-        assert row["rounds_trained"] == 2 and row["accountant"] == "rdp"
+        assert row["rounds_trained"] == 2 and row["accountant"] == "pld"
         assert 0 < row["epsilon"] <= 8.0 and row["delta"] == 1e-5
     assert "final accuracy" in submitted.stdout
     check_privacy_report(folder, results, run_id, tmp_path)
