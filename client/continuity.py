@@ -31,7 +31,7 @@ from pathlib import Path
 
 from confide.client.institution import InstitutionDir, InstitutionError
 from confide.privacy.accounting import epsilon
-from confide.privacy.ledger import Entry, Ledger, LedgerError, LedgerTampered
+from confide.privacy.ledger import Entry, Ledger, LedgerError, LedgerTampered, moved_to
 from confide.privacy.ledger_index import LedgerIndex, LedgerIndexError
 
 _log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class _Spends:
     entries: tuple[Entry, ...] = ()
     imported_from: frozenset[Path] = frozenset()
     problems: tuple[str, ...] = ()
+    moved: str | None = None  # where the ledger was moved to ('moved' entry), if it was
 
     def supersedes(self, other: _Spends) -> bool:
         """This ledger holds every spend of `other`, and more or by importing it."""
@@ -87,7 +88,7 @@ def _read(folder: Path, fingerprint: str) -> _Spends:
     sources = frozenset(
         Path(json.loads(e.note)["from"]).resolve() for e in entries if e.kind == "import"
     )
-    return _Spends(folder, rows, entries=mine, imported_from=sources)
+    return _Spends(folder, rows, entries=mine, imported_from=sources, moved=moved_to(entries))
 
 
 def _has_ledger(ledger: Ledger) -> bool:
@@ -203,7 +204,7 @@ def _base(source: Path, fingerprint: str, dataset: str) -> frozenset[tuple[objec
             f"{source}: its ledger fails verification ({'; '.join(spends.problems[:3])}); "
             f"check it first: confide-client budget verify --dir {source}"
         )
-    moved = Ledger(source).moved_to()
+    moved = spends.moved
     # A destination that lost its ledger (deleted, disk gone) continues nothing: this ledger
     # is then the newest record of the budget, and continuing it is the way back.
     if moved is not None and _has_ledger(Ledger(Path(moved))):

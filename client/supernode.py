@@ -55,16 +55,10 @@ def supernode_command(directory: InstitutionDir) -> list[str]:
     ]
 
 
-NOISE = {
-    "csprng": "every DP-SGD noise value from the operating system's CSPRNG",
-    "torch": "DP-SGD noise from PyTorch's generator (Mersenne Twister, not cryptographic), "
-    'seeded from the OS CSPRNG each round (noise_generator = "torch")',
-}
-
-
 def preflight(config: InstitutionConfig) -> list[str]:
     """Local checks of the settings against the data before the SuperNode starts
     (InstitutionError if they would weaken the guarantee); returns lines to show."""
+    from confide.privacy.report import NOISE_GENERATORS, noise_generator
     from confide.tasks.datasets import DatasetError, read_file
     from confide.tasks.splits import training_size
 
@@ -77,8 +71,10 @@ def preflight(config: InstitutionConfig) -> list[str]:
         max_delta=config.privacy.max_delta,
         training_examples=max(1, training_size(len(labels), config.validation_fraction)),
     )
+    # A deployed institution's round seeds come from the OS CSPRNG (no noise seed).
+    noise = NOISE_GENERATORS[noise_generator(config.noise_generator, None)]
     return [f"warning: {line}" for line in warnings] + [
-        f"declared size {config.declared_examples} (published); {NOISE[config.noise_generator]}"
+        f"declared size {config.declared_examples} (published); DP-SGD noise from {noise}"
     ]
 
 

@@ -42,12 +42,20 @@ LEDGERS = [
 ]
 
 
-def dp_accounting_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    accountant = RdpAccountant()  # its default orders, not ours
+def composed_epsilon(
+    accountant: dp_accounting.PrivacyAccountant,
+    history: list[tuple[float, float, int]],
+    delta: float,
+) -> float:
+    """`accountant`'s epsilon at `delta` after one DP-SGD event per history entry, as given."""
     for sigma, rate, steps in history:
         event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma))
         accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
     return accountant.get_epsilon(delta)
+
+
+def dp_accounting_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    return composed_epsilon(RdpAccountant(), history, delta)  # its default orders, not ours
 
 
 @pytest.mark.parametrize("delta", [1e-5, 1e-6])
@@ -95,10 +103,7 @@ def dp_accounting_pld_epsilon(
         neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
         value_discretization_interval=interval,
     )
-    for sigma, rate, steps in history:  # one event per entry, as given
-        event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma))
-        accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
-    return accountant.get_epsilon(delta)
+    return composed_epsilon(accountant, history, delta)
 
 
 @pytest.mark.parametrize("delta", [1e-5, 1e-6])
