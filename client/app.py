@@ -11,27 +11,34 @@
 
 This run's accountant history is also kept in the node's `context.state` (no ledger read per
 round); a restarted SuperNode recovers it from the ledger. Raw data never leaves this
-function; replies carry weights and aggregates.
+function; replies carry weights and aggregates. A reply that reports a problem says what is
+wrong in general terms ("its data could not be read", "its ledger failed verification"):
+the detail (file paths, the values in a bad row) is logged on this host only.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Error
+from flwr.common.constant import ErrorCode
 
 from confide.client.continuity import index_institution_ledger
 from confide.client.data import LocalInstitution, Resolver, resolve
 from confide.client.device import resolve_device
+from confide.client.institution import InstitutionError
 from confide.privacy import instructions as keys
 from confide.privacy.accounting import HistoryEntry, epsilon
 from confide.privacy.config import PrivacyConfig
 from confide.privacy.instructions import RoundInstructions
-from confide.privacy.ledger import Ledger, LedgerError, Spend, moved_to
+from confide.privacy.ledger import Ledger, LedgerError, LedgerTampered, Spend, moved_to
 from confide.privacy.mechanism import Mechanism, plan_round, planned_noise
 from confide.privacy.policy import (
     LEDGER_UNUSABLE,
@@ -42,6 +49,7 @@ from confide.privacy.policy import (
 )
 from confide.privacy.report import noise_generator
 from confide.privacy.trainer import RoundResult, train_round
+from confide.tasks.datasets import DatasetError
 from confide.tasks.metrics import evaluate as evaluate_model
 from confide.tasks.registry import get_task
 from confide.tasks.seeding import derive_seed
@@ -49,6 +57,15 @@ from confide.tasks.splits import InstitutionData
 
 HISTORY = "confide.privacy.history"
 NOISE = "confide.privacy.noise"
+_log = logging.getLogger(__name__)
+Handler = Callable[[Message, Context], Message]
+# Problems on this host, and what a reply says of each; the detail is logged here only.
+_LOCAL = (DatasetError, InstitutionError, OSError)
+_LOCAL_PROBLEMS: tuple[tuple[type[Exception], str], ...] = (
+    (DatasetError, "its data could not be read"),
+    (InstitutionError, "its settings (institution.toml) could not be read"),
+    (OSError, "a file on its host could not be read"),
+)
 
 
 def _history(context: Context) -> list[HistoryEntry]:
@@ -77,7 +94,8 @@ class _Books:
         # One verified read: every spend on the dataset, and which of them were this run's.
         entries = Ledger(me.ledger).entries()
         if (moved := moved_to(entries)) is not None:  # before training; final for the job
-            raise PolicyRefusal(f"its ledger was moved to {moved}; train from there")
+            _log.warning("the ledger in %s was moved to %s; train from there", me.ledger, moved)
+            raise PolicyRefusal("its ledger was moved to another folder; train from there")
         spends = [e for e in entries if e.kind == "spend" and e.dataset == me.dataset]
         dataset = [entry.history_entry for entry in spends]
         recorded = [entry.history_entry for entry in spends if entry.run == str(context.run_id)]
@@ -215,6 +233,53 @@ def _reply(
     )
 
 
+def _ledger_problem(problem: LedgerError) -> str:
+    """What a reply says of a ledger that cannot be used (its detail names this host's
+    files, and is logged here)."""
+    _log.error("the privacy ledger cannot be used: %s", problem)
+    if isinstance(problem, LedgerTampered):
+        return (
+            "its ledger failed verification (its operator checks it with "
+            "`confide-client budget verify`)"
+        )
+    return "its ledger cannot be used on its host now (its operator must fix the cause)"
+
+
+def _local_failure(
+    message: Message, context: Context, resolver: Resolver, error: Exception
+) -> Message:
+    """The error reply for a problem on this host (data, settings, files): what kind of
+    problem, never its detail, which names paths and may quote the data's values."""
+    what = next(text for kind, text in _LOCAL_PROBLEMS if isinstance(error, kind))
+    _log.error("a %s message failed here: %s", message.metadata.message_type, error)
+    try:
+        name = resolver(context).name
+    except _LOCAL:
+        name = "the institution"
+    reason = f"{name} cannot answer a {message.metadata.message_type} message: {what}"
+    return Message(
+        error=Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{reason} (details in its log)"),
+        reply_to=message,
+    )
+
+
+def _kept_local(resolver: Resolver) -> Callable[[Handler], Handler]:
+    """Handlers whose local problems are replied to by kind (`_local_failure`): Flower
+    would send the exception's text, which names this host's files and data."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def guarded(message: Message, context: Context) -> Message:
+            try:
+                return handler(message, context)
+            except _LOCAL as error:
+                return _local_failure(message, context, resolver, error)
+
+        return guarded
+
+    return wrap
+
+
 def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None) -> ClientApp:
     """A ClientApp for the institution `resolver` finds in each message's context (by default
     a deployed institution's state directory, or the run's simulated partition).
@@ -234,11 +299,13 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
         return derive_seed(noise_seed, "train", position, server_round, institution)
 
     @app.query()
+    @_kept_local(resolver)
     def query(message: Message, context: Context) -> Message:
         reply = RecordDict({"identity": ConfigRecord({"institution": resolver(context).name})})
         return Message(reply, reply_to=message)
 
     @app.train()
+    @_kept_local(resolver)
     def train(message: Message, context: Context) -> Message:
         instructions = RoundInstructions.from_config(message.content["config"])
         server_round = int(message.content["config"]["server-round"])
@@ -252,7 +319,7 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
             reason = f"{institution} refuses round {server_round}: {refusal}"
             return Message(error=Error(REFUSED_BY_POLICY, reason), reply_to=message)
         except LedgerError as problem:  # not final: an operator can fix it during the job
-            reason = f"{institution} cannot train round {server_round}: {problem}"
+            reason = f"{institution} cannot train round {server_round}: {_ledger_problem(problem)}"
             return Message(error=Error(LEDGER_UNUSABLE, reason), reply_to=message)
         local = me.load(instructions)
         model = _model(instructions, local, message.content["arrays"])
@@ -285,7 +352,9 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
             try:
                 Ledger(me.ledger).record(spend)
             except LedgerError as problem:
-                reason = f"{institution} cannot record round {server_round}: {problem}"
+                reason = f"{institution} cannot record round {server_round}: " + _ledger_problem(
+                    problem
+                )
                 return Message(error=Error(LEDGER_UNUSABLE, reason), reply_to=message)
             # So that a later `join` elsewhere on this host finds this data's budget.
             index_institution_ledger(me.ledger, [spend.fingerprint])
@@ -301,6 +370,7 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
         return Message(reply, reply_to=message)
 
     @app.evaluate()
+    @_kept_local(resolver)
     def evaluate(message: Message, context: Context) -> Message:
         instructions = RoundInstructions.from_config(message.content["config"])
         me = resolver(context)

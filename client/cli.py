@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
-from confide.tasks.terminal import errors, fail
+from confide.tasks.terminal import errors, fail, output_console
 
 if TYPE_CHECKING:
     from confide.client.continuity import LedgerPlan
@@ -25,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = output_console()
 DirOption = Annotated[Path, typer.Option("--dir", help="this institution's state directory")]
 
 
@@ -121,7 +120,13 @@ def join(
     ] = None,
     label_column: Annotated[str, typer.Option(help="CSV label column")] = "label",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    port: Annotated[int, typer.Option(help="this SuperNode's local port")] = 9094,
+    port: Annotated[
+        int,
+        typer.Option(
+            help="the SuperNode's Runtime API port on 127.0.0.1, where confide's runner takes "
+            "this institution's tasks (one per institution on a host)"
+        ),
+    ] = 9094,
     max_epsilon: Annotated[
         float,
         typer.Option(help="this institution's limit: refuse any round past this epsilon"),
@@ -298,7 +303,8 @@ def _save_rotated(directory: InstitutionDir, config: InstitutionConfig, node_id:
 
 @app.command()
 def start(state: DirOption) -> None:
-    """Run this institution's SuperNode with the credentials saved by `join`."""
+    """Run this institution's SuperNode with the credentials saved by `join`, and confide's
+    runner beside it: only confide's own ClientApp runs here (any other app is refused)."""
     from confide.client.institution import InstitutionDir
 
     run_supernode(InstitutionDir(state))
@@ -320,6 +326,8 @@ OPERATOR_ACTIONS = {
     "new-budget": "new budget started by an operator",
     "moved": "moved to another folder, which continues its budget (no spend recorded here)",
 }
+# And of each entry the institution recorded by itself (no spend).
+EVENTS = {"refused-app": "refused to run a run's app (nothing of it ran here)"}
 
 
 ACCOUNTANT_NAMES = {
@@ -426,10 +434,11 @@ def verify(
             entries = ledger.entries()
             last = f", last recorded {entries[-1].recorded_at}" if entries else ""
             console.print(f"ledger intact: {len(entries)} entries{last}", highlight=False)
+            listed = OPERATOR_ACTIONS | EVENTS
             for entry in entries:
-                if entry.kind in OPERATOR_ACTIONS:
+                if entry.kind in listed:
                     console.print(
-                        f"  {OPERATOR_ACTIONS[entry.kind]} at {entry.recorded_at}: {entry.note}",
+                        f"  {listed[entry.kind]} at {entry.recorded_at}: {entry.note}",
                         highlight=False,
                     )
             index_institution_ledger(state, [e.fingerprint for e in entries if e.kind == "spend"])

@@ -31,7 +31,14 @@ from pathlib import Path
 
 from confide.client.institution import InstitutionDir, InstitutionError
 from confide.privacy.accounting import epsilon
-from confide.privacy.ledger import Entry, Ledger, LedgerError, LedgerTampered, moved_to
+from confide.privacy.ledger import (
+    EVENT_KINDS,
+    Entry,
+    Ledger,
+    LedgerError,
+    LedgerTampered,
+    moved_to,
+)
 from confide.privacy.ledger_index import LedgerIndex, LedgerIndexError
 
 _log = logging.getLogger(__name__)
@@ -162,7 +169,7 @@ def _imported_last(own: Ledger, source: Path) -> bool:
     """`own` holds a finished import of `source` and nothing since: a join with
     `--ledger-from` cut short after the import and run again."""
     try:
-        entries = own.entries(read_only=True)
+        entries = [e for e in own.entries(read_only=True) if e.kind not in EVENT_KINDS]
     except LedgerError:
         return False
     if not entries or entries[-1].kind != "import":

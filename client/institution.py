@@ -44,7 +44,13 @@ class InstitutionConfig(StrictModel):
         default=0.1, ge=0.0, lt=1.0, description="held out locally to score the global model"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    port: int = Field(default=9094, ge=1, le=65535, description="the SuperNode's local port")
+    port: int = Field(
+        default=9094,
+        ge=1,
+        le=65535,
+        description="the SuperNode's Runtime API port on 127.0.0.1 (Flower's `--port`), where "
+        "confide's runner takes this institution's tasks; one per institution on a host",
+    )
     privacy: PrivacyPolicy = Field(
         default=PrivacyPolicy(), description="this institution's limits for every job"
     )

@@ -28,7 +28,10 @@ Entries other than kind 'spend' carry no spend (their spend fields are empty) an
 operators did: 'reseal' (accepted the ledger as it stood), 'import' (this folder continues
 another folder's ledger), 'moved' (another folder continues this one: no spend is recorded
 here any more) and 'new-budget' (a new budget on data another ledger had spent on, with the
-reason). Only 'spend' entries count towards epsilon.
+reason). A 'refused-app' entry records what the institution itself refused: a run whose app
+was not confide's own ClientApp (`confide.client.runner`; its run id, FAB hash and the
+reason in the note), so that the refusal stays on record beside the spend. Only 'spend'
+entries count towards epsilon.
 
 Errors: LedgerTampered when the content fails verification (or is no ledger database at
 all); LedgerError, naming the cause, when the environment stops its use (a read-only or full
@@ -113,6 +116,10 @@ _COLUMN_TYPES = {
 }
 # Kinds of the entries an operator's action writes (no spend; see the module's docstring).
 OPERATOR_KINDS = ("reseal", "import", "moved", "new-budget")
+# Kinds the institution records by itself that change nothing about the data's ledger (no
+# spend, no operator's decision): an app it refused to run (`record_refusal`).
+REFUSED_APP = "refused-app"
+EVENT_KINDS = (REFUSED_APP,)
 # Their spend fields.
 _EMPTY: dict[str, object] = {
     "dataset": "",
@@ -171,7 +178,8 @@ class Spend:
 
 @dataclass(frozen=True)
 class Entry(Spend):
-    """A ledger row as stored: a spend, or an operator's action (`OPERATOR_KINDS`, see `note`)."""
+    """A ledger row as stored: a spend, an operator's action (`OPERATOR_KINDS`, see `note`)
+    or an event the institution recorded (`EVENT_KINDS`, see `record_refusal`)."""
 
     seq: int
     recorded_at: str
@@ -272,10 +280,10 @@ def _describe(error: sqlite3.Error) -> str:
 
 
 def moved_to(entries: list[Entry]) -> str | None:
-    """Where the ledger went if its newest entry other than a reseal is 'moved' (a reseal
-    does not bring a moved ledger back); None if it was not moved."""
+    """Where the ledger went if its newest entry other than a reseal or an event is 'moved'
+    (neither a reseal nor a refused app brings a moved ledger back); None if it was not moved."""
     for entry in reversed(entries):
-        if entry.kind == "reseal":
+        if entry.kind == "reseal" or entry.kind in EVENT_KINDS:
             continue
         if entry.kind != "moved":
             return None
@@ -775,6 +783,14 @@ class Ledger:
         if kind not in OPERATOR_KINDS or kind == "reseal":
             raise ValueError(f"not an entry an operator notes: {kind!r}")
         return self._append_verified(kind, _EMPTY | {"note": note}, f"the {kind} entry")
+
+    def record_refusal(self, *, run: str, fab_hash: str, reason: str) -> Entry:
+        """Record that this institution refused to run the app of `run` (FAB `fab_hash`) and
+        why: a 'refused-app' entry, no spend, through the same chain as every spend. Its own
+        method, not `note`: it is the institution's decision, never an operator's action."""
+        note = json.dumps({"run": run, "fab-hash": fab_hash, "reason": reason})
+        values = _EMPTY | {"run": run, "note": note}
+        return self._append_verified(REFUSED_APP, values, "the app refusal")
 
     # -- importing -----------------------------------------------------------------------
     def import_cut_short(self) -> bool:

@@ -31,8 +31,11 @@ from confide.tasks.config import StrictModel
 # Flower's error codes stop at 8; a refusal is not a crash, so it has codes of its own.
 # 100: the institution's limits refuse the job (final for the job: its spend only grows).
 # 101: the institution's ledger failed verification (until an operator deals with it).
+# 102: the institution's runner refused the run's app: it is not confide's own ClientApp
+#      (`confide.client.runner`). Final for the job, like 100: its app does not change.
 REFUSED_BY_POLICY = 100
 LEDGER_UNUSABLE = 101
+APP_REFUSED = 102
 
 
 class PrivacyPolicy(StrictModel):
