@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from logging import INFO
+from collections.abc import Callable
+from logging import INFO, WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
@@ -20,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from pydantic import ValidationError
 
 from confide.server.central_dp import CentralDP
-from confide.server.flower import RESULTS_ENV
+from confide.server.flower import RESULTS_ENV, STATE_ENV
 from confide.server.history import JobHistory, RoundObserver, RoundRecord
 from confide.server.job import JobConfig
 from confide.server.polling import PromptGrid
@@ -30,11 +32,16 @@ from confide.server.results import (
     privacy_document,
     write_results,
 )
-from confide.server.strategy import ConfideFedAvg, JobStopped
+from confide.server.strategy import ConfideFedAvg, JobStopped, TooFewInstitutions
 from confide.tasks.config import describe_errors, unflatten
 from confide.tasks.datasets import Dataset
 from confide.tasks.metrics import evaluate
 from confide.tasks.registry import get_task
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from confide.server.audit import AuditLog, Detail
 from confide.tasks.splits import split_test
 
 # Run config keys `confide-server submit` sets.
@@ -75,12 +82,16 @@ def run(
     test_set: Dataset | None,
     name: str = "job",
     noise_seed: int | None = None,
+    *,
+    registered: Callable[[], dict[int, str]] | None = None,
 ) -> JobHistory:
+    """Run `job` on `grid`; `registered` names the enrolled institutions in deployment (see
+    `ConfideFedAvg`)."""
     test = test_set if test_set is not None else coordinator_test_set(job)
     task = get_task(job.task.name)
     model = task.build_model(job.task, test.features, test.classes, job.seed)
     central = CentralDP(job.central_privacy, noise_seed) if job.central_privacy.enabled else None
-    strategy = ConfideFedAvg(job.federation, job.seed, history, central)
+    strategy = ConfideFedAvg(job.federation, job.seed, history, central, registered=registered)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -176,19 +187,165 @@ def write_deployed_results(
     write_results(directory, document, history, ("job.toml", resolved), report)
 
 
+class JobFailed(RuntimeError):
+    """The job could not run (too few institutions, bad run config); the message says why.
+
+    Flower logs a ServerApp's exception with its traceback, which here would bury the one
+    thing the operator needs: this class reads its `__traceback__` as None, so Flower's log
+    shows the message alone (the run still ends as failed).
+    """
+
+    @property  # type: ignore[override]
+    def __traceback__(self) -> None:
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, _: object) -> None:
+        pass
+
+
+class Deployment:
+    """What the deployed ServerApp uses from the coordinator's state folder (named by
+    `CONFIDE_STATE_DIR` in the SuperLink's environment): the enrolled institutions, the audit
+    log and the results folder. Without it (`flwr run .` against a bare SuperLink), nodes
+    are asked who they are, nothing is audited and no results are written."""
+
+    def __init__(self, state: Path | None) -> None:
+        self.state = state
+        self._engine: Engine | None = None
+        self._audit: AuditLog | None = None
+        if state is not None:
+            from confide.server.audit import AuditLog
+            from confide.server.settings import StateDir
+            from confide.server.state import open_database
+
+            directory = StateDir(state)
+            self._engine = open_database(directory.database_url(directory.load_settings()))
+            self._audit = AuditLog(directory, self._engine)
+        self._audited = 0  # entries of history.rejected already in the audit log
+
+    @classmethod
+    def from_environment(cls) -> Deployment:
+        state = os.environ.get(STATE_ENV)
+        return cls(Path(state) if state else None)
+
+    def roster(self) -> Callable[[], dict[int, str]] | None:
+        """Reads node id -> enrolled institution from the coordinator's database (None
+        without a state folder: nodes are then asked)."""
+        if self._engine is None:
+            return None
+        from confide.server.institutions import enrolled_nodes
+
+        engine = self._engine
+        return lambda: enrolled_nodes(engine)
+
+    def audit(self, action: str, **details: str | int | float | bool | None) -> None:
+        self._append(action, "coordinator", details)
+
+    def _append(self, action: str, actor: str, details: dict[str, Detail]) -> None:
+        """Append to the audit log; a log that cannot be written (AuditError: tampered, key
+        gone) is reported in the run's log, once per entry, and does not stop the job —
+        `confide-server audit verify` reports the damage."""
+        if self._audit is None:
+            return
+        from confide.server.audit import AuditError
+
+        try:
+            self._audit.append(action, actor=actor, **details)
+        except AuditError as error:
+            log(WARNING, "audit log not written (%s): %s", action, error)
+
+    def audit_refusals(self, run_id: int, history: JobHistory) -> None:
+        """One `round.refused` entry per reply refused since the last call."""
+        if self._audit is None:
+            return
+        for row in history.rejected[self._audited :]:
+            details: dict[str, Detail] = {
+                "run": run_id,
+                "institution": str(row["institution"]),
+                "round": int(row["round"]),
+                "phase": str(row["phase"]),
+                "reason": str(row["reason"]),
+            }
+            # Who refused: the institution (its error reply) or the coordinator (its update).
+            by_institution = row.get("refused_by") == "institution"
+            actor = f"institution:{row['institution']}" if by_institution else "coordinator"
+            self._append("round.refused", actor, details)
+        self._audited = len(history.rejected)
+
+    def close(self) -> None:
+        if self._audit is not None:
+            self._audit.close()
+        if self._engine is not None:
+            self._engine.dispose()
+
+
 # Entry point of `flwr run` (named in the pyproject of the project and of every submitted job).
 app = ServerApp()
 
 
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
-    name, job = job_from_run_config(dict(context.run_config))
+    deployment = Deployment.from_environment()
+    try:
+        _deployed_run(deployment, grid, context)
+    finally:
+        deployment.close()
+
+
+def _deployed_run(deployment: Deployment, grid: Grid, context: Context) -> None:
+    """Run the job in the run config; results, audit entries and one clear line if it fails."""
+    run_id = int(context.run_id)
+    if JOB_KEY in context.run_config and deployment.state is None:
+        # A job `confide-server submit` sent, on a SuperLink that was not started by
+        # `confide-server start`: nodes could only be named from what they say. Refuse.
+        raise JobFailed(
+            f"the SuperLink's environment names no coordinator state folder ({STATE_ENV}); "
+            "start it with `confide-server start`"
+        )
+    try:
+        name, job = job_from_run_config(dict(context.run_config))
+    except ValueError as error:
+        deployment.audit("run.failed", run=run_id, reason=str(error))
+        raise JobFailed(str(error)) from None
     history = JobHistory()
     started = time.perf_counter()
+
+    def observe(record: RoundRecord, history: JobHistory) -> None:
+        deployment.audit_refusals(run_id, history)
+
     # Flower's deployed grid waits 3 s between pulls of replies; see confide.server.polling.
-    run(job, PromptGrid(grid), history, None, None, name)  # type: ignore[arg-type]
+    try:
+        run(
+            job,
+            PromptGrid(grid),  # type: ignore[arg-type]
+            history,
+            observe,
+            None,
+            name,
+            registered=deployment.roster(),
+        )
+    except TooFewInstitutions as error:
+        deployment.audit_refusals(run_id, history)
+        deployment.audit("run.failed", run=run_id, job=name, reason=str(error))
+        raise JobFailed(f"job {name} failed: {error}") from None
+    except Exception as error:  # recorded, then Flower logs it with its traceback
+        deployment.audit_refusals(run_id, history)
+        reason = f"{type(error).__name__}: {error}"
+        deployment.audit("run.failed", run=run_id, job=name, reason=reason)
+        raise
+    deployment.audit_refusals(run_id, history)
     root = os.environ.get(RESULTS_ENV)
     if root and history.rounds:
-        directory = Path(root) / f"run-{context.run_id}"
+        directory = Path(root) / f"run-{run_id}"
         write_deployed_results(directory, name, job, history, time.perf_counter() - started)
         log(INFO, "results written to %s", directory)
+    ending = "run.stopped" if history.stopped else "run.finished"
+    deployment.audit(
+        ending,
+        run=run_id,
+        job=name,
+        rounds=len(history.rounds),
+        accuracy=history.rounds[-1].accuracy if history.rounds else None,
+        reason=history.stopped,
+    )

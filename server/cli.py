@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 
-from confide.tasks.terminal import errors, fail
+from confide.tasks.terminal import errors, fail, output_console
 
 if TYPE_CHECKING:
-    pass
+    from sqlalchemy import Engine
 
 app = typer.Typer(
     help="Run a confide coordinator: a private CA, TLS, join tokens for institutions, and "
@@ -27,7 +29,15 @@ token_app = typer.Typer(help="Join tokens: single-use, expiring invitations.", n
 app.add_typer(token_app, name="token")
 institutions_app = typer.Typer(help="Enrolled institutions: list and revoke.", no_args_is_help=True)
 app.add_typer(institutions_app, name="institutions")
-console = Console()
+audit_app = typer.Typer(
+    help="The audit log: list it (`audit --dir STATE`), check it (`audit verify --dir STATE`), "
+    "or accept a damaged one as it stands (`audit reseal --dir STATE --reason TEXT`).",
+    invoke_without_command=True,
+)
+app.add_typer(audit_app, name="audit")
+
+
+console = output_console()
 
 StateOption = Annotated[Path, typer.Option("--dir", help="the coordinator's state directory")]
 
@@ -42,11 +52,22 @@ def init(
             "(repeat; default localhost and 127.0.0.1)"
         ),
     ] = None,
-    superlink_port: Annotated[int, typer.Option(help="SuperLink port (HTTPS)")] = 9091,
+    superlink_port: Annotated[
+        int, typer.Option(help="institutions' port (HTTPS; Flower's Fleet API only)")
+    ] = 9091,
+    control_port: Annotated[
+        int,
+        typer.Option(
+            help="the SuperLink's own port, on 127.0.0.1 only (the operator's tools); "
+            "0: a free one at each start"
+        ),
+    ] = 0,
     enrollment_port: Annotated[
         int, typer.Option(help="enrollment service port (gRPC, TLS)")
     ] = 9100,
-    bind: Annotated[str, typer.Option(help="address both services listen on")] = "0.0.0.0",
+    bind: Annotated[
+        str, typer.Option(help="address the institutions' port and enrollment listen on")
+    ] = "0.0.0.0",
     force: Annotated[bool, typer.Option(help="replace an existing state directory")] = False,
 ) -> None:
     """Create a state directory: CA, TLS server certificate, database and settings."""
@@ -65,7 +86,11 @@ def init(
     hosts = list(dict.fromkeys([*(host or []), "localhost", "127.0.0.1"]))
     try:
         settings = ServerSettings(
-            hosts=hosts, superlink_port=superlink_port, enrollment_port=enrollment_port, bind=bind
+            hosts=hosts,
+            superlink_port=superlink_port,
+            control_port=control_port,
+            enrollment_port=enrollment_port,
+            bind=bind,
         )
     except ValidationError as error:
         raise fail("; ".join(describe_errors(error, ServerSettings))) from None
@@ -95,25 +120,126 @@ def token_create(
     state: StateOption,
     institution: Annotated[str, typer.Option(help="the institution's name (a-z, 0-9, -)")],
     ttl: Annotated[str, typer.Option(help="lifetime: 90m, 24h, 7d")] = "24h",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="write the token to this file (mode 0600) instead of stdout"),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="with --out: replace an existing file")] = False,
 ) -> None:
-    """Print a single-use join token for one institution (stored only as a hash)."""
+    """Print a single-use join token for one institution (stored only as a hash).
+
+    The token goes to stdout alone (for scripts) or, with --out, into a new file only its
+    owner can read: a shell's `> file` would create it with the umask's mode."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from confide.server import pki
+    from confide.server.audit import AuditError, AuditLog, operator_actor
     from confide.server.settings import StateDir, StateError
     from confide.server.state import open_database
     from confide.server.tokens import TokenError, create_token, parse_ttl
 
     directory = StateDir(state)
+    token = None
     try:
-        settings = directory.load_settings()
-        lifetime = parse_ttl(ttl)
-        ca = pki.load_certificate(directory.ca_certificate)
-        engine = open_database(directory.database_url(settings))
-        token = create_token(engine, institution, lifetime, pki.fingerprint(ca))
-        engine.dispose()
-    except (StateError, TokenError, pki.PKIError) as error:
-        raise fail(str(error)) from None
-    errors.print(f"join token for {institution}, valid {ttl}, single use:", highlight=False)
-    print(token)  # stdout carries the token alone, for scripts
+        with _token_file(out, force) as stream:
+            try:
+                settings = directory.load_settings()
+                lifetime = parse_ttl(ttl)
+                ca = pki.load_certificate(directory.ca_certificate)
+                engine = open_database(directory.database_url(settings))
+                try:
+                    token = create_token(engine, institution, lifetime, pki.fingerprint(ca))
+                    AuditLog(directory, engine).append(
+                        "token.created",
+                        actor=operator_actor(),
+                        institution=institution,
+                        token_id=token.token_id,
+                        expires=_token_expiry(engine, token.token_id),
+                    )
+                finally:
+                    engine.dispose()
+            except AuditError as error:
+                raise fail(f"{error}; the token was not issued") from None
+            except (StateError, TokenError, pki.PKIError) as error:
+                raise fail(str(error)) from None
+            except SQLAlchemyError as error:
+                cause = getattr(error, "orig", None) or error
+                raise fail(f"the database: {cause}; the token was not issued") from None
+            if stream is not None:
+                stream.write(f"{token}\n")
+    except OSError as error:
+        issued = (
+            f"token {token.token_id} was issued but not written: no one has it, and it "
+            "expires unused"
+            if token is not None
+            else "no token was issued"
+        )
+        raise fail(f"{error.filename or out}: {error.strerror}; {issued}") from None
+    if out is None:
+        errors.print(f"join token for {institution}, valid {ttl}, single use:", highlight=False)
+        print(token)  # stdout carries the token alone, for scripts
+        return
+    errors.print(
+        f"join token for {institution}, valid {ttl}, single use, written to {out} (mode 0600)",
+        highlight=False,
+    )
+
+
+@contextmanager
+def _token_file(out: Path | None, force: bool) -> Iterator[TextIO | None]:
+    """The file for the token (None: stdout), created before a token is issued, so one that
+    cannot be created refuses with no token issued: a new file (O_EXCL, mode 0600 from the
+    first byte; not over anything, a dangling symlink included), or with --force a private
+    temporary file that replaces `out` at the end. Removed again if no token was written."""
+    if out is None:
+        yield None
+        return
+    if out.is_dir():
+        raise fail(f"{out} is a folder")
+    target = out
+    if force:
+        if not out.parent.is_dir():
+            raise fail(f"{out}: the folder {out.parent} does not exist")
+        try:
+            descriptor, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+        except OSError as error:
+            raise fail(f"{out.parent}: {error.strerror}; no token was issued") from None
+        target = Path(name)
+    else:
+        descriptor = _create_token_file(out)
+    os.fchmod(descriptor, 0o600)  # whatever the umask
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        if force:
+            os.replace(target, out)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def _create_token_file(out: Path) -> int:
+    try:
+        return os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise fail(f"{out} exists; use --force to replace it") from None
+    except FileNotFoundError:
+        raise fail(f"{out}: the folder {out.parent} does not exist") from None
+    except OSError as error:
+        raise fail(f"{out}: {error.strerror}; no token was issued") from None
+
+
+def _token_expiry(engine: Engine, token_id: str) -> str:
+    """When the token just issued expires (UTC, as stored)."""
+    from sqlalchemy.orm import Session
+
+    from confide.server.state import JoinTokenRow
+
+    with Session(engine) as session:
+        expires = session.get(JoinTokenRow, token_id).expires_at
+    return expires.isoformat(timespec="seconds")
 
 
 def _open(state: Path):
@@ -165,6 +291,7 @@ def institutions_revoke(
     state: StateOption,
 ) -> None:
     """Unregister the institution's key: its SuperNode is cut off and the key cannot return."""
+    from confide.server.audit import AuditError, AuditLog, operator_actor
     from confide.server.enrollment import RegistrationError
     from confide.server.institutions import InstitutionError, RotationRefused, revoke
 
@@ -173,6 +300,12 @@ def institutions_revoke(
         node_id = revoke(engine, registrar, name)
     except (InstitutionError, RegistrationError, RotationRefused) as error:
         raise fail(str(error)) from None
+    try:
+        AuditLog(_state(state), engine).append(
+            "institution.revoked", actor=operator_actor(), institution=name, node_id=node_id
+        )
+    except AuditError as error:
+        errors.print(f"warning: the revocation is not in the audit log: {error}", highlight=False)
     console.print(
         f"revoked {name} (node {node_id}); a new join token re-enrolls it with a new key",
         highlight=False,
@@ -181,7 +314,12 @@ def institutions_revoke(
 
 @app.command()
 def start(state: StateOption) -> None:
-    """Run the SuperLink (TLS, institution authentication) and the enrollment service."""
+    """Run the coordinator: SuperLink, institutions' Fleet API front, enrollment service.
+
+    The SuperLink (TLS, institution authentication) listens on 127.0.0.1 only: its Control
+    API authenticates no caller. Institutions reach its Fleet API through the front on the
+    public port, which refuses everything else."""
+    from confide.server.audit import AuditError
     from confide.server.coordinator import CoordinatorError, run_coordinator
     from confide.server.settings import StateDir, StateError
 
@@ -189,8 +327,135 @@ def start(state: StateOption) -> None:
     try:
         settings = directory.load_settings()
         run_coordinator(directory, settings, lambda line: console.print(line, highlight=False))
-    except (StateError, CoordinatorError, OSError) as error:
+    except (StateError, CoordinatorError, AuditError, OSError) as error:
         raise fail(str(error)) from None
+
+
+@app.command()
+def stop(state: StateOption) -> None:
+    """Stop the coordinator running for this state directory (SIGTERM), and wait for it."""
+    from confide.server.coordinator import CoordinatorError, stop_coordinator
+
+    try:
+        pid = stop_coordinator(_state(state))
+    except CoordinatorError as error:
+        raise fail(str(error)) from None
+    console.print(f"coordinator for {state} (pid {pid}) stopped", highlight=False)
+
+
+@audit_app.callback()
+def audit_list(
+    context: typer.Context,
+    state: Annotated[
+        Path | None, typer.Option("--dir", help="the coordinator's state directory")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object a line")] = False,
+) -> None:
+    """The audit log's entries, oldest first."""
+    if context.invoked_subcommand is not None:
+        context.obj = state
+        return
+    if state is None:
+        raise fail("Missing option '--dir': the coordinator's state directory")
+    from rich.table import Table
+
+    from confide.server.audit import AuditError, AuditLog
+
+    try:
+        with AuditLog.open(_state(state)) as log:
+            entries = log.entries()
+    except AuditError as error:
+        raise fail(str(error)) from None
+    if as_json:
+        for entry in entries:
+            print(entry.model_dump_json())
+        return
+    table = Table(title=f"Audit log of {state}")
+    for column in ("seq", "time (UTC)", "actor", "action", "details"):
+        table.add_column(column)
+    for entry in entries:
+        details = ", ".join(f"{key}={value}" for key, value in entry.details.items())
+        table.add_row(str(entry.seq), entry.at[:19], entry.actor, entry.action, details)
+    console.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    context: typer.Context,
+    state: Annotated[
+        Path | None, typer.Option("--dir", help="the coordinator's state directory")
+    ] = None,
+) -> None:
+    """Check the log: every entry's MAC and chain, no entry missing, the head mark (since the
+    newest reseal, if any)."""
+    from confide.server.audit import RESEALED, AuditError, AuditLog, AuditUnavailable
+
+    state = state if state is not None else context.obj
+    if state is None:
+        raise fail("Missing option '--dir': the coordinator's state directory")
+    try:
+        with AuditLog.open(_state(state)) as log:
+            try:
+                problems = log.verify()
+            except AuditUnavailable:
+                raise
+            except AuditError as error:  # damage that stops the check itself
+                problems = [str(error)]
+            entries = log.entries()
+    except AuditError as error:
+        raise fail(str(error)) from None
+    if problems:
+        for problem in problems:
+            console.print(f"problem: {problem}", highlight=False)
+        raise fail(
+            f"the audit log of {state} is not intact ({len(problems)} problem(s)); once the "
+            f"cause is understood, `confide-server audit reseal --dir {state} --reason TEXT` "
+            "accepts it as it stands"
+        )
+    resealed = [entry for entry in entries if entry.action == RESEALED]
+    since = (
+        f" (checked from the reseal at entry {resealed[-1].seq}; the "
+        f"{resealed[-1].seq - 1} before it are kept unchecked)"
+        if resealed
+        else ""
+    )
+    console.print(f"audit log intact: {len(entries)} entries{since}", highlight=False)
+
+
+@audit_app.command("reseal")
+def audit_reseal(
+    context: typer.Context,
+    reason: Annotated[
+        str, typer.Option(help="why the log is accepted as it stands (recorded in it)")
+    ],
+    state: Annotated[
+        Path | None, typer.Option("--dir", help="the coordinator's state directory")
+    ] = None,
+) -> None:
+    """Accept a damaged audit log as it stands and start a new segment under a new key.
+
+    For a log the coordinator and `token create` refuse to extend (its key or head mark lost
+    or forged, entries inserted): the entries are kept as they are, no longer checked, and an
+    `audit.resealed` entry records the reason, who resealed and the problems found. The old
+    key is kept beside the new one (audit.key.replaced-TIME). Restoring a backup of the
+    state folder (database, audit.key and audit.head together) is the other way out."""
+    from confide.server.audit import AuditError, AuditLog, operator_actor
+
+    state = state if state is not None else context.obj
+    if state is None:
+        raise fail("Missing option '--dir': the coordinator's state directory")
+    try:
+        with AuditLog.open(_state(state)) as log:
+            entry, problems = log.reseal(reason, actor=operator_actor())
+    except AuditError as error:
+        raise fail(str(error)) from None
+    for problem in problems:
+        console.print(f"accepted: {problem}", highlight=False)
+    console.print(
+        f"resealed: entry {entry.seq} starts a new segment under a new key; the "
+        f"{entry.seq - 1} entries before it are kept, no longer checked",
+        highlight=False,
+    )
 
 
 RunArgument = Annotated[int, typer.Argument(help="the run id `submit` printed")]
@@ -203,14 +468,29 @@ def submit(
     follow: Annotated[
         bool, typer.Option(help="stream the run's log until it ends (--no-follow returns)")
     ] = True,
+    wait: Annotated[
+        float,
+        typer.Option(
+            help="seconds to wait for the job's federation.min_available institutions to be "
+            "online (default: refuse at once if they are not)",
+            min=0.0,
+        ),
+    ] = 0.0,
 ) -> None:
-    """Validate a job and run it on the enrolled institutions; results go to STATE/runs/."""
+    """Validate a job and run it on the enrolled institutions; results go to STATE/runs/.
+
+    Exit codes: 0 every round ran and no institution refused; 1 the run wrote no results
+    (it failed or was stopped); 2 the job was refused before it started; 3 results were
+    written but the job stopped early or institutions refused rounds.
+    """
     from confide.server.jobs import JobError, logs
     from confide.server.jobs import submit as start_job
 
     directory = _state(state)
     try:
-        submitted = start_job(directory, job)
+        submitted = start_job(
+            directory, job, wait=wait, say=lambda line: errors.print(line, highlight=False)
+        )
     except JobError as error:
         raise fail(str(error)) from None
     if submitted.ignored_simulation:
@@ -227,15 +507,19 @@ def submit(
         )
         return
     code = logs(directory, submitted.run_id, follow=True)
-    if not _report(directory, submitted.run_id):
+    outcome = _report(directory, submitted.run_id)
+    if outcome is None:
         raise typer.Exit(1)
+    if not outcome:
+        raise typer.Exit(3)
     if code:
         raise typer.Exit(code)
 
 
-def _report(directory, run_id: int) -> bool:
-    """Print a finished run's final accuracy and privacy spend from its results.json;
-    False if the run wrote none (it failed or was stopped)."""
+def _report(directory, run_id: int) -> bool | None:
+    """Print a finished run's final accuracy and privacy spend from its results.json, and
+    what institutions refused. True: complete; False: stopped early or refusals; None: the
+    run wrote no results (it failed or was stopped)."""
     import json
 
     from confide.server.results import RESULTS
@@ -243,7 +527,7 @@ def _report(directory, run_id: int) -> bool:
     path = directory.runs / f"run-{run_id}" / RESULTS
     if not path.is_file():
         errors.print(f"run {run_id} wrote no results (see `confide-server status`)")
-        return False
+        return None
     results = json.loads(path.read_text())
     final = results["final"]
     line = f"run {run_id}: final accuracy {final['accuracy']:.4f}"
@@ -265,9 +549,24 @@ def _report(directory, run_id: int) -> bool:
             f"{central['delta']:g}"
         )
     console.print(f"{line}; {path}", highlight=False)
+    refused = _refusals(results.get("rejected_updates") or [])
+    for institution, (count, reason) in sorted(refused.items()):
+        console.print(
+            f"{institution} refused {count} message(s) of this run; last reason: {reason}",
+            highlight=False,
+        )
     if results.get("stopped"):
         console.print(f"stopped early: {results['stopped']}", highlight=False)
-    return True
+    return not refused and not results.get("stopped")
+
+
+def _refusals(rejected: list[dict]) -> dict[str, tuple[int, str]]:
+    """Institution -> (how many replies were refusals or refused, the last reason)."""
+    counts: dict[str, tuple[int, str]] = {}
+    for row in rejected:
+        name = str(row["institution"])
+        counts[name] = (counts.get(name, (0, ""))[0] + 1, str(row["reason"]))
+    return counts
 
 
 @app.command()

@@ -17,22 +17,43 @@ from confide.tasks.environment import executable, flower_process_environment
 CONNECTION = "confide"
 # The ServerApp writes each run's results here (set in the SuperLink's environment).
 RESULTS_ENV = "CONFIDE_RESULTS_DIR"
+# The ServerApp finds the coordinator's state folder here (enrolled institutions, audit log).
+STATE_ENV = "CONFIDE_STATE_DIR"
+# Flower's switches for APIs beside the ones the coordinator runs: in Flower 1.41 the
+# SuperLink starts a gRPC Control API (`FLWR_INTERNAL_GRPC_CONTROL_API=1`, which
+# authenticates no one) and a gRPC Fleet API (`FLWR_INTERNAL_GRPC_FLEET_API=1`), by default
+# on 0.0.0.0, past the front. None may reach a Flower process from the operator's
+# environment, nor any other `FLWR_INTERNAL_*` a later version reads.
+DROPPED_PREFIX = "FLWR_INTERNAL_"
 
 
 class FlowerError(RuntimeError):
     """A `flwr` command failed; the message is Flower's own, last line first."""
 
 
-def flower_environment(flwr_home: Path, results: Path | None = None) -> dict[str, str]:
-    """Environment of Flower's processes: quiet, offline, state in the coordinator's folder."""
+def flower_environment(
+    flwr_home: Path, results: Path | None = None, *, state: Path | None = None
+) -> dict[str, str]:
+    """Environment of Flower's processes: quiet, offline, state in the coordinator's folder,
+    and no `FLWR_INTERNAL_*` switch (`DROPPED_PREFIX`).
+
+    `state`: the coordinator's state folder, for the ServerApp (`STATE_ENV`); absolute, as the
+    SuperLink starts ServerApps in folders of its own."""
     extra = {"FLWR_HOME": str(flwr_home)}
     if results is not None:
         extra[RESULTS_ENV] = str(results)
-    return flower_process_environment(**extra)
+    if state is not None:
+        extra[STATE_ENV] = str(state.resolve())
+    environment = flower_process_environment(**extra)
+    return {
+        name: value for name, value in environment.items() if not name.startswith(DROPPED_PREFIX)
+    }
 
 
 def write_connection(flwr_home: Path, address: str, ca_certificate: Path) -> None:
-    """The `flwr` CLI connection the coordinator uses to reach its own SuperLink."""
+    """The `flwr` CLI connection the coordinator uses to reach its own SuperLink: `address`
+    is the SuperLink's own port on 127.0.0.1 (`ServerSettings.control_port`), never the public
+    front, which refuses the Control API (`confide.server.front`)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'

@@ -328,3 +328,11 @@ def revoke(engine: Engine, registry: NodeRegistry, name: str) -> int:
         _unregister(registry, int(row.node_id))
         row.revoked_at = datetime.datetime.now(datetime.UTC)
         return int(row.node_id)
+
+
+def enrolled_nodes(engine: Engine) -> dict[int, str]:
+    """Node id -> name of every institution enrolled and not revoked: the only nodes a job
+    samples, named from the key each registered at enrollment (never from what a node says)."""
+    with Session(engine) as session:
+        rows = session.scalars(select(InstitutionRow).where(InstitutionRow.revoked_at.is_(None)))
+        return {int(row.node_id): row.name for row in rows}

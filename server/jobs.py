@@ -10,12 +10,21 @@ other code.
 
 The ServerApp writes each run's results to `STATE/runs/run-<id>/` (results.json, job.toml,
 plots), the same format as a simulation's.
+
+Before a job starts, `submit` checks that enough enrolled institutions are online for the
+job's minimums (or waits for them when asked): Flower's own ServerApp would otherwise wait
+silently for the round timeout. Each submitted job is recorded in the audit log with who
+submitted it and the hashes of the job and of the app Flower started.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +33,7 @@ from typing import Any
 import tomli_w
 
 from confide.server.app import JOB_KEY, NAME_KEY
+from confide.server.audit import AuditError, AuditLog, operator_actor
 from confide.server.flower import (
     CONNECTION,
     FlowerError,
@@ -112,9 +122,65 @@ def write_app(directory: StateDir, job: JobFile) -> Path:
     return folder
 
 
-def submit(directory: StateDir, path: Path) -> Submitted:
-    """Validate the job in `path` and start it on the coordinator's SuperLink."""
+def online_institutions(directory: StateDir) -> list[str]:
+    """Names of the enrolled, unrevoked institutions whose SuperNode is online now."""
+    from confide.server.institutions import enrolled_nodes
+    from confide.server.state import open_database
+
+    try:
+        reply = flwr_json(directory.flwr_home, "supernode", "list", CONNECTION)
+    except FlowerError as error:
+        raise JobError(
+            f"cannot list the institutions online: {error} (is `confide-server start` running?)"
+        ) from None
+    online = {int(node["node-id"]) for node in reply.get("nodes", []) if node["status"] == "online"}
+    engine = open_database(directory.database_url(directory.load_settings()))
+    try:
+        enrolled = enrolled_nodes(engine)
+    finally:
+        engine.dispose()
+    return sorted(name for node, name in enrolled.items() if node in online)
+
+
+def wait_for_institutions(
+    directory: StateDir, job: JobFile, *, wait: float, say: Callable[[str], None]
+) -> list[str]:
+    """The institutions online once the job's `federation.min_available` are; JobError with
+    the numbers if they are not within `wait` seconds (0: refuse at once)."""
+    needed = job.federation.min_available
+    deadline = time.monotonic() + wait
+    while True:
+        online = online_institutions(directory)
+        left = deadline - time.monotonic()
+        if len(online) >= needed:
+            return online
+        if left <= 0:
+            listed = f": {', '.join(online)}" if online else ""
+            raise JobError(
+                f"job {job.name} needs {needed} institutions online (federation.min_available, "
+                f"min_train {job.federation.min_train}); {len(online)} "
+                f"{'is' if len(online) == 1 else 'are'}{listed}. Start the others "
+                "(`confide-client start`), lower the job's minimums, or wait for them with "
+                "--wait SECONDS"
+            )
+        say(
+            f"waiting for institutions: {len(online)} of {needed} online; "
+            f"{left:.0f}s left (Ctrl-C to give up)"
+        )
+        time.sleep(min(5.0, max(left, 0.1)))
+
+
+def submit(
+    directory: StateDir,
+    path: Path,
+    *,
+    wait: float = 0.0,
+    say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> Submitted:
+    """Validate the job in `path`, check (or wait `wait` seconds) that enough institutions are
+    online, start it on the coordinator's SuperLink and record it in the audit log."""
     job, ignored = load_job(path)
+    wait_for_institutions(directory, job, wait=wait, say=say)
     app = write_app(directory, job)
     try:
         reply = flwr_json(directory.flwr_home, "run", str(app), CONNECTION, timeout=120.0)
@@ -123,7 +189,32 @@ def submit(directory: StateDir, path: Path) -> Submitted:
             f"the SuperLink did not start the job: {error} (is `confide-server start` running?)"
         ) from None
     run_id = int(reply["run-id"])
+    try:
+        _audit_submission(directory, job, app, run_id)
+    except AuditError as error:  # the job runs; the operator must know its record is missing
+        say(f"warning: run {run_id} is not in the audit log: {error}")
     return Submitted(run_id, job.name, app, directory.runs / f"run-{run_id}", ignored)
+
+
+def _audit_submission(directory: StateDir, job: JobFile, app: Path, run_id: int) -> None:
+    """`job.submitted`: who (the operator's OS account), the job's hash and the hash of the
+    app Flower packed (as `flwr ls` reports it: the FAB the institutions check)."""
+    try:
+        fab_hash = runs(directory, run_id)[0].get("fab-hash")
+    except (JobError, IndexError):
+        fab_hash = None
+    with AuditLog.open(directory) as audit:
+        audit.append(
+            "job.submitted",
+            actor=operator_actor(),
+            run=run_id,
+            job=job.name,
+            job_sha256=hashlib.sha256(
+                job.job().model_dump_json(exclude_none=True).encode()
+            ).hexdigest(),
+            app_sha256=fab_hash,
+            app_folder=str(app),
+        )
 
 
 def runs(directory: StateDir, run_id: int | None = None) -> list[dict[str, Any]]:
@@ -140,9 +231,13 @@ def runs(directory: StateDir, run_id: int | None = None) -> list[dict[str, Any]]
     return listed
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
 def logs(directory: StateDir, run_id: int, *, follow: bool) -> int:
     """Print the ServerApp's log of run `run_id` (`flwr log`); with `follow`, until it ends.
-    Returns the command's exit code."""
+    Flower's log lines carry ANSI colours: kept on a terminal, removed otherwise (files,
+    pipes). Returns the command's exit code."""
     command = [
         executable("flwr"),
         "log",
@@ -150,4 +245,14 @@ def logs(directory: StateDir, run_id: int, *, follow: bool) -> int:
         CONNECTION,
         "--stream" if follow else "--show",
     ]
-    return subprocess.run(command, env=flower_environment(directory.flwr_home)).returncode
+    environment = flower_environment(directory.flwr_home)
+    if sys.stdout.isatty():
+        return subprocess.run(command, env=environment).returncode
+    with subprocess.Popen(
+        command, env=environment, stdout=subprocess.PIPE, text=True, errors="replace"
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(ANSI_ESCAPE.sub("", line))
+            sys.stdout.flush()
+    return process.returncode

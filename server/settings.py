@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import tomli_w
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 from confide.tasks.files import write_atomic
@@ -23,14 +23,35 @@ class ServerSettings(StrictModel):
     hosts: list[str] = Field(
         default=["localhost", "127.0.0.1"], min_length=1, description="names in the TLS cert"
     )
-    # Flower 1.41's SuperLink serves its Fleet, Control and ServerAppIo APIs over HTTPS on
-    # one port; 9094 is taken by a SuperNode on the same host, so enrollment uses 9100.
+    # Flower 1.41's SuperLink serves its Fleet, Control and Runtime APIs over HTTPS on one
+    # port and authenticates no Control caller. So it listens on 127.0.0.1:control_port, for
+    # the operator's tools alone, and institutions reach it through a front on superlink_port
+    # that passes on the Fleet API only (`confide.server.front`). 9094 is taken by a SuperNode
+    # on the same host, so enrollment uses 9100.
     superlink_port: int = Field(
-        default=9091, ge=1, le=65535, description="SuperLink (HTTPS): institutions and the CLI"
+        default=9091, ge=1, le=65535, description="Fleet API front (HTTPS): institutions"
+    )
+    # 0 (the default, and what settings files written before it existed mean): a free port,
+    # picked at each start. The port is on 127.0.0.1 only, so nothing outside needs to know it.
+    control_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="the SuperLink itself, on 127.0.0.1 (operator's tools); 0: any free port",
     )
     enrollment_port: int = Field(default=9100, ge=1, le=65535, description="join tokens (gRPC)")
-    bind: str = Field(default="0.0.0.0", description="the address both services listen on")
+    bind: str = Field(default="0.0.0.0", description="the address the public services use")
     database: str = Field(default="sqlite:///{state}/confide.db", description="SQLAlchemy URL")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServerSettings:
+        ports = {"superlink_port": self.superlink_port, "enrollment_port": self.enrollment_port}
+        if self.control_port:
+            ports["control_port"] = self.control_port
+        if len(set(ports.values())) < len(ports):
+            listed = ", ".join(f"{name} = {port}" for name, port in ports.items())
+            raise ValueError(f"the coordinator's ports must differ ({listed})")
+        return self
 
 
 class StateDir:
@@ -44,6 +65,10 @@ class StateDir:
     server_certificate = property(lambda self: self.root / "server.pem")
     server_key = property(lambda self: self.root / "server.key")
     settings_file = property(lambda self: self.root / SETTINGS)
+    pid_file = property(lambda self: self.root / "coordinator.pid")  # while `start` runs
+    audit_key = property(lambda self: self.root / "audit.key")
+    audit_head = property(lambda self: self.root / "audit.head")
+    audit_lock = property(lambda self: self.root / "audit.lock")
     superlink_database = property(lambda self: self.root / "superlink.db")
     flwr_home = property(lambda self: self.root / "flwr")
     logs = property(lambda self: self.root / "logs")

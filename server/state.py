@@ -1,4 +1,5 @@
-"""The coordinator's database: enrolled institutions and join tokens (SQLAlchemy).
+"""The coordinator's database: enrolled institutions, join tokens and the audit log
+(SQLAlchemy).
 
 SQLite in the state directory by default; any SQLAlchemy URL (PostgreSQL) works. Secrets are
 never stored: a join token is kept as the SHA-256 of its secret part.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 
-from sqlalchemy import DateTime, Engine, LargeBinary, String, create_engine
+from sqlalchemy import DateTime, Engine, Integer, LargeBinary, String, Text, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -52,6 +53,21 @@ class KeyRotationRow(Base):
     public_key: Mapped[bytes] = mapped_column(LargeBinary)
     node_id: Mapped[str | None] = mapped_column(String(20))
     started_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditRow(Base):
+    """One entry of the audit log (`confide.server.audit`): appended, never changed. The
+    sequence number is assigned by the writer (unique: two writers cannot both take one); the
+    time is kept as the ISO text the MAC covers, so no database can reformat it."""
+
+    __tablename__ = "audit_log"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[str] = mapped_column(String(40))
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    details: Mapped[str] = mapped_column(Text)  # canonical JSON
+    mac: Mapped[str] = mapped_column(String(64))
 
 
 def open_database(url: str) -> Engine:

@@ -2,17 +2,23 @@
 central (institution-level) DP.
 
 Flower's FedAvg samples node ids with the global `random` module, and simulated node ids are
-random, so the same seed would pick different institutions on every run. This strategy first
-asks every node who it is (a `query` message), then samples institutions by name with a
-generator seeded by (job seed, round). Replies are aggregated in institution order, so the
-floating-point sum is the same on every run too.
+random, so the same seed would pick different institutions on every run. This strategy names
+every node first, then samples institutions by name with a generator seeded by (job seed,
+round). Replies are aggregated in institution order, so the floating-point sum is the same on
+every run too.
+
+Who a node is comes from one of two places. In deployment, from the coordinator's own record
+of the key each institution registered at enrollment (`registered`: node id -> name, revoked
+institutions left out): a node cannot choose its name, and a node that is not an enrolled
+institution is never sampled. In simulation every node runs confide's own ClientApp on
+partitions the coordinator made, so each is asked (a `query` message).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -23,7 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from confide.privacy import instructions as keys
-from confide.privacy.policy import REFUSED_BY_POLICY
+from confide.privacy.policy import APP_REFUSED, REFUSED_BY_POLICY
 from confide.server.central_dp import CentralDP
 from confide.server.history import JobHistory
 from confide.server.job import FederationConfig
@@ -31,8 +37,17 @@ from confide.tasks.seeding import derive_seed
 
 
 class JobStopped(RuntimeError):
-    """Fewer institutions than `min_train` can still train (their limits refuse more rounds);
-    the job ends after the last completed round."""
+    """Fewer institutions than `min_train` can still train (their limits or their app check
+    refuse more rounds); the job ends after the last completed round."""
+
+
+class TooFewInstitutions(TimeoutError):
+    """Fewer than `min_available` institutions were connected within the round timeout."""
+
+
+# Refusals an institution repeats for every later round of the same job: its spend only
+# grows and the job's sigma is fixed (its limits); the job's app does not change (app check).
+FINAL_REFUSALS = {REFUSED_BY_POLICY: "its privacy limits", APP_REFUSED: "its app check"}
 
 
 class UpdateRejected(ValueError):
@@ -63,7 +78,12 @@ class ConfideFedAvg(FedAvg):
         seed: int,
         history: JobHistory,
         central: CentralDP | None = None,
+        *,
+        registered: Callable[[], dict[int, str]] | None = None,
     ) -> None:
+        """`registered` (deployment): the enrolled institutions' node ids and names, read
+        again every round so that revocations and key rotations take effect; None
+        (simulation): nodes are asked who they are."""
         super().__init__(
             fraction_train=federation.fraction_train,
             fraction_evaluate=federation.fraction_evaluate,
@@ -75,10 +95,12 @@ class ConfideFedAvg(FedAvg):
         self.seed = seed
         self.history = history
         self.central = central
+        self.registered = registered
+        self.strangers: set[int] = set()  # live nodes that are no enrolled institution
         self.asked = 0  # institutions sent this round's train message
         self.roster: dict[int, str] = {}  # node id -> institution
-        # Institutions whose own policy refused a round: their spend only grows and the job's
-        # sigma is fixed, so they would refuse every later round of this job too.
+        # Institutions that refused a round for a reason that holds for the whole job
+        # (FINAL_REFUSALS): name -> what refused it.
         self.refusing: dict[str, str] = {}
         self.global_arrays: ArrayRecord | None = None
         self.round_started = time.perf_counter()
@@ -88,15 +110,36 @@ class ConfideFedAvg(FedAvg):
 
     # -- roster and sampling -------------------------------------------------------------
     def _refresh_roster(self, grid: Grid) -> None:
-        """Wait for `min_available` nodes, then ask the unknown ones who they are."""
+        """Wait for `min_available` institutions, then name the nodes not yet named."""
         deadline = time.monotonic() + self.federation.timeout
-        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+        while len(nodes := self._institution_nodes(grid)) < self.min_available_nodes:
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"only {len(nodes)} of {self.min_available_nodes} institutions connected "
-                    f"after {self.federation.timeout:.0f}s"
+                raise TooFewInstitutions(
+                    f"only {len(nodes)} of the {self.min_available_nodes} institutions the job "
+                    f"needs (federation.min_available) were connected after "
+                    f"{self.federation.timeout:.0f}s"
                 )
             time.sleep(1.0)
+        if self.registered is None:
+            self._ask_names(grid, nodes)
+
+    def _institution_nodes(self, grid: Grid) -> list[int]:
+        """Live nodes that are institutions: in deployment the enrolled ones (named from the
+        coordinator's records), in simulation all of them."""
+        live = list(grid.get_node_ids())
+        if self.registered is None:
+            return live
+        enrolled = self.registered()
+        for node in set(live) - set(enrolled) - self.strangers:
+            self.strangers.add(node)
+            log(WARNING, "node %d is not an enrolled institution; it is never sampled", node)
+        self.roster = {node: name for node, name in enrolled.items() if node in live}
+        for name in self.roster.values():
+            self.history.spend(name)  # listed in the results even if never sampled
+        return list(self.roster)
+
+    def _ask_names(self, grid: Grid, nodes: list[int]) -> None:
+        """Simulation: ask the nodes not yet named who they are (a `query` message)."""
         unknown = [node for node in nodes if node not in self.roster]
         if not unknown:
             return
@@ -124,21 +167,28 @@ class ConfideFedAvg(FedAvg):
         """Node ids of a reproducible sample: seeded by (job seed, kind, round), over the
         roster sorted by institution name, so node ids (random in simulation) do not matter."""
         self._refresh_roster(grid)
-        live = set(grid.get_node_ids())
+        live = set(self._institution_nodes(grid))
         candidates = sorted(
             (name, node)
             for node, name in self.roster.items()
-            if node in live and (kind != "train" or name not in self.refusing)
+            if node in live and not self._excluded(name, kind)
         )
         if kind == "train" and len(candidates) < minimum and self.refusing:
+            refused = ", ".join(f"{name} ({why})" for name, why in sorted(self.refusing.items()))
             raise JobStopped(
                 f"stopped before round {server_round}: {len(candidates)} institution(s) can "
-                f"still train, federation.min_train is {minimum}; refused by their own "
-                f"limits: {', '.join(sorted(self.refusing))}"
+                f"still train, federation.min_train is {minimum}; refused by the "
+                f"institutions: {refused}"
             )
         size = min(len(candidates), max(minimum, int(len(candidates) * fraction)))
         rng = random.Random(derive_seed(self.seed, kind, server_round))
         return [node for _, node in sorted(rng.sample(candidates, size))]
+
+    def _excluded(self, name: str, kind: str) -> bool:
+        """Whether `name` sits out `kind` rounds: it refused training for the whole job, or
+        refused the job's app (then it refuses evaluation too)."""
+        why = self.refusing.get(name)
+        return why is not None and (kind == "train" or why == FINAL_REFUSALS[APP_REFUSED])
 
     def _messages(
         self,
@@ -175,17 +225,28 @@ class ConfideFedAvg(FedAvg):
         return self._messages(nodes, arrays, config, MessageType.EVALUATE, server_round)
 
     # -- aggregation ---------------------------------------------------------------------
-    def _reject(self, institution: str, server_round: int, phase: str, reason: str) -> None:
+    def _reject(
+        self, institution: str, server_round: int, phase: str, reason: str, *, by: str
+    ) -> None:
+        """Record a reply that did not count: refused by the institution (its error reply)
+        or by the coordinator (an update or metrics it could not use)."""
         log(
             WARNING,
-            "round %d: %s reply from %s refused: %s",
+            "round %d: %s reply from %s refused by the %s: %s",
             server_round,
             phase,
             institution,
+            by,
             reason,
         )
         self.history.rejected.append(
-            {"institution": institution, "round": server_round, "phase": phase, "reason": reason}
+            {
+                "institution": institution,
+                "round": server_round,
+                "phase": phase,
+                "reason": reason,
+                "refused_by": by,
+            }
         )
 
     def _ordered(
@@ -198,9 +259,9 @@ class ConfideFedAvg(FedAvg):
                 reply.metadata.src_node_id, str(reply.metadata.src_node_id)
             )
             if reply.has_error():
-                self._reject(institution, server_round, phase, reply.error.reason)
-                if reply.error.code == REFUSED_BY_POLICY:
-                    self.refusing[institution] = reply.error.reason
+                self._reject(institution, server_round, phase, reply.error.reason, by="institution")
+                if reply.error.code in FINAL_REFUSALS:
+                    self.refusing[institution] = FINAL_REFUSALS[reply.error.code]
             else:
                 named.append((institution, reply))
         return sorted(named, key=lambda item: item[0])
@@ -220,7 +281,8 @@ class ConfideFedAvg(FedAvg):
                 assert self.global_arrays is not None
                 check_update(self.global_arrays, reply.content["arrays"])
             except (UpdateRejected, KeyError, TypeError, ValueError) as error:
-                self._reject(institution, server_round, "train", f"{type(error).__name__}: {error}")
+                reason = f"{type(error).__name__}: {error}"
+                self._reject(institution, server_round, "train", reason, by="coordinator")
                 continue
             accepted.append(reply.content)
             self.last_epsilons[institution] = self.history.spend(institution).epsilon
@@ -295,7 +357,7 @@ class ConfideFedAvg(FedAvg):
                 examples = int(metrics.pop("num-examples"))
             except (KeyError, TypeError, ValueError) as error:
                 reason = f"{type(error).__name__}: {error}"
-                self._reject(institution, server_round, "evaluate", reason)
+                self._reject(institution, server_round, "evaluate", reason, by="coordinator")
                 continue
             self.history.spend(institution).validation_examples = examples
             if examples <= 0:

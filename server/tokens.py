@@ -1,7 +1,8 @@
 """Join tokens: single-use, expiring invitations for one institution.
 
 The token's format is shared with institutions (`confide.protos.join_token`); this module
-issues and redeems them. The coordinator stores only the SHA-256 of a token's secret.
+issues and redeems them. The coordinator stores only the SHA-256 of a token's secret, and
+limits how often one address may be refused (`RedemptionLimiter`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
+from collections.abc import Callable
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
@@ -18,7 +22,15 @@ from sqlalchemy.orm import Session
 from confide.protos.join_token import JoinToken, TokenError
 from confide.server.state import JoinTokenRow
 
-__all__ = ["JoinToken", "TokenError", "create_token", "parse_ttl", "redeem_token", "release_token"]
+__all__ = [
+    "JoinToken",
+    "RedemptionLimiter",
+    "TokenError",
+    "create_token",
+    "parse_ttl",
+    "redeem_token",
+    "release_token",
+]
 
 _INSTITUTION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -104,3 +116,56 @@ def release_token(engine: Engine, token: JoinToken) -> None:
         session.execute(
             update(JoinTokenRow).where(JoinTokenRow.token_id == token.token_id).values(used_at=None)
         )
+
+
+class RedemptionLimiter:
+    """A token bucket per peer address, for refused enrollment requests.
+
+    An address may be refused `burst` (5) times; its allowance refills at `per_minute` (5) a
+    minute, one every 12 s. While it is empty every request from that address — a join with
+    a valid token included — is refused before anything is looked at (the enrollment service
+    answers RESOURCE_EXHAUSTED with the wait), until one refusal has refilled. The service
+    counts every refused join, whatever the reason, and every key rotation refused before its
+    signature proved the caller (`confide.server.enrollment`); successful requests take
+    nothing. So guessing a token (a 256-bit secret) gets at most about 7,200 tries a day from
+    one address, each refusal the audit log records is bounded by the same rate, and an
+    institution that mistyped its token waits 12 s per further try after its fifth.
+    Addresses whose allowance is full again are forgotten, so the table only holds those
+    refused in the last minute.
+    """
+
+    def __init__(
+        self,
+        burst: int = 5,
+        per_minute: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst = burst
+        self.refill_seconds = 60.0 / per_minute
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (allowance, at)
+        self._lock = threading.Lock()
+
+    def _allowance(self, peer: str, now: float) -> float:
+        allowance, at = self._buckets.get(peer, (self.burst, now))
+        return min(self.burst, allowance + (now - at) / self.refill_seconds)
+
+    def retry_after(self, peer: str) -> float:
+        """0 if `peer` may try now; else the seconds until it may."""
+        with self._lock:
+            allowance = self._allowance(peer, self.clock())
+        return 0.0 if allowance >= 1 else (1 - allowance) * self.refill_seconds
+
+    def failed(self, peer: str) -> bool:
+        """Count a refusal of `peer`; True if it used up its allowance with this one."""
+        with self._lock:
+            now = self.clock()
+            allowance = max(0.0, self._allowance(peer, now) - 1)
+            self._buckets[peer] = (allowance, now)
+            self._forget_full(now)
+        return allowance < 1
+
+    def _forget_full(self, now: float) -> None:
+        full = [peer for peer in self._buckets if self._allowance(peer, now) >= self.burst]
+        for peer in full:
+            del self._buckets[peer]

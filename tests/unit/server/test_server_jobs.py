@@ -72,3 +72,52 @@ def test_institutions_are_told_the_name_of_the_coordinators_file_not_its_path(tm
     (tmp_path / "job.toml").write_text(JOB)
     job, _ = load_job(tmp_path / "job.toml")
     assert job.instructions().task.path == Path("eval.csv")
+
+
+def fab_members(folder: Path) -> list[str]:
+    """The files Flower packs from `folder` (its own builder, as `flwr run` uses it)."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    return sorted(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(folder))).namelist())
+
+
+def test_a_submitted_app_is_exactly_what_institutions_accept_and_carries_no_secret(
+    tmp_path: Path,
+):
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.supercore.fab import Fab
+
+    from confide.client.app_check import check_app
+
+    (tmp_path / "job.toml").write_text(JOB)
+    job, _ = load_job(tmp_path / "job.toml")
+    state = StateDir(tmp_path / "state")
+    state.root.mkdir()
+    (state.root / "ca.key").write_text("secret")
+    folder = write_app(state, job)
+    assert fab_members(folder) == [".info/CONTENT", "pyproject.toml"]
+    content = build_fab_from_disk(folder)
+    digest = hashlib.sha256(content).hexdigest()
+    check_app(Fab(digest, content, {}), digest)  # AppRefused if an institution would refuse it
+
+
+def test_the_repositorys_gitignore_keeps_walkthrough_secrets_out_of_a_flower_app(tmp_path: Path):
+    repository = Path(__file__).resolve().parents[3]
+    for name in ("pyproject.toml", ".gitignore"):
+        (tmp_path / name).write_bytes((repository / name).read_bytes())
+    secrets = [
+        "coordinator-state/settings.toml",
+        "hospital-a-state/institution.toml",
+        "confide-demo/hospital-a/ledgers.json",
+        "hospital-a.token",
+        "keys/node.key",
+    ]
+    for name in secrets:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("secret")
+    assert not set(secrets) & set(fab_members(tmp_path))
