@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from confide.privacy.ledger import Ledger
 from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -213,23 +214,6 @@ def wait_online(coordinator, node_ids: list[str], seconds: float = 60) -> None:
         time.sleep(1)
 
 
-def test_two_institutions_join_and_their_supernodes_come_online(coordinator, data_file, tmp_path):
-    running = []
-    try:
-        ids = []
-        for name in ("hospital-b", "hospital-c"):
-            state = tmp_path / name
-            ids.append(join(coordinator, data_file, state, name))
-            assert (state / "institution.key").stat().st_mode & 0o777 == 0o600
-            running.append(start_client(state))
-        wait_online(coordinator, ids)
-        assert all(supernodes(coordinator).get(i) == "online" for i in ids)
-    finally:
-        for process in running:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-
-
 def test_join_refusals_leave_nothing_registered(coordinator, data_file, tmp_path):
     server = f"127.0.0.1:{coordinator['enrollment']}"
     token = new_token(coordinator, "hospital-d")
@@ -368,7 +352,6 @@ def check_privacy_report(folder: Path, results: dict, run_id: str, tmp_path: Pat
     ledger and `confide-client budget` agree with what the coordinator reports."""
     from confide.privacy.accounting import epsilon
     from confide.privacy.config import CentralPrivacyConfig
-    from confide.privacy.ledger import Ledger
     from confide.server.central_dp import central_epsilon
 
     report = json.loads((folder / "privacy.json").read_text())
@@ -398,7 +381,7 @@ def check_privacy_report(folder: Path, results: dict, run_id: str, tmp_path: Pat
         assert row["dataset_epsilon"] == pytest.approx(epsilon(history, 1e-5, "rdp"))
         assert row["dataset_epsilon"] > row["epsilon"]
         state = tmp_path / row["id"]
-        entries = Ledger(state).entries()
+        entries = [e for e in Ledger(state).entries() if e.kind == "spend"]
         assert [(e.job, e.run, e.round) for e in entries] == [
             ("digits-deployed", run_id, 1),
             ("digits-deployed", run_id, 2),
@@ -439,31 +422,165 @@ timeout = 180
 """
 
 
-def test_two_institutions_train_a_dp_job_and_its_results_are_written(
-    coordinator, digits_files, tmp_path
-):
-    running = []
+@pytest.fixture(scope="module")
+def federation(coordinator, digits_files, tmp_path_factory):
+    """Two institutions (train-0, train-1) joined with digits data and started once for the
+    tests that run jobs; their state folders are under `root`."""
+    root = tmp_path_factory.mktemp("federation")
+    running, ids = [], []
     try:
-        ids = []
         for index, data in enumerate(digits_files):
-            state = tmp_path / f"train-{index}"
+            state = root / f"train-{index}"
             ids.append(join(coordinator, data, state, f"train-{index}", "--label-column", "digit"))
+            assert (state / "institution.key").stat().st_mode & 0o777 == 0o600
             running.append(start_client(state))
         wait_online(coordinator, ids)
-        job = tmp_path / "job.toml"
-        job.write_text(JOB)
-        submitted = subprocess.run(
-            [str(BIN / "confide-server"), "submit", str(job), "--dir", str(coordinator["state"])],
-            capture_output=True,
-            text=True,
-            timeout=400,
-            env=ENV,
-        )
-        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        assert all(supernodes(coordinator).get(node) == "online" for node in ids)
+        yield {"root": root, "states": [root / "train-0", root / "train-1"], "ids": ids}
     finally:
         for process in running:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
+
+
+def submit(coordinator, job_text: str, folder: Path, *extra: str) -> subprocess.CompletedProcess:
+    job = folder / "job.toml"
+    job.write_text(job_text)
+    return subprocess.run(
+        [
+            str(BIN / "confide-server"),
+            "submit",
+            str(job),
+            "--dir",
+            str(coordinator["state"]),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=ENV,
+    )
+
+
+def flwr(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Flower's own CLI with the connections in `home`/config.toml."""
+    return subprocess.run(
+        [str(BIN / "flwr"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV | {"FLWR_HOME": str(home)},
+    )
+
+
+FOREIGN_CLIENTAPP = """
+from pathlib import Path
+
+from flwr.app import Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(message, context):
+    # What the probe did: read the institution's settings (and from there its data and keys).
+    Path({marker!r}).write_text(str(context.node_config))
+    return Message(RecordDict(), reply_to=message)
+"""
+
+
+def foreign_app(folder: Path, marker: Path) -> Path:
+    """An app that names confide's ServerApp (so the coordinator runs a real job) but a
+    ClientApp of its own, shipped as code in the app: it writes `marker` wherever it runs."""
+    import tomli_w
+
+    from confide.server.jobs import load_job
+
+    (folder / "evil").mkdir(parents=True)
+    (folder / "evil" / "__init__.py").write_text("")
+    (folder / "evil" / "app.py").write_text(FOREIGN_CLIENTAPP.format(marker=str(marker)))
+    job_file = folder.parent / "foreign-job.toml"
+    job_file.write_text(JOB.replace('"digits-deployed"', '"foreign"'))
+    job, _ = load_job(job_file)
+    pyproject = {
+        "project": {"name": "evil", "version": "1.0.0", "dependencies": []},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "mallory",
+                    "components": {
+                        "serverapp": "confide.server.app:app",
+                        "clientapp": "evil.app:app",
+                    },
+                    "config": {
+                        "confide-job-name": "foreign",
+                        "confide-job": job.job().model_dump_json(exclude_none=True),
+                    },
+                }
+            }
+        },
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return folder
+
+
+def wait_finished(coordinator, run_id: str, seconds: float = 240) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        listed = flwr(
+            coordinator["state"] / "flwr", "ls", "confide", "--run-id", run_id, "--format", "json"
+        )
+        runs = json.loads(listed.stdout[listed.stdout.index("{") :]).get("runs", [])
+        if runs and str(runs[0]["status"]).startswith("finished"):
+            return str(runs[0]["status"])
+        time.sleep(2)
+    raise AssertionError(f"run {run_id} did not finish within {seconds}s")
+
+
+def test_a_foreign_app_is_refused_at_the_control_api_and_by_every_institution(
+    coordinator, federation, tmp_path
+):
+    marker = tmp_path / "foreign-code-ran"
+    app = foreign_app(tmp_path / "app", marker)
+    # With only the CA certificate (what every institution holds): the public port refuses.
+    attacker = tmp_path / "attacker"
+    attacker.mkdir()
+    (attacker / "config.toml").write_text(
+        '[superlink]\ndefault = "target"\n\n[superlink.target]\n'
+        f'address = "127.0.0.1:{coordinator["superlink"]}"\n'
+        f'root-certificates = "{coordinator["state"] / "ca.pem"}"\n'
+    )
+    for args in (("run", str(app), "target"), ("ls", "target")):
+        attempt = flwr(attacker, *args, "--format", "json")
+        reply = json.loads(attempt.stdout[attempt.stdout.index("{") :])
+        assert reply["success"] is False and "403" in reply["error-message"], reply
+    listed = flwr(coordinator["state"] / "flwr", "ls", "confide", "--format", "json")
+    assert '"evil"' not in listed.stdout  # no run was created
+    # With the operator's own connection: the SuperLink starts it, no institution runs it.
+    started = flwr(coordinator["state"] / "flwr", "run", str(app), "confide", "--format", "json")
+    run_id = json.loads(started.stdout[started.stdout.index("{") :])["run-id"]
+    wait_finished(coordinator, run_id)
+    assert not marker.exists()
+    for state in federation["states"]:
+        refusals = [e for e in Ledger(state).entries() if e.kind == "refused-app"]
+        assert [e.run for e in refusals] == [run_id]
+    results = json.loads(
+        (coordinator["state"] / "runs" / f"run-{run_id}" / "results.json").read_text()
+    )
+    assert "train-0 (its app check)" in results["stopped"]
+    assert "train-1 (its app check)" in results["stopped"]
+    reasons = [row["reason"] for row in results["rejected_updates"]]
+    assert len(reasons) == 2 and all("evil/app.py" in reason for reason in reasons)
+    assert not any(str(federation["root"]) in reason for reason in reasons)  # no local paths
+
+
+def test_two_institutions_train_a_dp_job_and_its_results_are_written(
+    coordinator, federation, tmp_path
+):
+    submitted = submit(coordinator, JOB, tmp_path)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     run_id = submitted.stdout.split("as run ")[1].split(";")[0].strip()
     folder = coordinator["state"] / "runs" / f"run-{run_id}"
     results = json.loads((folder / "results.json").read_text())
@@ -483,11 +600,102 @@ def test_two_institutions_train_a_dp_job_and_its_results_are_written(
         assert row["rounds_trained"] == 2 and row["accountant"] == "pld"
         assert 0 < row["epsilon"] <= 8.0 and row["delta"] == 1e-5
     assert "final accuracy" in submitted.stdout
-    check_privacy_report(folder, results, run_id, tmp_path)
+    check_privacy_report(folder, results, run_id, federation["root"])
+    # The app folder Flower packed holds the job's pyproject alone: no keys, no other code.
+    (app_folder,) = [
+        p
+        for p in (coordinator["state"] / "jobs").iterdir()
+        if p.name.startswith("digits-deployed-")
+    ]
+    assert [p.name for p in app_folder.iterdir()] == ["pyproject.toml"]
     status = server_cli("status", "--dir", str(coordinator["state"]), "--run", run_id)
     assert status.returncode == 0 and "finished" in status.stdout, status.stdout
     logs = server_cli("logs", run_id, "--dir", str(coordinator["state"]))
     assert "round 2: accuracy" in logs.stdout
+    assert "\x1b[" not in logs.stdout  # not a terminal: no colour codes
+
+
+def test_a_job_the_institutions_limits_refuse_says_so_in_its_summary_and_exit_code(
+    coordinator, federation, tmp_path
+):
+    # sigma 0.3 spends far more than either institution's max_epsilon (10) in one round.
+    job = JOB.replace('"digits-deployed"', '"too-costly"').replace(
+        "target_epsilon = 8.0", "noise_multiplier = 0.3"
+    )
+    submitted = submit(coordinator, job, tmp_path)
+    assert submitted.returncode == 3, submitted.stdout + submitted.stderr
+    assert "train-0 refused" in submitted.stdout and "train-1 refused" in submitted.stdout
+    assert "stopped early" in submitted.stdout and "its privacy limits" in submitted.stdout
+
+
+def test_a_job_needing_more_institutions_than_are_online_is_refused_with_the_numbers(
+    coordinator, federation, tmp_path
+):
+    job = JOB.replace("min_available = 2", "min_available = 3")
+    refused = submit(coordinator, job, tmp_path)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "needs 3 institutions online" in refused.stderr and "2 are" in refused.stderr
+    waited = submit(coordinator, job, tmp_path, "--wait", "3")
+    assert waited.returncode == 2 and "waiting for institutions: 2 of 3 online" in waited.stderr
+
+
+def signed_headers(state: Path) -> dict[str, str]:
+    """What Flower's SuperNode sends to prove it holds the institution's key (a fresh
+    signature of the current time)."""
+    from base64 import b64encode
+
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    key = serialization.load_ssh_private_key((state / "institution.key").read_bytes(), None)
+    timestamp = now().isoformat()
+    return {
+        FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(public_key_to_bytes(key.public_key())).decode(),
+        TIMESTAMP_HEADER: timestamp,
+        FLEET_HTTP_SIGNATURE_HEADER: b64encode(
+            sign_message(key, timestamp.encode("ascii"))
+        ).decode(),
+        "content-type": "application/protobuf",
+    }
+
+
+def test_every_control_and_runtime_method_is_refused_to_institutions_enrolled_or_revoked(
+    coordinator, federation, data_file, tmp_path
+):
+    import httpx
+    from fastapi.routing import iter_route_contexts
+    from flwr.supercore.routers.runtime import create_runtime_router, responses_router
+    from flwr.superlink.routers.control.router import router as control
+
+    revoked = tmp_path / "hospital-revoked"
+    join(coordinator, data_file, revoked, "hospital-revoked")
+    gone = server_cli(
+        "institutions", "revoke", "hospital-revoked", "--dir", str(coordinator["state"])
+    )
+    assert gone.returncode == 0, gone.stderr
+    routes = [
+        (method, context.path)
+        for router in (control, create_runtime_router("SuperLink"), responses_router)
+        for context in iter_route_contexts(router.routes)
+        for method in context.methods or []
+    ]
+    assert ("POST", "/v1/control/start-run") in routes and len(routes) > 40
+    verify = ssl.create_default_context(cafile=str(coordinator["state"] / "ca.pem"))
+    base = f"https://127.0.0.1:{coordinator['superlink']}"
+    with httpx.Client(verify=verify, timeout=20) as client:
+        for who, state in (("enrolled", federation["states"][0]), ("revoked", revoked)):
+            for method, path in routes:
+                answer = client.request(
+                    method, base + path, content=b"", headers=signed_headers(state)
+                )
+                assert answer.status_code == 403, (who, method, path, answer.status_code)
+        # The same signed request reaches the Fleet API (it answers, not the front's 403).
+        fleet = client.post(
+            base + "/v1/fleet/get-run", content=b"", headers=signed_headers(federation["states"][0])
+        )
+        assert fleet.status_code != 403
 
 
 def test_a_plaintext_client_is_refused_by_both_services(coordinator):
@@ -547,6 +755,73 @@ def test_an_unregistered_key_is_refused_by_the_superlink(coordinator, tmp_path):
         stranger.wait()
     assert "SuperNode ID" not in output
     assert supernodes(coordinator) == before
+
+
+def audit_copy(coordinator, folder: Path) -> Path:
+    """The coordinator's audit log and the files that state it, copied to `folder`."""
+    import shutil
+
+    folder.mkdir()
+    for name in ("settings.toml", "confide.db", "audit.key", "audit.head"):
+        shutil.copy2(coordinator["state"] / name, folder / name)
+    return folder
+
+
+def test_the_audit_log_records_each_action_in_order_and_detects_tampering(coordinator, tmp_path):
+    import sqlite3
+
+    listed = server_cli("audit", "--dir", str(coordinator["state"]), "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
+    actions = [(entry["action"], entry["details"]) for entry in entries]
+    # The module's tests, in the order they ran (each a subsequence of the whole log).
+    expected = [
+        ("service.started", None),
+        ("token.created", "hospital-a"),
+        ("token.redeemed", "hospital-a"),
+        ("institution.registered", "hospital-a"),
+        ("institution.revoked", "hospital-e"),
+        ("round.refused", "train-0"),
+        ("run.stopped", "foreign"),
+        ("job.submitted", "digits-deployed"),
+        ("run.finished", "digits-deployed"),
+        ("job.submitted", "too-costly"),
+        ("round.refused", "train-1"),
+        ("run.stopped", "too-costly"),
+        ("institution.revoked", "hospital-revoked"),
+    ]
+    position = 0
+    for action, detail in expected:
+        while position < len(actions) and not (
+            actions[position][0] == action
+            and (
+                detail is None
+                or detail in json.dumps(actions[position][1])
+                or detail in entries[position]["actor"]
+            )
+        ):
+            position += 1
+        assert position < len(actions), f"{action} {detail} missing or out of order"
+        position += 1
+    assert not any("secret" in json.dumps(entry).lower() for entry in entries)
+    table = server_cli("audit", "--dir", str(coordinator["state"]))  # redirected: plain text
+    assert table.returncode == 0 and "service.started" in table.stdout
+    assert "\x1b[" not in table.stdout
+    intact = server_cli("audit", "verify", "--dir", str(audit_copy(coordinator, tmp_path / "a")))
+    assert intact.returncode == 0 and "intact" in intact.stdout, intact.stdout + intact.stderr
+    tampering = {
+        "edited": "UPDATE audit_log SET actor = 'someone-else' WHERE seq = 3",
+        "deleted": "DELETE FROM audit_log WHERE seq = 4",
+        "reordered": "UPDATE audit_log SET seq = -1 WHERE seq = 2; "
+        "UPDATE audit_log SET seq = 2 WHERE seq = 3; UPDATE audit_log SET seq = 3 WHERE seq = -1",
+        "truncated": f"DELETE FROM audit_log WHERE seq = {len(entries)}",
+    }
+    for name, statement in tampering.items():
+        copy = audit_copy(coordinator, tmp_path / name)
+        with sqlite3.connect(copy / "confide.db") as database:
+            database.executescript(statement)
+        checked = server_cli("audit", "verify", "--dir", str(copy))
+        assert checked.returncode == 2, (name, checked.stdout, checked.stderr)
 
 
 def test_sigterm_stops_the_coordinator_and_its_superlink(coordinator):
