@@ -148,9 +148,10 @@ def wait_for_institutions(
     """The institutions online once the job's `federation.min_available` are; JobError with
     the numbers if they are not within `wait` seconds (0: refuse at once)."""
     needed = job.federation.min_available
-    deadline = time.monotonic() + wait
+    deadline: float | None = None  # counted from the first listing: one costs a `flwr` process
     while True:
         online = online_institutions(directory)
+        deadline = time.monotonic() + wait if deadline is None else deadline
         left = deadline - time.monotonic()
         if len(online) >= needed:
             return online

@@ -121,3 +121,25 @@ def test_the_repositorys_gitignore_keeps_walkthrough_secrets_out_of_a_flower_app
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("secret")
     assert not set(secrets) & set(fab_members(tmp_path))
+
+
+def test_waiting_for_institutions_says_so_even_when_one_listing_outlasts_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Found by CI: one `flwr supernode list` took longer than `--wait 3` on a loaded machine,
+    # so the operator who asked to wait was refused without a word about waiting.
+    import time
+
+    import confide.server.jobs as jobs
+
+    def slow_listing(directory: StateDir) -> list[str]:
+        time.sleep(0.3)
+        return ["train-0"]
+
+    monkeypatch.setattr(jobs, "online_institutions", slow_listing)
+    (tmp_path / "job.toml").write_text(JOB + "min_available = 2\n")
+    job, _ = load_job(tmp_path / "job.toml")
+    said: list[str] = []
+    with pytest.raises(JobError, match="needs 2 institutions online"):
+        jobs.wait_for_institutions(StateDir(tmp_path), job, wait=0.2, say=said.append)
+    assert said and said[0].startswith("waiting for institutions: 1 of 2 online")
