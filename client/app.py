@@ -34,6 +34,7 @@ from confide.client.continuity import index_institution_ledger
 from confide.client.data import LocalInstitution, Resolver, resolve
 from confide.client.device import resolve_device
 from confide.client.institution import InstitutionError
+from confide.common.seeding import derive_seed
 from confide.privacy import instructions as keys
 from confide.privacy.accounting import HistoryEntry, epsilon
 from confide.privacy.config import PrivacyConfig
@@ -52,7 +53,6 @@ from confide.privacy.trainer import RoundResult, train_round
 from confide.tasks.datasets import DatasetError
 from confide.tasks.metrics import evaluate as evaluate_model
 from confide.tasks.registry import get_task
-from confide.tasks.seeding import derive_seed
 from confide.tasks.splits import InstitutionData
 
 HISTORY = "confide.privacy.history"

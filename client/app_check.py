@@ -28,6 +28,8 @@ from typing import Any
 
 from flwr.supercore.fab import Fab
 
+from confide.common.errors import AppRefused
+
 CLIENTAPP = "confide.client.app:app"
 PYPROJECT = "pyproject.toml"
 MANIFEST = ".info/CONTENT"
@@ -48,10 +50,6 @@ _UNREADABLE = (
     ValueError,
     zlib.error,
 )
-
-
-class AppRefused(ValueError):
-    """The run's app is not confide's own; the message says why, in one clause."""
 
 
 def check_app(fab: Fab, declared_hash: str) -> None:

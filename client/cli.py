@@ -12,7 +12,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from confide.tasks.terminal import errors, fail, output_console
+from confide.common.terminal import RefusingGroup, errors, fail, output_console
 
 if TYPE_CHECKING:
     from confide.client.continuity import LedgerPlan
@@ -23,6 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=RefusingGroup,
 )
 console = output_console()
 DirOption = Annotated[Path, typer.Option("--dir", help="this institution's state directory")]
@@ -187,9 +188,9 @@ def join(
     from confide.client.enrollment import JoinError
     from confide.client.enrollment import join as enroll
     from confide.client.institution import DATASET_NAME, InstitutionConfig, InstitutionDir
+    from confide.common.config import describe_errors
     from confide.privacy.ledger import LedgerError
     from confide.privacy.policy import PrivacyPolicy
-    from confide.tasks.config import describe_errors
 
     token = _token(token, token_file)
     directory = InstitutionDir(state)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from confide.client.institution import InstitutionDir, InstitutionError
+from confide.common.errors import ContinuityError
 from confide.privacy.accounting import epsilon
 from confide.privacy.ledger import (
     EVENT_KINDS,
@@ -44,10 +45,6 @@ from confide.privacy.ledger_index import LedgerIndex, LedgerIndexError
 _log = logging.getLogger(__name__)
 # How a refusal names the accountant a folder's spend is stated with.
 _ACCOUNTANTS = {"rdp": "RDP", "pld": "PLD"}
-
-
-class ContinuityError(RuntimeError):
-    """`join` must not start this folder's budget as asked; the message says why and how."""
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,15 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 
+from confide.common.config import unflatten
+from confide.common.seeding import derive_seed
 from confide.privacy.instructions import RoundInstructions
 from confide.privacy.ledger import DEFAULT_DATASET, fingerprint_bytes, fingerprint_file
 from confide.privacy.mechanism import default_declared_size
 from confide.privacy.policy import PrivacyPolicy
 from confide.privacy.trainer import NoiseSource
-from confide.tasks.config import DataConfig, TaskConfig, unflatten
+from confide.tasks.config import DataConfig, TaskConfig
 from confide.tasks.datasets import DatasetError, load_file
-from confide.tasks.seeding import derive_seed
 from confide.tasks.splits import FederatedSplit, InstitutionData, federate, validation_indices
 
 # The node config key a deployed SuperNode is started with (see `confide-client start`).

@@ -30,10 +30,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from confide.client.institution import InstitutionDir
+from confide.common.errors import JoinError, RotationError
+from confide.common.files import write_atomic
 from confide.protos.join_token import JoinToken, certificate_fingerprint
 from confide.protos.key_rotation import rotation_message, sign_rotation
 from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
-from confide.tasks.files import write_atomic
 
 TIMEOUT = 60.0
 # A TLS server answers a handshake in well under a second, even far away; an address that
@@ -43,22 +44,6 @@ HANDSHAKE_TIMEOUT = 15.0
 
 
 Reply = TypeVar("Reply")
-
-
-class JoinError(RuntimeError):
-    """Joining failed; nothing was registered unless the message says so."""
-
-
-class RotationError(JoinError):
-    """Rotating the key failed; the current key stays in use unless the message says so.
-
-    `refused`: the coordinator answered with a refusal (it did not take the new key), as
-    opposed to no answer, after which it may have.
-    """
-
-    def __init__(self, message: str, refused: bool = False) -> None:
-        super().__init__(message)
-        self.refused = refused
 
 
 # Answers after which the coordinator certainly did not take the new key (it answers a

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from confide.tasks.environment import executable
+from confide.common.environment import executable
 
 WATCH_SECONDS = 0.2  # as Flower's own parent monitor (flwr.supercore.app_utils)
 

@@ -12,19 +12,16 @@ from typing import Literal
 import tomli_w
 from pydantic import Field
 
+from confide.common.config import ConfigFileError, StrictModel, read_toml, validate_file
+from confide.common.errors import InstitutionError
+from confide.common.files import write_atomic
 from confide.privacy.ledger import DEFAULT_DATASET
 from confide.privacy.policy import PrivacyPolicy
-from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
-from confide.tasks.files import write_atomic
 
 # The settings file that makes a folder an institution's (deployed, not simulated): only such
 # folders go into the host's ledger index (`confide.client.continuity`).
 SETTINGS = "institution.toml"
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-class InstitutionError(ValueError):
-    """An institution directory that cannot be used; the message says what and where."""
 
 
 class InstitutionConfig(StrictModel):

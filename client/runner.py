@@ -93,9 +93,10 @@ from confide.client.app_check import CLIENTAPP, AppRefused, check_app
 from confide.client.data import STATE_DIR_KEY
 from confide.client.flower_supernode import follow_parent
 from confide.client.institution import InstitutionDir, InstitutionError
+from confide.common.errors import RunnerError
+from confide.common.files import write_atomic
 from confide.privacy.ledger import Ledger, LedgerError
 from confide.privacy.policy import APP_REFUSED
-from confide.tasks.files import write_atomic
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -119,10 +120,6 @@ TASK_TYPES = tuple(task_type.value for task_type in TaskType)
 # whoever handed the task (never this institution's SuperNode), so no confide code is needed.
 FOREIGN_TASK = ErrorCode.UNKNOWN
 _LOGGED_CHARS = 300  # of a folder name a foreign task chose, in this host's log
-
-
-class RunnerError(RuntimeError):
-    """The runner cannot work at all (settings, secret, the SuperNode refusing it)."""
 
 
 class _Stopped(BaseException):

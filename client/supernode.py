@@ -63,7 +63,7 @@ from confide.client.institution import (
     check_local_privacy,
 )
 from confide.client.runner import RUNTIME_HOST, write_secret
-from confide.tasks.environment import flower_process_environment, stop_process_group
+from confide.common.environment import flower_process_environment, stop_process_group
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RETRY_WINDOW_SECONDS = 90.0  # two 30 s heartbeats, plus margin

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from confide.tasks.config import StrictModel
+from confide.common.config import StrictModel
 
 
 class TrainConfig(StrictModel):

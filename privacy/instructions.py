@@ -12,8 +12,9 @@ from typing import Any
 
 from pydantic import Field
 
+from confide.common.config import StrictModel, flatten, unflatten
 from confide.privacy.config import PrivacyConfig, TrainConfig
-from confide.tasks.config import StrictModel, TaskConfig, flatten, unflatten
+from confide.tasks.config import TaskConfig
 
 PREFIX = "confide."
 

@@ -52,8 +52,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from confide.common.errors import LedgerError, LedgerTampered
+from confide.common.files import write_atomic
 from confide.privacy.accounting import HistoryEntry, epsilon
-from confide.tasks.files import write_atomic
 
 LEDGER = "ledger.sqlite"
 KEY = "ledger.key"
@@ -134,22 +135,6 @@ _EMPTY: dict[str, object] = {
     "delta": 0.0,
     "accountant": "",
 }
-
-
-class LedgerError(RuntimeError):
-    """The ledger cannot be used; the message says what and where."""
-
-
-class LedgerTampered(LedgerError):
-    """The ledger failed verification: training must wait for an operator."""
-
-    def __init__(self, root: Path, problems: list[str]) -> None:
-        self.problems = problems
-        listed = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
-        super().__init__(
-            f"{root / LEDGER} failed verification ({listed}). No training until an operator "
-            f"checks it: `confide-client budget verify --dir {root}`"
-        )
 
 
 @dataclass(frozen=True)
@@ -341,11 +326,11 @@ class Ledger:
                     f" (the key staged beside it, {self._staged_key.name}, left by a reseal cut "
                     "short or planted, is never adopted by itself: run the reseal again)"
                 )
-            raise LedgerTampered(self.root, [problem]) from None
+            raise LedgerTampered(self.root / LEDGER, [problem]) from None
         except OSError as error:
             raise LedgerError(f"{self.key_path}: cannot read the ledger key: {error}") from None
         if len(key) != 32:
-            raise LedgerTampered(self.root, [f"{self.key_path} is not a 32-byte key"])
+            raise LedgerTampered(self.root / LEDGER, [f"{self.key_path} is not a 32-byte key"])
         return key
 
     def create(self) -> None:
@@ -506,7 +491,7 @@ class Ledger:
         cause = _cause(error)
         if cause is None:
             problem = f"not a readable ledger database: {_describe(error)}"
-            return LedgerTampered(self.root, [problem])
+            return LedgerTampered(self.root / LEDGER, [problem])
         return LedgerError(f"{path}: cannot use the ledger now: {cause}: {_describe(error)}")
 
     def _absence(self) -> list[str] | None:
@@ -529,7 +514,7 @@ class Ledger:
         self._recover_creation()
         absence = self._absence()
         if absence:
-            raise LedgerTampered(self.root, absence)
+            raise LedgerTampered(self.root / LEDGER, absence)
         if absence is not None:
             if self.import_cut_short():
                 raise LedgerError(
@@ -625,11 +610,11 @@ class Ledger:
             self.open()
         elif (absence := self._absence()) is not None or self._creation_pending():
             if absence:
-                raise LedgerTampered(self.root, absence)
+                raise LedgerTampered(self.root / LEDGER, absence)
             return []
         problems, entries = self._snapshot(self._key(), read_only=read_only)
         if problems:
-            raise LedgerTampered(self.root, problems)
+            raise LedgerTampered(self.root / LEDGER, problems)
         return entries
 
     def moved_to(self) -> str | None:
@@ -740,7 +725,7 @@ class Ledger:
         with self._connect() as connection, self._writing(connection, what):
             problems, entries, _ = self._check(key, connection, marks)
             if problems:
-                raise LedgerTampered(self.root, problems)
+                raise LedgerTampered(self.root / LEDGER, problems)
             if spending and (moved := moved_to(entries)) is not None:
                 raise LedgerError(
                     f"{self.root}: this ledger was moved to {moved}; train from there "
@@ -817,7 +802,7 @@ class Ledger:
             raise LedgerError(f"{origin.root}: no ledger there to import")
         problems = origin.verify(read_only=True)
         if problems:
-            raise LedgerTampered(origin.root, problems)
+            raise LedgerTampered(origin.root / LEDGER, problems)
         # The marks before the database: the copy may be ahead of them, not behind.
         key = origin._key()
         marks = (origin._read_mark(), origin._read_mark(origin._staged_mark))
@@ -842,7 +827,7 @@ class Ledger:
         with self._connect(staged) as connection, self._writing(connection, "the import"):
             problems, entries, _ = origin._check(key, connection, marks)
             if problems:
-                raise LedgerTampered(origin.root, problems)
+                raise LedgerTampered(origin.root / LEDGER, problems)
             note = json.dumps({"from": str(origin.root.resolve()), "entries": len(entries)})
             entry = self._append(connection, key, "import", _EMPTY | {"note": note})
         return entry

@@ -30,14 +30,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from confide.tasks.files import write_atomic
+from confide.common.errors import LedgerIndexError
+from confide.common.files import write_atomic
 
 INDEX_ENV = "CONFIDE_LEDGER_INDEX"
 _FORMAT = "confide-ledger-index-v1"
-
-
-class LedgerIndexError(RuntimeError):
-    """The index file cannot be read or written; the message names it."""
 
 
 def default_index_path() -> Path:

@@ -29,11 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from confide.common.errors import DeltaTooLarge
 from confide.privacy.config import PrivacyConfig, TrainConfig
-
-
-class DeltaTooLarge(ValueError):
-    """The job's delta is not below 1/N for the institution's declared size N."""
 
 
 @dataclass(frozen=True)

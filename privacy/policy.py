@@ -23,10 +23,11 @@ from typing import Literal
 
 from pydantic import Field
 
+from confide.common.config import StrictModel
+from confide.common.errors import PolicyRefusal
 from confide.privacy.accounting import HistoryEntry, epsilon
 from confide.privacy.config import PrivacyConfig
 from confide.privacy.mechanism import DeltaTooLarge, Mechanism, check_delta
-from confide.tasks.config import StrictModel
 
 # Flower's error codes stop at 8; a refusal is not a crash, so it has codes of its own.
 # 100: the institution's limits refuse the job (final for the job: its spend only grows).
@@ -61,10 +62,6 @@ class PrivacyPolicy(StrictModel):
         "job (rdp: Renyi DP, Opacus; pld: privacy loss distributions, Google dp-accounting, "
         "tighter)",
     )
-
-
-class PolicyRefusal(ValueError):
-    """This round would break the institution's limits; the message says which and by how much."""
 
 
 def check_round(

@@ -22,20 +22,17 @@ from typing import Literal
 import torch
 from torch import nn
 
+from confide.common.errors import PrivacyError
+from confide.common.seeding import derive_seed
 from confide.privacy.accounting import HistoryEntry, epsilon
 from confide.privacy.config import PrivacyConfig, TrainConfig
 from confide.privacy.mechanism import Mechanism
 from confide.tasks.datasets import Dataset
-from confide.tasks.seeding import derive_seed
 
 # Where the DP-SGD Gaussian noise comes from (see confide.privacy.noise and docs/privacy.md):
 # "torch" is PyTorch's generator (Mersenne Twister, not cryptographic) seeded with the round's
 # seed; "csprng" draws every noise value from the operating system's CSPRNG.
 NoiseSource = Literal["torch", "csprng"]
-
-
-class PrivacyError(ValueError):
-    """DP-SGD cannot run as configured (e.g. a model layer Opacus cannot make private)."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from pydantic import ValidationError
 
+from confide.common.config import describe_errors, unflatten
 from confide.server.central_dp import CentralDP
 from confide.server.flower import RESULTS_ENV, STATE_ENV
 from confide.server.history import JobHistory, RoundObserver, RoundRecord
@@ -33,7 +34,6 @@ from confide.server.results import (
     write_results,
 )
 from confide.server.strategy import ConfideFedAvg, JobStopped, TooFewInstitutions
-from confide.tasks.config import describe_errors, unflatten
 from confide.tasks.datasets import Dataset
 from confide.tasks.metrics import evaluate
 from confide.tasks.registry import get_task
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from confide.server.audit import AuditLog, Detail
+from confide.common.errors import JobFailed
 from confide.tasks.splits import split_test
 
 # Run config keys `confide-server submit` sets.
@@ -185,23 +186,6 @@ def write_deployed_results(
     document = build_results(name, job, history, rows, {"total_seconds": seconds}, report)
     resolved = job.model_dump(mode="json", exclude_none=True)
     write_results(directory, document, history, ("job.toml", resolved), report)
-
-
-class JobFailed(RuntimeError):
-    """The job could not run (too few institutions, bad run config); the message says why.
-
-    Flower logs a ServerApp's exception with its traceback, which here would bury the one
-    thing the operator needs: this class reads its `__traceback__` as None, so Flower's log
-    shows the message alone (the run still ends as failed).
-    """
-
-    @property  # type: ignore[override]
-    def __traceback__(self) -> None:
-        return None
-
-    @__traceback__.setter
-    def __traceback__(self, _: object) -> None:
-        pass
 
 
 class Deployment:

@@ -59,9 +59,10 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from confide.common.errors import AuditError, AuditUnavailable
+from confide.common.files import write_atomic
 from confide.server.settings import ServerSettings, StateDir
 from confide.server.state import AuditRow, open_database
-from confide.tasks.files import write_atomic
 
 Detail = str | int | float | bool | None
 RESEALED = "audit.resealed"
@@ -72,15 +73,6 @@ _RECOVERY = (
     "`confide-server audit reseal --dir STATE --reason TEXT` starts a new segment"
 )
 _PROBLEMS_RECORDED = 10  # in a reseal entry; the rest are counted
-
-
-class AuditError(RuntimeError):
-    """The audit log cannot be written as it stands; the message says what and where."""
-
-
-class AuditUnavailable(AuditError):
-    """A file or the database refused (the cause is chained): the log may be intact, and a
-    reseal is no remedy; fix the permissions, the disk or the database."""
 
 
 class AuditEntry(BaseModel):

@@ -34,8 +34,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.differential_privacy import get_norm
 
+from confide.common.seeding import derive_seed
 from confide.privacy.config import CentralPrivacyConfig
-from confide.tasks.seeding import derive_seed
 
 ACCOUNTANT = "rdp (Flower RdpAccountant, Google dp-accounting)"
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, TextIO
 import typer
 from pydantic import ValidationError
 
-from confide.tasks.terminal import errors, fail, output_console
+from confide.common.terminal import RefusingGroup, errors, fail, output_console
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=RefusingGroup,
 )
 token_app = typer.Typer(help="Join tokens: single-use, expiring invitations.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
@@ -71,10 +72,10 @@ def init(
     force: Annotated[bool, typer.Option(help="replace an existing state directory")] = False,
 ) -> None:
     """Create a state directory: CA, TLS server certificate, database and settings."""
+    from confide.common.config import describe_errors
     from confide.server import pki
     from confide.server.settings import ServerSettings, StateDir
     from confide.server.state import open_database
-    from confide.tasks.config import describe_errors
 
     directory = StateDir(state)
     if state.exists() and any(state.iterdir()) and not force:
@@ -293,12 +294,12 @@ def institutions_revoke(
     """Unregister the institution's key: its SuperNode is cut off and the key cannot return."""
     from confide.server.audit import AuditError, AuditLog, operator_actor
     from confide.server.enrollment import RegistrationError
-    from confide.server.institutions import InstitutionError, RotationRefused, revoke
+    from confide.server.institutions import RotationRefused, UnknownInstitution, revoke
 
     engine, registrar = _open(state)
     try:
         node_id = revoke(engine, registrar, name)
-    except (InstitutionError, RegistrationError, RotationRefused) as error:
+    except (UnknownInstitution, RegistrationError, RotationRefused) as error:
         raise fail(str(error)) from None
     try:
         AuditLog(_state(state), engine).append(

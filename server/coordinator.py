@@ -40,20 +40,17 @@ import grpc
 from sqlalchemy import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from confide.common.environment import stop_process_group
+from confide.common.errors import CoordinatorError
 from confide.server.audit import AuditError, AuditLog
 from confide.server.enrollment import EnrollmentService, FlowerRegistrar, serve
 from confide.server.flower import executable, flower_environment, write_connection
 from confide.server.front import FleetFront, FrontError, FrontServer, bind_socket
 from confide.server.settings import ServerSettings, StateDir
 from confide.server.state import open_database
-from confide.tasks.environment import stop_process_group
 
 STARTUP_SECONDS = 90.0
 STOP_SECONDS = 60.0  # the SuperLink's own grace (20 s) and the services' (5 s each), with margin
-
-
-class CoordinatorError(RuntimeError):
-    """The coordinator could not start or stop; the message says why and where to look."""
 
 
 def run_coordinator(

@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine
 
+from confide.common.errors import RegistrationError
 from confide.protos.key_rotation import (
     MAX_CLOCK_SKEW,
     rotation_message,
@@ -57,10 +58,10 @@ from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
 from confide.server.audit import AuditError, AuditLog
 from confide.server.flower import CONNECTION, FlowerError, flwr_json
 from confide.server.institutions import (
-    InstitutionError,
     KeyRegistry,
     RotationRefused,
     RotationUnfinished,
+    UnknownInstitution,
     enrolled,
     enrolled_key,
     pending_key,
@@ -78,10 +79,6 @@ from confide.server.tokens import (
 
 NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 _log = logging.getLogger(__name__)
-
-
-class RegistrationError(RuntimeError):
-    """The SuperLink did not register the key; the message says why."""
 
 
 class Registrar(KeyRegistry, Protocol):
@@ -358,7 +355,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
         except RotationUnfinished as error:
             raise _Refused(grpc.StatusCode.ABORTED, str(error)) from None
-        except InstitutionError as error:
+        except UnknownInstitution as error:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, str(error)) from None
 
     def _authenticate(self, request: enrollment_pb2.RotateKeyRequest) -> tuple[bytes, int]:

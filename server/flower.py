@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from confide.tasks.environment import executable, flower_process_environment
+from confide.common.environment import executable, flower_process_environment
+from confide.common.errors import FlowerError
 
 CONNECTION = "confide"
 # The ServerApp writes each run's results here (set in the SuperLink's environment).
@@ -25,10 +26,6 @@ STATE_ENV = "CONFIDE_STATE_DIR"
 # on 0.0.0.0, past the front. None may reach a Flower process from the operator's
 # environment, nor any other `FLWR_INTERNAL_*` a later version reads.
 DROPPED_PREFIX = "FLWR_INTERNAL_"
-
-
-class FlowerError(RuntimeError):
-    """A `flwr` command failed; the message is Flower's own, last line first."""
 
 
 def flower_environment(

@@ -60,6 +60,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from confide.common.errors import FrontError
+
 FLEET_PREFIX = "/v1/fleet/"
 # Flower 1.41's `flwr.superlink.routers.fleet.router` (a test compares them).
 FLEET_METHODS = frozenset(
@@ -104,11 +106,7 @@ _HOP_BY_HOP = frozenset(
 _NOT_RETURNED = _HOP_BY_HOP | {"date", "server"}
 
 
-class FrontError(RuntimeError):
-    """The front could not start; the message says why."""
-
-
-class BodyTooLarge(Exception):
+class _BodyTooLarge(Exception):
     """A request body went past `MAX_BODY_BYTES` while it streamed."""
 
 
@@ -132,13 +130,13 @@ def too_large(limit: int) -> Response:
 
 
 async def capped(chunks: AsyncIterator[bytes], limit: int = MAX_BODY_BYTES) -> AsyncIterator[bytes]:
-    """`chunks` passed on as they come; `BodyTooLarge` once more than `limit` bytes came
+    """`chunks` passed on as they come; `_BodyTooLarge` once more than `limit` bytes came
     (whatever the Content-Length said)."""
     received = 0
     async for chunk in chunks:
         received += len(chunk)
         if received > limit:
-            raise BodyTooLarge(f"more than {limit} bytes")
+            raise _BodyTooLarge(f"more than {limit} bytes")
         yield chunk
 
 
@@ -219,7 +217,7 @@ class FleetFront:
         )
         try:
             reply = await self._client.send(outgoing, stream=True)
-        except BodyTooLarge:
+        except _BodyTooLarge:
             return too_large(self.max_body)
         except httpx.TimeoutException:
             return PlainTextResponse("the SuperLink did not answer in time\n", status_code=504)

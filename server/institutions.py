@@ -19,6 +19,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from confide.common.errors import RotationRefused, RotationUnfinished, UnknownInstitution
 from confide.server.state import InstitutionRow, KeyRotationRow
 
 _log = logging.getLogger(__name__)
@@ -27,20 +28,6 @@ _START_OVER = (
     "rotate again with a new key (confide-client: delete institution.key.next and "
     "institution.pub.next, then run rotate-key)"
 )
-
-
-class InstitutionError(ValueError):
-    """An unknown or already revoked institution."""
-
-
-class RotationRefused(RuntimeError):
-    """The rotation did not start, or was undone: the institution's current key stays in
-    use. The message says why and what to do."""
-
-
-class RotationUnfinished(RuntimeError):
-    """A rotation started and did not finish; the message says what stands. A request for the
-    same new key, signed with either key, finishes it."""
 
 
 class NodeRegistry(Protocol):
@@ -130,7 +117,7 @@ def _start(
         with Session(engine) as session, session.begin():
             row = session.get(InstitutionRow, name)
             if row is None or row.revoked_at is not None or row.public_key != old:
-                raise InstitutionError(f"{name} is not enrolled with that key")
+                raise UnknownInstitution(f"{name} is not enrolled with that key")
             pending = session.get(KeyRotationRow, name)
             if pending is not None and pending.public_key == new:
                 node = None if pending.node_id is None else int(pending.node_id)
@@ -319,9 +306,9 @@ def revoke(engine: Engine, registry: NodeRegistry, name: str) -> int:
     with Session(engine) as session, session.begin():
         row = session.get(InstitutionRow, name)
         if row is None:
-            raise InstitutionError(f"no institution named {name!r}")
+            raise UnknownInstitution(f"no institution named {name!r}")
         if row.revoked_at is not None:
-            raise InstitutionError(f"{name} was already revoked on {row.revoked_at:%Y-%m-%d}")
+            raise UnknownInstitution(f"{name} was already revoked on {row.revoked_at:%Y-%m-%d}")
         if (pending := session.get(KeyRotationRow, name)) is not None:
             _abandon(registry, pending)
             session.delete(pending)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from confide.common.config import StrictModel
 from confide.privacy.config import CentralPrivacyConfig, PrivacyConfig, TrainConfig
 from confide.privacy.instructions import RoundInstructions
-from confide.tasks.config import DataConfig, StrictModel, TaskConfig
+from confide.tasks.config import DataConfig, TaskConfig
 
 
 class FederationConfig(StrictModel):

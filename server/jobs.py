@@ -32,6 +32,9 @@ from typing import Any
 
 import tomli_w
 
+from confide.common.config import ConfigFileError, read_toml, validate_file
+from confide.common.errors import JobError
+from confide.common.files import write_atomic
 from confide.server.app import JOB_KEY, NAME_KEY
 from confide.server.audit import AuditError, AuditLog, operator_actor
 from confide.server.flower import (
@@ -44,12 +47,6 @@ from confide.server.flower import (
 from confide.server.job import JobFile
 from confide.server.results import RESULTS
 from confide.server.settings import StateDir
-from confide.tasks.config import ConfigFileError, read_toml, validate_file
-from confide.tasks.files import write_atomic
-
-
-class JobError(ValueError):
-    """A job that cannot be submitted or found; the message says what and where."""
 
 
 @dataclass(frozen=True)

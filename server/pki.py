@@ -17,15 +17,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from confide.common.errors import PKIError
+from confide.common.files import write_atomic
 from confide.protos.join_token import certificate_fingerprint
-from confide.tasks.files import write_atomic
 
 CA_YEARS = 10
 SERVER_DAYS = 825  # the longest lifetime common TLS clients accept for a server certificate
-
-
-class PKIError(ValueError):
-    """A certificate or key that cannot be used; the message names the file."""
 
 
 def _name(common_name: str) -> x509.Name:

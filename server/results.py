@@ -16,11 +16,11 @@ from typing import Any
 
 import tomli_w
 
+from confide.common.files import write_atomic
 from confide.privacy.config import PrivacyConfig
 from confide.privacy.report import json_epsilon, privacy_report
 from confide.server.history import JobHistory
 from confide.server.job import JobConfig
-from confide.tasks.files import write_atomic
 
 RESULTS = "results.json"
 PRIVACY = "privacy.json"

@@ -7,14 +7,11 @@ from pathlib import Path
 import tomli_w
 from pydantic import Field, model_validator
 
-from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
-from confide.tasks.files import write_atomic
+from confide.common.config import ConfigFileError, StrictModel, read_toml, validate_file
+from confide.common.errors import StateError
+from confide.common.files import write_atomic
 
 SETTINGS = "settings.toml"
-
-
-class StateError(ValueError):
-    """A state directory that cannot be used; the message says what and where."""
 
 
 class ServerSettings(StrictModel):

@@ -28,30 +28,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from confide.common.errors import JobStopped, TooFewInstitutions, UpdateRejected
+from confide.common.seeding import derive_seed
 from confide.privacy import instructions as keys
 from confide.privacy.policy import APP_REFUSED, REFUSED_BY_POLICY
 from confide.server.central_dp import CentralDP
 from confide.server.history import JobHistory
 from confide.server.job import FederationConfig
-from confide.tasks.seeding import derive_seed
-
-
-class JobStopped(RuntimeError):
-    """Fewer institutions than `min_train` can still train (their limits or their app check
-    refuse more rounds); the job ends after the last completed round."""
-
-
-class TooFewInstitutions(TimeoutError):
-    """Fewer than `min_available` institutions were connected within the round timeout."""
-
 
 # Refusals an institution repeats for every later round of the same job: its spend only
 # grows and the job's sigma is fixed (its limits); the job's app does not change (app check).
 FINAL_REFUSALS = {REFUSED_BY_POLICY: "its privacy limits", APP_REFUSED: "its app check"}
-
-
-class UpdateRejected(ValueError):
-    """An institution's update does not fit the global model (shape, dtype, non-finite)."""
 
 
 def check_update(global_arrays: ArrayRecord, update: ArrayRecord) -> None:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from rich.console import Console
 
+from confide.common.files import write_atomic
 from confide.privacy.accounting import epsilon
 from confide.privacy.mechanism import plan_round
 from confide.simulations.deployment_bench import replace_section
 from confide.simulations.engine import SimulationError, run_scenario
 from confide.simulations.runner import RunError
 from confide.simulations.scenario import ScenarioError, load_scenario
-from confide.tasks.files import write_atomic
 
 MARKERS = ("<!-- accountant-bench:start -->", "<!-- accountant-bench:end -->")
 ACCOUNTANTS = ("rdp", "pld")

@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from confide.common.files import write_atomic
 from confide.server.results import median_after_first
 from confide.simulations.accountant_bench import MARKERS as ACCOUNTANT_MARKERS
 from confide.simulations.baseline import plain_apps
@@ -25,7 +26,6 @@ from confide.simulations.deployment_bench import END, START, kept_section, repla
 from confide.simulations.engine import SimulationError, run_scenario, simulate
 from confide.simulations.runner import RunError
 from confide.simulations.scenario import ScenarioConfig, ScenarioError, load_scenario
-from confide.tasks.files import write_atomic
 
 DEPLOYED_MARKERS = (START, END)
 

@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from confide.common.terminal import RefusingGroup, fail
 from confide.simulations.environment import apply_defaults
-from confide.tasks.terminal import fail
 
 apply_defaults()  # before Flower or Ray is imported anywhere
 
@@ -21,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=RefusingGroup,
 )
 console = Console()
 

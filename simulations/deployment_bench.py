@@ -24,24 +24,21 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from confide.server.results import RESULTS, median_after_first
-from confide.simulations.export import export_institutions
-from confide.simulations.scenario import load_scenario
-from confide.tasks.environment import (
+from confide.common.environment import (
     FLOWER_DEFAULTS,
     executable,
     stop_process_group,
     wait_until_listening,
 )
+from confide.common.errors import DeploymentBenchError
+from confide.server.results import RESULTS, median_after_first
+from confide.simulations.export import export_institutions
+from confide.simulations.scenario import load_scenario
 
 START = "<!-- deployed-bench:start -->"
 END = "<!-- deployed-bench:end -->"
 INSTITUTIONS = 2
 STARTUP_SECONDS = 120.0
-
-
-class DeploymentBenchError(RuntimeError):
-    """The local deployment did not come up or the job did not finish."""
 
 
 @dataclass

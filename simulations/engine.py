@@ -21,6 +21,8 @@ from flwr.serverapp import ServerApp
 
 from confide.client.app import build_client_app
 from confide.client.device import resolve_device
+from confide.common.errors import SimulationError
+from confide.common.seeding import derive_seed
 from confide.privacy.ledger import Ledger
 from confide.privacy.mechanism import DeltaTooLarge, check_delta, planned_noise
 from confide.privacy.trainer import PrivacyError, check_model
@@ -30,7 +32,6 @@ from confide.simulations.environment import apply_defaults
 from confide.simulations.resources import MemorySampler
 from confide.simulations.scenario import ScenarioConfig
 from confide.tasks.registry import get_task
-from confide.tasks.seeding import derive_seed
 from confide.tasks.splits import FederatedSplit
 
 
@@ -114,10 +115,6 @@ def simulate(
             os.environ.pop("FLWR_HOME", None)
             shutil.rmtree(scratch, ignore_errors=True)
     return time.perf_counter() - started, memory.peak_bytes
-
-
-class SimulationError(RuntimeError):
-    """A simulation that cannot start or did not finish; the message is for the user."""
 
 
 def preflight(scenario: ScenarioConfig, split: FederatedSplit) -> None:

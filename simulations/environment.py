@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from confide.tasks.environment import FLOWER_DEFAULTS
+from confide.common.environment import FLOWER_DEFAULTS
 
 QUIET_DEFAULTS = FLOWER_DEFAULTS | {
     "RAY_USAGE_STATS_ENABLED": "0",

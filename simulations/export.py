@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from confide.common.files import write_atomic
 from confide.simulations.scenario import ScenarioConfig
 from confide.tasks.datasets import Dataset, to_csv
-from confide.tasks.files import write_atomic
 
 
 def export_institutions(scenario: ScenarioConfig, out: Path) -> list[Path]:

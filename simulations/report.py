@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from confide.common.files import write_atomic
 from confide.server import results
 from confide.server.results import institution_row
 from confide.simulations.engine import SimulationOutcome
 from confide.simulations.scenario import ScenarioConfig
-from confide.tasks.files import write_atomic
 
 SCENARIO = "scenario.toml"
 PARTITIONS = "partitions.json"

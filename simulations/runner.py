@@ -8,12 +8,9 @@ from typing import Any
 
 from rich.console import Console
 
+from confide.common.errors import RunError
 from confide.simulations.scenario import ScenarioConfig, ScenarioError, load_scenario
 from confide.tasks.splits import FederatedSplit
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or did not finish; the message is for the user."""
 
 
 def prepare(scenario: str, tree: dict[str, Any], fit_minimums: bool) -> ScenarioConfig:

@@ -13,15 +13,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from confide.client.data import SimulatedInstitutions
+from confide.common.config import ConfigFileError, StrictModel, read_toml, validate_file
+from confide.common.errors import ScenarioError
 from confide.privacy.mechanism import default_declared_size
 from confide.privacy.policy import PrivacyPolicy
 from confide.server.job import FederationConfig, JobFile
-from confide.tasks.config import ConfigFileError, StrictModel, read_toml, validate_file
 from confide.tasks.splits import FederatedSplit
-
-
-class ScenarioError(ValueError):
-    """A scenario file that cannot be run; the message names the file and every bad field."""
 
 
 class SimulationSettings(StrictModel):

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class DatasetError(ValueError):
-    """A data file or dataset that cannot be used, with what and where in the message."""
+from confide.common.errors import DatasetError
 
 
 @dataclass(frozen=True)

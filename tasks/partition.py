@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from confide.common.errors import PartitionError
 from confide.tasks.config import PartitionConfig
-
-
-class PartitionError(ValueError):
-    """The data cannot be split as asked (too few examples, too many institutions...)."""
 
 
 def partition_indices(

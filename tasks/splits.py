@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from confide.common.seeding import derive_seed
 from confide.tasks.config import DataConfig, TaskConfig
 from confide.tasks.datasets import Dataset
 from confide.tasks.partition import PartitionError, label_table, partition_indices
 from confide.tasks.registry import get_task
-from confide.tasks.seeding import derive_seed
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from confide.common.errors import TokenError
+
 PREFIX = "confide1"
 _TOKEN = re.compile(r"^confide1\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})\.([0-9a-f]{64})$")
-
-
-class TokenError(ValueError):
-    """A token that is malformed, unknown, expired or already used."""
 
 
 @dataclass(frozen=True)

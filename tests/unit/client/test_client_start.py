@@ -27,8 +27,8 @@ from confide.client.cli import app as client_cli
 from confide.client.institution import InstitutionDir, InstitutionError
 from confide.client.runner import SECRET_FILE
 from confide.client.supernode import Child, Supervisor, check_port, handle_stop_signals
+from confide.common.terminal import output_console
 from confide.privacy.ledger import Ledger
-from confide.tasks.terminal import output_console
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 BIN = Path(sys.executable).parent

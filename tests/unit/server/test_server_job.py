@@ -9,9 +9,9 @@ import pytest
 from flwr.common.config import flatten_dict
 from pydantic import ValidationError
 
+from confide.common.config import unflatten
 from confide.privacy.instructions import RoundInstructions
 from confide.server.job import JobConfig
-from confide.tasks.config import unflatten
 
 PYPROJECT = Path(__file__).parents[3] / "pyproject.toml"
 

@@ -148,5 +148,5 @@ def test_a_submitted_job_on_a_superlink_without_the_coordinators_state_fails_in_
         (type(failed.value), failed.value, failed.value.__traceback__)
     )
     assert "Traceback" not in shown
-    assert shown.splitlines() == [f"confide.server.app.JobFailed: {failed.value}"]
+    assert shown.splitlines() == [f"confide.common.errors.JobFailed: {failed.value}"]
     assert "CONFIDE_STATE_DIR" in str(failed.value)

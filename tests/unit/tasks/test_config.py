@@ -7,16 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from confide.tasks.config import (
-    DataConfig,
-    ModelConfig,
-    PartitionConfig,
-    StrictModel,
-    TaskConfig,
-    describe_errors,
-    flatten,
-    unflatten,
-)
+from confide.common.config import StrictModel, describe_errors, flatten, unflatten
+from confide.tasks.config import DataConfig, ModelConfig, PartitionConfig, TaskConfig
 
 
 class Job(StrictModel):

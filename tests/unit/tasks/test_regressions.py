@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from confide.common.seeding import derive_seed
 from confide.tasks.config import DataConfig, TaskConfig
 from confide.tasks.datasets import DatasetError, load_csv, load_npz
 from confide.tasks.partition import PartitionError
-from confide.tasks.seeding import derive_seed
 from confide.tasks.splits import federate
 
 

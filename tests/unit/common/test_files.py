@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from confide.tasks.files import write_atomic
+from confide.common.files import write_atomic
 
 
 def test_writes_text_or_bytes_with_the_requested_mode(tmp_path):

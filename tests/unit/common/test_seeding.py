@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from confide.tasks.seeding import derive_seed
+from confide.common.seeding import derive_seed
 
 
 def test_derive_seed_is_deterministic():
