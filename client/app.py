@@ -1,12 +1,12 @@
 """The institution's Flower ClientApp (Message API).
 
 - `query`: says who it is (the coordinator builds a roster to sample deterministically);
-- `train`: verifies the institution's ledger, checks that the round keeps the dataset within
-  the institution's limits over every job ever run on it, loads the global model, trains
-  locally (DP-SGD unless the job turns it off), records the round in the ledger and replies
-  with weights, the institution's declared size (its weight; its training count is not
-  sent) and the privacy spent (this run's and the dataset's), or with a refusal that says
-  which limit the round would break or what is wrong with the ledger;
+- `train`: verifies the institution's ledger and checks that the round keeps the dataset within
+  the institution's limits over every job ever run on it (one step, `admit_round`), loads the
+  global model, trains locally (DP-SGD unless the job turns it off), records the round in
+  the ledger and replies with weights, the institution's declared size (its weight; its
+  training count is not sent) and the privacy spent (this run's and the dataset's), or with
+  a refusal that says which limit the round would break or what is wrong with the ledger;
 - `evaluate`: scores the global model on the local validation split.
 
 This run's accountant history is also kept in the node's `context.state` (no ledger read per
@@ -23,9 +23,11 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.typing import MetricRecordValues
 from flwr.clientapp import ClientApp
 from flwr.common import Error
 from flwr.common.constant import ErrorCode
@@ -71,8 +73,11 @@ _LOCAL_PROBLEMS: tuple[tuple[type[Exception], str], ...] = (
 def _history(context: Context) -> list[HistoryEntry]:
     if HISTORY not in context.state:
         return []
-    record = context.state[HISTORY]
-    return list(zip(record["sigma"], record["rate"], record["steps"], strict=True))
+    record = context.state.config_records[HISTORY]
+    sigmas = cast(list[float], record["sigma"])
+    rates = cast(list[float], record["rate"])
+    steps = cast(list[int], record["steps"])
+    return list(zip(sigmas, rates, steps, strict=True))
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ def _mechanism(
             f"{privacy.target_epsilon}|{privacy.delta}|{privacy.accountant}|{declared}|"
             f"{train.batch_size}|{train.local_epochs}|{instructions.rounds}"
         )
-        cache = context.state[NOISE] if NOISE in context.state else ConfigRecord()
+        cache = context.state.config_records.get(NOISE, ConfigRecord())
         if key not in cache:
             try:
                 cache[key] = planned_noise(
@@ -152,9 +157,8 @@ def _mechanism(
             except ValueError as error:  # no sigma meets the target
                 raise PolicyRefusal(f"the job's target epsilon cannot be met: {error}") from None
             context.state[NOISE] = cache
-        privacy = privacy.model_copy(
-            update={"noise_multiplier": float(cache[key]), "target_epsilon": None}
-        )
+        sigma = cast(float, cache[key])
+        privacy = privacy.model_copy(update={"noise_multiplier": sigma, "target_epsilon": None})
     mechanism = plan_round(
         privacy, train, declared_examples=declared, planned_rounds=instructions.rounds
     )
@@ -179,21 +183,6 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # one institution per core in simulation; threads only contend
 
 
-def _check(
-    me: LocalInstitution,
-    context: Context,
-    instructions: RoundInstructions,
-) -> tuple[PrivacyConfig, Mechanism, _Books]:
-    """Everything decided before training, from public values and the ledger only:
-    PolicyRefusal or LedgerError if the round must not run."""
-    privacy, mechanism = _mechanism(context, instructions, me.declared_examples)
-    books = _Books.read(me, context)
-    check_job_delta(privacy, mechanism)
-    if me.policy is not None:
-        check_round(me.policy, privacy, mechanism=mechanism, history=books.dataset)
-    return privacy, mechanism, books
-
-
 def _reply(
     me: LocalInstitution,
     privacy: PrivacyConfig,
@@ -206,7 +195,7 @@ def _reply(
     """The train reply: weights, the numbers (weight = the declared size, not the training
     set's size) and how the round was run."""
     budget_delta, budget_accountant = _budget(me, privacy)
-    metrics: dict[str, int | float] = {
+    metrics: dict[str, MetricRecordValues] = {
         "num-examples": mechanism.declared_examples,
         keys.STEPS: result.steps,
         keys.DP_ENABLED: int(privacy.enabled),
@@ -280,6 +269,115 @@ def _kept_local(resolver: Resolver) -> Callable[[Handler], Handler]:
     return wrap
 
 
+@dataclass(frozen=True)
+class TrainRequest:
+    """A train message as this institution reads it: the round's instructions (parsed with
+    the coordinator's own models, see RoundInstructions) and who answers."""
+
+    message: Message
+    context: Context
+    me: LocalInstitution
+    instructions: RoundInstructions
+    server_round: int
+
+    @classmethod
+    def read(cls, message: Message, context: Context, resolver: Resolver) -> TrainRequest:
+        config = message.content.config_records["config"]
+        instructions = RoundInstructions.from_config(dict(config))
+        server_round = int(cast(int, config["server-round"]))
+        return cls(message, context, resolver(context), instructions, server_round)
+
+    def refuse(self, code: int, reason: str) -> Message:
+        """The error reply with one of confide's codes (confide.privacy.policy)."""
+        return Message(error=Error(code, reason), reply_to=self.message)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What a round that passed the institution's checks trains with: the job's privacy
+    terms with sigma fixed, the round's mechanism, and the dataset's books."""
+
+    privacy: PrivacyConfig
+    mechanism: Mechanism
+    books: _Books
+
+
+def admit_round(request: TrainRequest) -> Admitted | Message:
+    """The institution's limit check, before anything of the round runs: verify the ledger
+    and check the round against the institution's limits, from public values and the ledger
+    only (a refusal reveals nothing about this round's examples).
+
+    Returns what training needs, or the refusal reply: REFUSED_BY_POLICY when the round would
+    break a limit (the job's delta not below 1/N, DP off where required, the dataset's
+    cumulative epsilon over every job past max_epsilon: final for the job), no sigma meets
+    the job's target, no size is declared or the ledger was moved; LEDGER_UNUSABLE when the
+    ledger fails verification or cannot be read (not final: an operator can fix it).
+    """
+    me, context, instructions = request.me, request.context, request.instructions
+    try:
+        privacy, mechanism = _mechanism(context, instructions, me.declared_examples)
+        books = _Books.read(me, context)
+        check_job_delta(privacy, mechanism)
+        if me.policy is not None:
+            check_round(me.policy, privacy, mechanism=mechanism, history=books.dataset)
+    except PolicyRefusal as refusal:
+        reason = f"{me.name} refuses round {request.server_round}: {refusal}"
+        return request.refuse(REFUSED_BY_POLICY, reason)
+    except LedgerError as problem:
+        problem_text = _ledger_problem(problem)
+        reason = f"{me.name} cannot train round {request.server_round}: {problem_text}"
+        return request.refuse(LEDGER_UNUSABLE, reason)
+    return Admitted(privacy, mechanism, books)
+
+
+def _train_locally(request: TrainRequest, admitted: Admitted, seed: int) -> RoundResult:
+    """One round of local training on the institution's data, from the coordinator's model."""
+    me, instructions = request.me, request.instructions
+    local = me.load(instructions)
+    model = _model(instructions, local, request.message.content.array_records["arrays"])
+    return train_round(
+        model,
+        local.train,
+        instructions.train,
+        admitted.privacy,
+        mechanism=admitted.mechanism,
+        history=admitted.books.run,
+        seed=seed,
+        device=resolve_device(me.device),
+        noise_source=me.noise_source,
+    )
+
+
+def _record(request: TrainRequest, admitted: Admitted, result: RoundResult) -> Spend | Message:
+    """The round's spend, recorded in the ledger before the update leaves (a crash loses the
+    update, never the record); the LEDGER_UNUSABLE reply if it cannot be recorded."""
+    me, privacy, mechanism = request.me, admitted.privacy, admitted.mechanism
+    spend = Spend(
+        dataset=me.dataset,
+        fingerprint=me.fingerprint(),
+        job=request.instructions.job,
+        run=str(request.context.run_id),
+        round=request.server_round,
+        examples=result.examples,
+        sample_rate=mechanism.sample_rate,
+        noise_multiplier=mechanism.noise_multiplier,
+        steps=result.steps,  # the mechanism's with DP; without, the shuffled epochs' steps
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+    )
+    if me.ledger is not None:
+        try:
+            Ledger(me.ledger).record(spend)
+        except LedgerError as problem:
+            reason = f"{me.name} cannot record round {request.server_round}: " + _ledger_problem(
+                problem
+            )
+            return request.refuse(LEDGER_UNUSABLE, reason)
+        # So that a later `join` elsewhere on this host finds this data's budget.
+        index_institution_ledger(me.ledger, [spend.fingerprint])
+    return spend
+
+
 def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None) -> ClientApp:
     """A ClientApp for the institution `resolver` finds in each message's context (by default
     a deployed institution's state directory, or the run's simulated partition).
@@ -292,94 +390,71 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
     ledger draws fresh batches and noise. The coordinator's messages never choose it.
     """
     app = ClientApp()
+    guarded = _kept_local(resolver)
+    app.query()(guarded(_query_handler(resolver)))
+    app.train()(guarded(_train_handler(resolver, noise_seed)))
+    app.evaluate()(guarded(_evaluate_handler(resolver)))
+    return app
 
-    def round_seed(server_round: int, institution: str, position: int) -> int:
-        if noise_seed is None:
-            return secrets.randbits(63)
-        return derive_seed(noise_seed, "train", position, server_round, institution)
 
-    @app.query()
-    @_kept_local(resolver)
+def _round_seed(noise_seed: int | None, server_round: int, institution: str, position: int) -> int:
+    """The seed of the round's batches (and torch noise): see build_client_app."""
+    if noise_seed is None:
+        return secrets.randbits(63)
+    return derive_seed(noise_seed, "train", position, server_round, institution)
+
+
+def _query_handler(resolver: Resolver) -> Handler:
     def query(message: Message, context: Context) -> Message:
         reply = RecordDict({"identity": ConfigRecord({"institution": resolver(context).name})})
         return Message(reply, reply_to=message)
 
-    @app.train()
-    @_kept_local(resolver)
+    return query
+
+
+def _train_handler(resolver: Resolver, noise_seed: int | None) -> Handler:
+    """Admit the round (`admit_round`), train, record the spend, reply."""
+
     def train(message: Message, context: Context) -> Message:
-        instructions = RoundInstructions.from_config(message.content["config"])
-        server_round = int(message.content["config"]["server-round"])
-        me: LocalInstitution = resolver(context)
+        request = TrainRequest.read(message, context, resolver)
+        me = request.me
         if me.single_thread:
             _one_thread()
-        institution = me.name
-        try:
-            privacy, mechanism, books = _check(me, context, instructions)
-        except PolicyRefusal as refusal:
-            reason = f"{institution} refuses round {server_round}: {refusal}"
-            return Message(error=Error(REFUSED_BY_POLICY, reason), reply_to=message)
-        except LedgerError as problem:  # not final: an operator can fix it during the job
-            reason = f"{institution} cannot train round {server_round}: {_ledger_problem(problem)}"
-            return Message(error=Error(LEDGER_UNUSABLE, reason), reply_to=message)
-        local = me.load(instructions)
-        model = _model(instructions, local, message.content["arrays"])
-        result = train_round(
-            model,
-            local.train,
-            instructions.train,
-            privacy,
-            mechanism=mechanism,
-            history=books.run,
-            seed=round_seed(server_round, institution, books.position),
-            device=resolve_device(me.device),
-            noise_source=me.noise_source,
-        )
-        spend = Spend(
-            dataset=me.dataset,
-            fingerprint=me.fingerprint(),
-            job=instructions.job,
-            run=str(context.run_id),
-            round=server_round,
-            examples=result.examples,
-            sample_rate=mechanism.sample_rate,
-            noise_multiplier=mechanism.noise_multiplier,
-            steps=result.steps,  # the mechanism's with DP; without, the shuffled epochs' steps
-            delta=privacy.delta,
-            accountant=privacy.accountant,
-        )
-        # Recorded before the update leaves: a crash loses the update, never the record.
-        if me.ledger is not None:
-            try:
-                Ledger(me.ledger).record(spend)
-            except LedgerError as problem:
-                reason = f"{institution} cannot record round {server_round}: " + _ledger_problem(
-                    problem
-                )
-                return Message(error=Error(LEDGER_UNUSABLE, reason), reply_to=message)
-            # So that a later `join` elsewhere on this host finds this data's budget.
-            index_institution_ledger(me.ledger, [spend.fingerprint])
+        admitted = admit_round(request)
+        if isinstance(admitted, Message):
+            return admitted
+        position = admitted.books.position
+        seed = _round_seed(noise_seed, request.server_round, me.name, position)
+        result = _train_locally(request, admitted, seed)
+        spend = _record(request, admitted, result)
+        if isinstance(spend, Message):
+            return spend
         _store_history(context, result.history)
         reply = _reply(
             me,
-            privacy,
-            mechanism,
+            admitted.privacy,
+            admitted.mechanism,
             result,
-            dataset=[*books.dataset, spend.history_entry],
+            dataset=[*admitted.books.dataset, spend.history_entry],
             generator=noise_generator(me.noise_source, noise_seed),
         )
         return Message(reply, reply_to=message)
 
-    @app.evaluate()
-    @_kept_local(resolver)
+    return train
+
+
+def _evaluate_handler(resolver: Resolver) -> Handler:
     def evaluate(message: Message, context: Context) -> Message:
-        instructions = RoundInstructions.from_config(message.content["config"])
+        config = message.content.config_records["config"]
+        instructions = RoundInstructions.from_config(dict(config))
         me = resolver(context)
         if me.single_thread:
             _one_thread()
         institution, local = me.name, me.load(instructions)
-        metrics: dict[str, float | int] = {"num-examples": len(local.validation)}
+        metrics: dict[str, MetricRecordValues] = {"num-examples": len(local.validation)}
         if len(local.validation):
-            model = _model(instructions, local, message.content["arrays"])
+            arrays = message.content.array_records["arrays"]
+            model = _model(instructions, local, arrays)
             scores = evaluate_model(
                 model, local.validation.x, local.validation.y, local.validation.classes
             )
@@ -392,7 +467,7 @@ def build_client_app(resolver: Resolver = resolve, noise_seed: int | None = None
         )
         return Message(reply, reply_to=message)
 
-    return app
+    return evaluate
 
 
 # Entry point of `flwr run` (the project's pyproject and every job `confide-server submit`

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal, cast, get_args
 
 import typer
 from pydantic import ValidationError
@@ -15,8 +15,12 @@ from rich.table import Table
 from confide.common.terminal import RefusingGroup, errors, fail, output_console
 
 if TYPE_CHECKING:
+    from confide.client.budget import BudgetLine
     from confide.client.continuity import LedgerPlan
+    from confide.client.enrollment import Enrollment
     from confide.client.institution import InstitutionConfig, InstitutionDir
+    from confide.privacy.ledger import Ledger
+    from confide.privacy.policy import PrivacyPolicy
 
 app = typer.Typer(
     help="Join a confide coordinator as an institution and train on local data.",
@@ -26,6 +30,9 @@ app = typer.Typer(
     cls=RefusingGroup,
 )
 console = output_console()
+# InstitutionConfig's choices, checked by `join` before anything is registered.
+Device = Literal["auto", "cpu", "cuda"]
+NoiseGenerator = Literal["csprng", "torch"]
 DirOption = Annotated[Path, typer.Option("--dir", help="this institution's state directory")]
 
 
@@ -53,17 +60,14 @@ def _declare(declared: int | None, rows: int, max_delta: float) -> int:
     """The size to declare (the operator's, else the training examples rounded to two
     significant figures), refused here if the institution's max_delta is not below 1/N and
     1/n; warnings are printed."""
-    from confide.client.institution import InstitutionError, check_local_privacy
+    from confide.client.institution import check_local_privacy
     from confide.privacy.mechanism import default_declared_size
 
     training = _training_size(rows)
     declared = declared or default_declared_size(training)
-    try:
-        warnings = check_local_privacy(
-            declared_examples=declared, max_delta=max_delta, training_examples=training
-        )
-    except InstitutionError as error:
-        raise fail(str(error)) from None
+    warnings = check_local_privacy(
+        declared_examples=declared, max_delta=max_delta, training_examples=training
+    )
     for warning in warnings:
         console.print(f"warning: {warning}", highlight=False)
     return declared
@@ -82,14 +86,13 @@ def _token(token: str | None, token_file: Path | None) -> str:
 
 
 def _ledger_plan(
-    state: Path, data: Path, dataset: str, delta: float, continuity: tuple[Path | None, bool, str]
+    state: Path, data: Path, *, dataset: str, delta: float, continuity: Continuity
 ) -> LedgerPlan:
     """What the new folder's ledger continues; refused here, before anything is registered,
     if another ledger on this host spent on this data (`confide.client.continuity`)."""
-    from confide.client.continuity import ContinuityError, plan_ledger
+    from confide.client.continuity import plan_ledger
     from confide.privacy.ledger import fingerprint_file
 
-    ledger_from, new_budget, reason = continuity
     try:
         return plan_ledger(
             state=state,
@@ -97,140 +100,121 @@ def _ledger_plan(
             fingerprint=fingerprint_file(data),
             dataset=dataset,
             delta=delta,
-            ledger_from=ledger_from,
-            new_budget=new_budget,
-            reason=reason,
+            ledger_from=continuity.ledger_from,
+            new_budget=continuity.new_budget,
+            reason=continuity.reason,
         )
-    except (ContinuityError, OSError) as error:
+    except OSError as error:
         raise fail(str(error)) from None
 
 
-@app.command()
-def join(
-    server: Annotated[str, typer.Option(help="the coordinator's enrollment service, HOST:PORT")],
-    state: DirOption,
-    data: Annotated[
-        Path, typer.Option(help="local training data: CSV (with a label column) or NPZ")
-    ],
-    token: Annotated[
-        str | None, typer.Option(help="the join token from `confide-server token create`")
-    ] = None,
-    token_file: Annotated[
-        Path | None,
-        typer.Option(help="read the token from this file instead (keeps it out of `ps`)"),
-    ] = None,
-    label_column: Annotated[str, typer.Option(help="CSV label column")] = "label",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    port: Annotated[
-        int,
-        typer.Option(
-            help="the SuperNode's Runtime API port on 127.0.0.1, where confide's runner takes "
-            "this institution's tasks (one per institution on a host)"
-        ),
-    ] = 9094,
-    max_epsilon: Annotated[
-        float,
-        typer.Option(help="this institution's limit: refuse any round past this epsilon"),
-    ] = 10.0,
-    max_delta: Annotated[
-        float,
-        typer.Option(help="refuse jobs asking a larger delta; the budget is stated at this delta"),
-    ] = 1e-5,
-    dataset: Annotated[
-        str,
-        typer.Option(
-            help="the name this data's privacy spend is accounted under in the ledger (a new "
-            "name starts a new budget: use one only for data about different people)"
-        ),
-    ] = "default",
-    declared_examples: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            max=100_000_000,
-            help="the size this institution publishes (DP-SGD's sampling rate and its update's "
-            "weight follow from it); default: the training examples the data holds now, "
-            "rounded to two significant figures",
-        ),
-    ] = None,
-    noise_generator: Annotated[
-        str,
-        typer.Option(
-            help="csprng (every noise value from the OS CSPRNG) or torch (PyTorch's generator "
-            "seeded from the OS CSPRNG each round; not cryptographic, faster)"
-        ),
-    ] = "csprng",
-    ledger_from: Annotated[
-        Path | None,
-        typer.Option(
-            help="continue the privacy budget of the institution folder DIR: its ledger is "
-            "copied here and the import recorded (stop its SuperNode first)",
-            metavar="DIR",
-        ),
-    ] = None,
-    new_budget: Annotated[
-        bool,
-        typer.Option(
-            "--new-budget",
-            help="start a new budget although another ledger on this host spent on this data "
-            "(needs --reason, recorded in the new ledger)",
-        ),
-    ] = False,
-    reason: Annotated[str, typer.Option(help="why a new budget is right (with --new-budget)")] = "",
-    start: Annotated[bool, typer.Option(help="start the SuperNode after joining")] = True,
-) -> None:
-    """Verify the coordinator by the token's CA fingerprint, register a new key, then run.
+@dataclass(frozen=True)
+class Continuity:
+    """What `join` was told about an earlier ledger on the same data."""
 
-    Refuses, before contacting the coordinator, data that another ledger on this host already
-    spent privacy budget on, unless --ledger-from or --new-budget says what to do.
-    """
-    from confide.client.continuity import index_ledger, mark_moved, prepare_ledger, undo_ledger
-    from confide.client.enrollment import JoinError
-    from confide.client.enrollment import join as enroll
-    from confide.client.institution import DATASET_NAME, InstitutionConfig, InstitutionDir
+    ledger_from: Path | None
+    new_budget: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class LocalChoices:
+    """The institution's own settings given to `join`, checked before anything is written."""
+
+    label_column: str
+    device: Device
+    port: int
+    policy: PrivacyPolicy
+    dataset: str
+    noise_generator: NoiseGenerator
+
+    def settings(
+        self, enrollment: Enrollment, *, server: str, data: Path, declared: int
+    ) -> InstitutionConfig:
+        """The settings file's contents once the coordinator registered the institution."""
+        from confide.client.institution import InstitutionConfig
+
+        return InstitutionConfig(
+            name=enrollment.institution,
+            node_id=enrollment.node_id,
+            superlink=enrollment.superlink,
+            enrollment=server,
+            data=data.resolve(),
+            declared_examples=declared,
+            label_column=self.label_column,
+            device=self.device,
+            port=self.port,
+            privacy=self.policy,
+            dataset=self.dataset,
+            noise_generator=self.noise_generator,
+        )
+
+
+def _local_choices(
+    state: Path,
+    *,
+    label_column: str,
+    device: str,
+    port: int,
+    limits: tuple[float, float],
+    dataset: str,
+    noise_generator: str,
+) -> LocalChoices:
+    """The settings, each refused here with the option it came from: nothing is registered
+    or written for a join that would fail later."""
+    from confide.client.institution import DATASET_NAME, InstitutionDir
     from confide.common.config import describe_errors
-    from confide.privacy.ledger import LedgerError
     from confide.privacy.policy import PrivacyPolicy
 
-    token = _token(token, token_file)
-    directory = InstitutionDir(state)
+    max_epsilon, max_delta = limits
     try:
         policy = PrivacyPolicy(max_epsilon=max_epsilon, max_delta=max_delta)
     except ValidationError as error:
         raise fail("; ".join(describe_errors(error, PrivacyPolicy))) from None
     if not DATASET_NAME.fullmatch(dataset):
         raise fail(f"--dataset {dataset!r}: use letters, digits, '.', '_' and '-' (up to 64)")
-    if directory.settings_file.exists():
+    if InstitutionDir(state).settings_file.exists():
         raise fail(f"{state} already holds an institution; use `confide-client start`")
-    if noise_generator not in ("csprng", "torch"):
+    if noise_generator not in get_args(NoiseGenerator):
         raise fail(f"--noise-generator {noise_generator!r}: use csprng or torch")
-    rows = _check_data(data, label_column)
-    declared = _declare(declared_examples, rows, max_delta)
-    plan = _ledger_plan(state, data, dataset, max_delta, (ledger_from, new_budget, reason))
+    if device not in get_args(Device):
+        raise fail(f"--device {device!r}: use auto, cpu or cuda")
+    return LocalChoices(
+        label_column=label_column,
+        device=cast(Device, device),
+        port=port,
+        policy=policy,
+        dataset=dataset,
+        noise_generator=cast(NoiseGenerator, noise_generator),
+    )
+
+
+def _enroll(server: str, token: str, directory: InstitutionDir, plan: LedgerPlan) -> Enrollment:
+    """Set up the ledger, then register with the coordinator; a refused join leaves no
+    ledger behind that `prepare_ledger` made."""
+    from confide.client.continuity import prepare_ledger, undo_ledger
+    from confide.client.enrollment import JoinError
+    from confide.client.enrollment import join as enroll
+    from confide.privacy.ledger import LedgerError
+
+    state = directory.root
     try:
         prepare_ledger(state, plan)
     except (LedgerError, OSError) as error:
         raise fail(f"{state}: cannot set up the ledger: {error}") from None
     try:
-        enrollment = enroll(server, token, directory)
+        return enroll(server, token, directory)
     except JoinError as error:
         undo_ledger(state, plan)
         raise fail(str(error)) from None
-    config = InstitutionConfig(
-        name=enrollment.institution,
-        node_id=enrollment.node_id,
-        superlink=enrollment.superlink,
-        enrollment=server,
-        data=data.resolve(),
-        label_column=label_column,
-        device=device,
-        port=port,
-        privacy=policy,
-        dataset=dataset,
-        declared_examples=declared,
-        noise_generator=noise_generator,
-    )
+
+
+def _joined(directory: InstitutionDir, config: InstitutionConfig, plan: LedgerPlan) -> None:
+    """Save the registered institution's settings, say so, and index its ledger."""
+    from confide.client.continuity import index_ledger, mark_moved
+
     directory.save(config)
+    state = directory.root
     console.print(
         f"joined as {config.name} (node {config.node_id}); credentials in {state}", highlight=False
     )
@@ -242,18 +226,129 @@ def join(
     for warning in (index_ledger(state, plan), mark_moved(state, plan)):
         if warning:
             errors.print(warning, highlight=False)
+
+
+ServerOption = Annotated[str, typer.Option(help="the coordinator's enrollment service, HOST:PORT")]
+DataOption = Annotated[
+    Path, typer.Option(help="local training data: CSV (with a label column) or NPZ")
+]
+TokenOption = Annotated[
+    str | None, typer.Option(help="the join token from `confide-server token create`")
+]
+TokenFileOption = Annotated[
+    Path | None,
+    typer.Option(help="read the token from this file instead (keeps it out of `ps`)"),
+]
+PortOption = Annotated[
+    int,
+    typer.Option(
+        help="the SuperNode's Runtime API port on 127.0.0.1, where confide's runner takes "
+        "this institution's tasks (one per institution on a host)"
+    ),
+]
+MaxEpsilonOption = Annotated[
+    float, typer.Option(help="this institution's limit: refuse any round past this epsilon")
+]
+MaxDeltaOption = Annotated[
+    float,
+    typer.Option(help="refuse jobs asking a larger delta; the budget is stated at this delta"),
+]
+DatasetOption = Annotated[
+    str,
+    typer.Option(
+        help="the name this data's privacy spend is accounted under in the ledger (a new "
+        "name starts a new budget: use one only for data about different people)"
+    ),
+]
+DeclaredOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=100_000_000,
+        help="the size this institution publishes (DP-SGD's sampling rate and its update's "
+        "weight follow from it); default: the training examples the data holds now, "
+        "rounded to two significant figures",
+    ),
+]
+NoiseGeneratorOption = Annotated[
+    str,
+    typer.Option(
+        help="csprng (every noise value from the OS CSPRNG) or torch (PyTorch's generator "
+        "seeded from the OS CSPRNG each round; not cryptographic, faster)"
+    ),
+]
+LedgerFromOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="continue the privacy budget of the institution folder DIR: its ledger is "
+        "copied here and the import recorded (stop its SuperNode first)",
+        metavar="DIR",
+    ),
+]
+NewBudgetOption = Annotated[
+    bool,
+    typer.Option(
+        "--new-budget",
+        help="start a new budget although another ledger on this host spent on this data "
+        "(needs --reason, recorded in the new ledger)",
+    ),
+]
+ReasonOption = Annotated[str, typer.Option(help="why a new budget is right (with --new-budget)")]
+
+
+@app.command()
+def join(
+    *,
+    server: ServerOption,
+    state: DirOption,
+    data: DataOption,
+    token: TokenOption = None,
+    token_file: TokenFileOption = None,
+    label_column: Annotated[str, typer.Option(help="CSV label column")] = "label",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    port: PortOption = 9094,
+    max_epsilon: MaxEpsilonOption = 10.0,
+    max_delta: MaxDeltaOption = 1e-5,
+    dataset: DatasetOption = "default",
+    declared_examples: DeclaredOption = None,
+    noise_generator: NoiseGeneratorOption = "csprng",
+    ledger_from: LedgerFromOption = None,
+    new_budget: NewBudgetOption = False,
+    reason: ReasonOption = "",
+    start: Annotated[bool, typer.Option(help="start the SuperNode after joining")] = True,
+) -> None:
+    """Verify the coordinator by the token's CA fingerprint, register a new key, then run.
+
+    Refuses, before contacting the coordinator, data that another ledger on this host already
+    spent privacy budget on, unless --ledger-from or --new-budget says what to do.
+    """
+    from confide.client.institution import InstitutionDir
+
+    token = _token(token, token_file)
+    directory = InstitutionDir(state)
+    local = _local_choices(
+        state,
+        label_column=label_column,
+        device=device,
+        port=port,
+        limits=(max_epsilon, max_delta),
+        dataset=dataset,
+        noise_generator=noise_generator,
+    )
+    declared = _declare(declared_examples, _check_data(data, label_column), max_delta)
+    continuity = Continuity(ledger_from, new_budget, reason)
+    plan = _ledger_plan(state, data, dataset=dataset, delta=max_delta, continuity=continuity)
+    enrollment = _enroll(server, token, directory, plan)
+    config = local.settings(enrollment, server=server, data=data, declared=declared)
+    _joined(directory, config, plan)
     if start:
         run_supernode(directory)
 
 
 def run_supernode(directory: InstitutionDir) -> None:
-    from confide.client.institution import InstitutionError
     from confide.client.supernode import run_supernode as run
 
-    try:
-        code = run(directory, lambda line: console.print(line, highlight=False))
-    except InstitutionError as error:
-        raise fail(str(error)) from None
+    code = run(directory, lambda line: console.print(line, highlight=False))
     raise typer.Exit(code=code)
 
 
@@ -262,15 +357,14 @@ def rotate_key(state: DirOption) -> None:
     """Replace this institution's key with a new one made here, keeping this folder and so
     its privacy ledger; the coordinator unregisters the old key (restart the SuperNode)."""
     from confide.client.continuity import index_folder
-    from confide.client.enrollment import JoinError
     from confide.client.enrollment import rotate_key as rotate
-    from confide.client.institution import InstitutionDir, InstitutionError
+    from confide.client.institution import InstitutionDir
 
     directory = InstitutionDir(state)
     try:
         config = directory.load()
         enrollment = rotate(directory, config.name, config.enrollment)
-    except (InstitutionError, JoinError, OSError) as error:
+    except OSError as error:
         raise fail(str(error)) from None
     _save_rotated(directory, config, enrollment.node_id)
     console.print(
@@ -343,22 +437,28 @@ def _format(value: float | None, digits: int = 3) -> str:
     return "unbounded" if math.isinf(value) else f"{value:.{digits}f}"
 
 
+BudgetDirOption = Annotated[
+    Path | None, typer.Option("--dir", help="this institution's state directory")
+]
+DeltaOption = Annotated[
+    float | None,
+    typer.Option(
+        help="state epsilon at this delta (default: the institution's max_delta, else 1e-5)"
+    ),
+]
+AccountantOption = Annotated[
+    str | None,
+    typer.Option(help="rdp or pld (default: the institution's [privacy] accountant, else rdp)"),
+]
+
+
 @budget_app.callback()
 def budget(
     context: typer.Context,
-    state: Annotated[
-        Path | None, typer.Option("--dir", help="this institution's state directory")
-    ] = None,
-    delta: Annotated[
-        float | None,
-        typer.Option(
-            help="state epsilon at this delta (default: the institution's max_delta, else 1e-5)"
-        ),
-    ] = None,
-    accountant: Annotated[
-        str | None,
-        typer.Option(help="rdp or pld (default: the institution's [privacy] accountant, else rdp)"),
-    ] = None,
+    *,
+    state: BudgetDirOption = None,
+    delta: DeltaOption = None,
+    accountant: AccountantOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Show spent and remaining epsilon per dataset (sample level, every job so far)."""
@@ -367,18 +467,22 @@ def budget(
     if state is None:
         raise fail("give the institution's state directory: confide-client budget --dir DIR")
     from confide.client.budget import budget as read_budget
-    from confide.client.institution import InstitutionError
-    from confide.privacy.ledger import LedgerError
 
     if accountant not in (None, "rdp", "pld"):
         raise fail(f"--accountant {accountant!r}: use rdp or pld")
     try:
         lines = read_budget(state, delta, accountant)
-    except (LedgerError, InstitutionError, FileNotFoundError) as error:
+    except FileNotFoundError as error:
         raise fail(str(error)) from None
     if as_json:
         console.print_json(json.dumps([line.as_json() for line in lines]))
         return
+    _budget_table(state, lines)
+
+
+def _budget_table(state: Path, lines: list[BudgetLine]) -> None:
+    """The budget as a table, with what its numbers mean and a note for each dataset whose
+    file changed between rounds."""
     table = Table(title=f"Privacy budget of {state}")
     for column in ("dataset", "epsilon spent", "delta", "limit", "remaining", "rounds", "jobs"):
         table.add_column(column, justify="left" if column == "dataset" else "right")
@@ -423,38 +527,51 @@ def verify(
     """Check the ledger's integrity chain; exit 1 if it fails (training refuses until then).
 
     An intact ledger is also indexed on this host (`join` looks there for earlier spend)."""
-    from confide.client.continuity import index_institution_ledger
-    from confide.privacy.ledger import Ledger, LedgerError
+    from confide.privacy.ledger import Ledger
 
     ledger = Ledger(state)
     if not ledger.exists() and not ledger.key_path.exists() and not ledger.mark_path.exists():
         raise fail(f"{state}: no ledger here (nothing trained on this directory yet)")
-    try:
-        problems = ledger.verify()
-        if not problems:
-            entries = ledger.entries()
-            last = f", last recorded {entries[-1].recorded_at}" if entries else ""
-            console.print(f"ledger intact: {len(entries)} entries{last}", highlight=False)
-            listed = OPERATOR_ACTIONS | EVENTS
-            for entry in entries:
-                if entry.kind in listed:
-                    console.print(
-                        f"  {listed[entry.kind]} at {entry.recorded_at}: {entry.note}",
-                        highlight=False,
-                    )
-            index_institution_ledger(state, [e.fingerprint for e in entries if e.kind == "spend"])
-            return
-        if reseal:
-            ledger.reseal(reason)
+    problems = ledger.verify()
+    if not problems:
+        _intact(ledger, state)
+        return
+    if reseal:
+        _resealed(ledger, problems, reason)
+        return
+    _failed_verification(ledger, problems, state)
+    raise typer.Exit(code=1)
+
+
+def _intact(ledger: Ledger, state: Path) -> None:
+    """Say the ledger is intact, list what operators and the institution recorded in it, and
+    index it on this host."""
+    from confide.client.continuity import index_institution_ledger
+
+    entries = ledger.entries()
+    last = f", last recorded {entries[-1].recorded_at}" if entries else ""
+    console.print(f"ledger intact: {len(entries)} entries{last}", highlight=False)
+    listed = OPERATOR_ACTIONS | EVENTS
+    for entry in entries:
+        if entry.kind in listed:
             console.print(
-                f"resealed with {len(problems)} problem(s) recorded; training may resume:",
-                highlight=False,
+                f"  {listed[entry.kind]} at {entry.recorded_at}: {entry.note}", highlight=False
             )
-            for problem in problems:
-                console.print(f"  - {problem}", highlight=False)
-            return
-    except LedgerError as error:
-        raise fail(str(error)) from None
+    index_institution_ledger(state, [e.fingerprint for e in entries if e.kind == "spend"])
+
+
+def _resealed(ledger: Ledger, problems: list[str], reason: str) -> None:
+    ledger.reseal(reason)
+    console.print(
+        f"resealed with {len(problems)} problem(s) recorded; training may resume:",
+        highlight=False,
+    )
+    for problem in problems:
+        console.print(f"  - {problem}", highlight=False)
+
+
+def _failed_verification(ledger: Ledger, problems: list[str], state: Path) -> None:
+    """What failed, and the operator's ways out (each with what it costs)."""
     errors.print(f"[bold red]ledger {ledger.path} failed verification:[/]", highlight=False)
     for problem in problems:
         errors.print(f"  - {problem}", highlight=False)
@@ -470,7 +587,6 @@ def verify(
         "an empty ledger, knowing the spend they held is lost.",
         highlight=False,
     )
-    raise typer.Exit(code=1)
 
 
 def main() -> None:
@@ -478,4 +594,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -141,6 +141,7 @@ class SimulatedInstitutions:
 
 def local_data(
     path: Path,
+    *,
     label_column: str,
     validation_fraction: float,
     instructions: RoundInstructions,
@@ -169,8 +170,9 @@ def local_data(
     seed = derive_seed(instructions.seed, "validation", institution)
     key = f"{path}|{mtime}|{len(full)}|{validation_fraction}|{seed}"
     cached = state.get(SPLIT_KEY) if state is not None else None
-    if isinstance(cached, ConfigRecord) and cached.get("key") == key:
-        held = np.frombuffer(bytes(cached["validation"]), dtype=np.int64)
+    kept = cached.get("validation") if isinstance(cached, ConfigRecord) else None
+    if isinstance(cached, ConfigRecord) and cached.get("key") == key and isinstance(kept, bytes):
+        held = np.frombuffer(kept, dtype=np.int64)
         keep = np.setdiff1d(np.arange(len(full)), held)
     else:
         keep, held = validation_indices(full, validation_fraction, seed)
@@ -198,11 +200,11 @@ def deployed_institution(context: Context) -> LocalInstitution:
         config.device,
         lambda instructions: local_data(
             config.data,
-            config.label_column,
-            config.validation_fraction,
-            instructions,
-            config.name,
-            context.state,
+            label_column=config.label_column,
+            validation_fraction=config.validation_fraction,
+            instructions=instructions,
+            institution=config.name,
+            state=context.state,
         ),
         lambda: file_fingerprint(config.data, context.state),
         config.declared_examples,

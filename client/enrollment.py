@@ -160,7 +160,7 @@ def join(server: str, token_text: str, directory: InstitutionDir) -> Enrollment:
     try:
         token = JoinToken.parse(token_text)
     except ValueError as error:
-        raise JoinError(str(error)) from None
+        raise JoinError(str(error)) from error
     ca_pem = fetch_trusted_ca(server, token)
     directory.root.mkdir(parents=True, exist_ok=True)
     directory.root.chmod(0o700)

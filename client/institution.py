@@ -96,7 +96,7 @@ class InstitutionDir:
         try:
             return validate_file(read_toml(path), InstitutionConfig, path, "settings")
         except ConfigFileError as error:
-            raise InstitutionError(str(error)) from None
+            raise InstitutionError(str(error)) from error
 
 
 def check_local_privacy(

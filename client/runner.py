@@ -404,7 +404,7 @@ def _load(root: Path) -> tuple[str, str, bytes]:
         config = InstitutionDir(root).load()
         secret = (root / SECRET_FILE).read_bytes()
     except (InstitutionError, OSError) as error:
-        raise RunnerError(str(error)) from None
+        raise RunnerError(str(error)) from error
     if not secret:
         raise RunnerError(f"{root / SECRET_FILE} is empty")
     return config.name, f"{RUNTIME_HOST}:{config.port}", secret

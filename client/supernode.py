@@ -199,7 +199,12 @@ class Child:
 
     @classmethod
     def start(
-        cls, command: list[str], env: dict[str, str], log: Path, on_line: Callable[[str], None]
+        cls,
+        command: list[str],
+        *,
+        env: dict[str, str],
+        log: Path,
+        on_line: Callable[[str], None],
     ) -> Child:
         process = subprocess.Popen(
             command,
@@ -292,7 +297,7 @@ class Supervisor:
             if self.stop.is_set():
                 return None
             on_line = seen.read if seen else _ignore
-            child = Child.start(command, self.env, self.logs / log, on_line)
+            child = Child.start(command, env=self.env, log=self.logs / log, on_line=on_line)
             self.children.append(child)
             if self.stop.is_set():
                 _signal(child)

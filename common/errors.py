@@ -243,8 +243,8 @@ class JobFailed(JobRunError):
     shows the message alone (the run still ends as failed).
     """
 
-    @property  # type: ignore[override]
-    def __traceback__(self) -> None:  # type: ignore[override]
+    @property
+    def __traceback__(self) -> None:
         return None
 
     @__traceback__.setter

@@ -183,7 +183,7 @@ def _pld_epsilon(groups: tuple[HistoryEntry, ...], delta: float) -> float:
 
 @lru_cache(maxsize=256)
 def noise_for_budget(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:
     """Smallest sigma whose `steps` steps at rate `sample_rate` stay within (epsilon, delta),
     calibrated with the accountant that will report the epsilon.

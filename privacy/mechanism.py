@@ -84,11 +84,11 @@ def planned_noise(
     assert privacy.target_epsilon is not None  # PrivacyConfig guarantees one of the two
     rate, batches = sampling(declared_examples, train.batch_size)
     return noise_for_budget(
-        privacy.target_epsilon,
-        privacy.delta,
-        rate,
-        batches * train.local_epochs * rounds,
-        privacy.accountant,
+        target_epsilon=privacy.target_epsilon,
+        delta=privacy.delta,
+        sample_rate=rate,
+        steps=batches * train.local_epochs * rounds,
+        accountant=privacy.accountant,
     )
 
 

@@ -13,14 +13,21 @@ Two units, never mixed:
   differ in all the data of one institution. Recomputable from (noise_multiplier, the
   number of institutions asked in each released round, delta): each round is one Gaussian
   mechanism, composed under RDP without sampling amplification.
+
+The report is a pydantic model (`PrivacyReport`), built once at the end of a run and read back
+with `PrivacyReport.model_validate_json`; its JSON Schema is docs/schemas/privacy.json.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
+from collections.abc import Sequence
+from typing import Annotated, Final, Literal
 
+from pydantic import BeforeValidator, ConfigDict, Field
+
+from confide.common.config import StrictModel
 from confide.privacy.config import CentralPrivacyConfig, PrivacyConfig, TrainConfig
 
 SAMPLE_UNIT = "one training example (record) at one institution"
@@ -80,11 +87,23 @@ def noise_generator(source: str, seed: int | None) -> str:
     return "torch-os-seeded" if seed is None else "torch-scenario-seeded"
 
 
-def json_epsilon(value: float | str | None) -> float | str | None:
+UNBOUNDED: Final = "unbounded"
+
+
+def json_epsilon(value: float | str | None) -> float | Literal["unbounded"] | None:
     """JSON has no infinity: an unbounded epsilon is written as the string 'unbounded'."""
-    if isinstance(value, float) and math.isinf(value):
-        return "unbounded"
+    if isinstance(value, str):
+        if value != UNBOUNDED:
+            raise ValueError(f"not an epsilon: {value!r}")
+        return UNBOUNDED
+    if value is not None and math.isinf(value):
+        return UNBOUNDED
     return value
+
+
+# A ledger's cumulative epsilon, as reports hold it: an unbounded one (after training without
+# DP) becomes the string "unbounded" when the report is built.
+LedgerEpsilon = Annotated[float | Literal["unbounded"] | None, BeforeValidator(json_epsilon)]
 
 
 def _noise_sentence(generators: list[str]) -> str:
@@ -100,9 +119,9 @@ def _noise_sentence(generators: list[str]) -> str:
 def statement(
     privacy: PrivacyConfig,
     central: CentralPrivacyConfig,
+    *,
     epsilon_max: float,
     central_epsilon: float | None,
-    *,
     generators: list[str],
     simulated: bool,
 ) -> str:
@@ -141,102 +160,190 @@ def statement(
     return " ".join(parts)
 
 
+class _Document(StrictModel):
+    # Each attribute's docstring becomes its description in the published JSON Schema.
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+
+class SampleInstitution(_Document):
+    """One institution's sample-level spend in this run, with what recomputes it."""
+
+    id: int | str
+    """Its index in a simulation, its name in deployment."""
+    declared_examples: int | None
+    """The size it declares (public): every parameter of its mechanism follows from it."""
+    rounds_trained: int
+    epsilon: float | None
+    """This run's epsilon at `delta` (null without DP)."""
+    delta: float | None
+    noise_multiplier: float | None
+    """sigma; with `sample_rate` and `steps`, what recomputes `epsilon`."""
+    sample_rate: float | None
+    steps: int
+    noise_generator: str | None
+    """Where its DP-SGD noise came from (a NOISE_GENERATORS key), as it reports it."""
+    dataset_epsilon: LedgerEpsilon
+    """Its ledger's epsilon over every job on this data ("unbounded" after training without
+    DP), with its own accountant at its own delta."""
+    dataset_delta: float | None
+    dataset_accountant: str | None
+
+
+class SampleLevelOff(_Document):
+    """Sample level without DP-SGD: no guarantee, only what each institution trained."""
+
+    enabled: Literal[False] = False
+    unit: str = SAMPLE_UNIT
+    institutions: list[SampleInstitution]
+
+
+class SampleLevelOn(_Document):
+    """Sample level with DP-SGD at each institution: the relation, mechanism and accountant."""
+
+    enabled: Literal[True] = True
+    unit: str = SAMPLE_UNIT
+    neighbouring: str = SAMPLE_NEIGHBOURING
+    neighbouring_detail: str = SAMPLE_NEIGHBOURING_DETAIL
+    published: list[str] = PUBLISHED
+    mechanism: str = (
+        "DP-SGD: Poisson sampling at rate q, per-example gradient clipping to L2 norm "
+        "max_grad_norm, Gaussian noise of standard deviation noise_multiplier * max_grad_norm "
+        "on each step's sum"
+    )
+    accountant: Literal["rdp", "prv", "pld"]
+    accountant_detail: str
+    delta: float
+    max_grad_norm: float
+    target_epsilon: float | None
+    batch_size: int
+    local_epochs: int
+    epsilon_max: float | None
+    """The largest `epsilon` of any institution in this run (null if not finite: an
+    institution reported an unbounded epsilon)."""
+    institutions: list[SampleInstitution]
+
+
+class InstitutionLevel(_Document):
+    """Central DP at the coordinator: the unit is all the data of one institution."""
+
+    unit: str = INSTITUTION_UNIT
+    mechanism: str = (
+        "per-round update clipping to L2 norm clipping_norm at the coordinator, Gaussian noise "
+        "of standard deviation noise_multiplier * clipping_norm on the sum, divided by the "
+        "number of institutions asked"
+    )
+    accountant: Literal["rdp"] = "rdp"
+    accountant_detail: str = INSTITUTION_ACCOUNTANT
+    neighbouring: Literal["zero-out"] = "zero-out"
+    neighbouring_detail: str = (
+        "one institution's contribution replaced by none; which institutions took part is public"
+    )
+    noise_generator: str
+    sampling_amplification: bool = False
+    noise_multiplier: float
+    clipping_norm: float
+    delta: float
+    max_epsilon: float | None
+    institutions_asked_per_round: list[int]
+    """The divisor of each released round: with noise_multiplier and delta, recomputes
+    `epsilon` (confide.server.central_dp.central_epsilon)."""
+    epsilon: float | None
+    """null if not finite (no guarantee at this noise)."""
+
+
+class RoundSpend(_Document):
+    """The cumulative epsilons after one round."""
+
+    round: int
+    epsilon_max: float | None
+    """The largest sample-level epsilon of any institution (null without DP-SGD)."""
+    central_epsilon: float | None
+    """The institution-level epsilon (null without central DP)."""
+
+
+class PrivacyReport(_Document):
+    """privacy.json: what is protected, at what (epsilon, delta), by which accountant."""
+
+    job: str
+    statement: str
+    """The plain-language paragraph."""
+    sample_level: Annotated[SampleLevelOff | SampleLevelOn, Field(discriminator="enabled")]
+    institution_level: InstitutionLevel | None
+    """Present with central DP, else null."""
+    per_round: list[RoundSpend]
+    stopped: str | None
+    """Why the job ended before its last round, if it did."""
+    not_protected: list[str]
+
+
+def _sample_level(
+    privacy: PrivacyConfig, train: TrainConfig, institutions: list[SampleInstitution]
+) -> SampleLevelOff | SampleLevelOn:
+    if not privacy.enabled:
+        return SampleLevelOff(institutions=institutions)
+    return SampleLevelOn(
+        accountant=privacy.accountant,
+        accountant_detail=SAMPLE_ACCOUNTANTS[privacy.accountant],
+        delta=privacy.delta,
+        max_grad_norm=privacy.max_grad_norm,
+        target_epsilon=privacy.target_epsilon,
+        batch_size=train.batch_size,
+        local_epochs=train.local_epochs,
+        epsilon_max=max((row.epsilon or 0.0 for row in institutions), default=0.0),
+        institutions=institutions,
+    )
+
+
 def privacy_report(
+    *,
     name: str,
     privacy: PrivacyConfig,
     train: TrainConfig,
     central: CentralPrivacyConfig,
-    institutions: list[dict[str, Any]],
-    rounds: list[dict[str, Any]],
+    institutions: Sequence[SampleInstitution],
+    rounds: Sequence[RoundSpend],
     central_releases: list[int],
     stopped: str | None,
-    *,
     simulated: bool,
-) -> dict[str, Any]:
-    """The privacy.json document.
-
-    `institutions` are results.json's institution rows; `rounds` are dicts with `round`,
-    `epsilon_max` and `central_epsilon`.
-    """
-    epsilon_max = max((row["epsilon"] or 0.0 for row in institutions), default=0.0)
-    central_epsilon = rounds[-1]["central_epsilon"] if rounds and central.enabled else None
-    generators = [row["noise_generator"] for row in institutions if row.get("noise_generator")]
-    sample: dict[str, Any] = {"enabled": privacy.enabled, "unit": SAMPLE_UNIT}
-    if privacy.enabled:
-        sample |= {
-            "neighbouring": SAMPLE_NEIGHBOURING,
-            "neighbouring_detail": SAMPLE_NEIGHBOURING_DETAIL,
-            "published": PUBLISHED,
-            "mechanism": "DP-SGD: Poisson sampling at rate q, per-example gradient clipping to "
-            "L2 norm max_grad_norm, Gaussian noise of standard deviation "
-            "noise_multiplier * max_grad_norm on each step's sum",
-            "accountant": privacy.accountant,
-            "accountant_detail": SAMPLE_ACCOUNTANTS[privacy.accountant],
-            "delta": privacy.delta,
-            "max_grad_norm": privacy.max_grad_norm,
-            "target_epsilon": privacy.target_epsilon,
-            "batch_size": train.batch_size,
-            "local_epochs": train.local_epochs,
-            "epsilon_max": epsilon_max,
-        }
-    sample["institutions"] = [
-        {
-            "id": row["id"],
-            "declared_examples": row["declared_examples"],
-            "rounds_trained": row["rounds_trained"],
-            "epsilon": row["epsilon"],
-            "delta": row["delta"],
-            "noise_multiplier": row["noise_multiplier"],
-            "sample_rate": row["sample_rate"],
-            "steps": row["steps"],
-            "noise_generator": row.get("noise_generator"),
-            "dataset_epsilon": json_epsilon(row.get("dataset_epsilon")),
-            "dataset_delta": row.get("dataset_delta"),
-            "dataset_accountant": row.get("dataset_accountant"),
-        }
-        for row in institutions
-    ]
+) -> PrivacyReport:
+    """The privacy.json document of job `name`: `institutions` are the institutions' spends,
+    `rounds` the cumulative epsilons after each round, `central_releases` the institutions
+    asked in each centrally released round."""
+    rows = list(institutions)
+    sample = _sample_level(privacy, train, rows)
+    central_epsilon = rounds[-1].central_epsilon if rounds and central.enabled else None
     institution_level = None
     if central.enabled:
-        institution_level = {
-            "unit": INSTITUTION_UNIT,
-            "mechanism": "per-round update clipping to L2 norm clipping_norm at the "
-            "coordinator, Gaussian noise of standard deviation noise_multiplier * "
-            "clipping_norm on the sum, divided by the number of institutions asked",
-            "accountant": "rdp",
-            "accountant_detail": INSTITUTION_ACCOUNTANT,
-            "neighbouring": "zero-out",
-            "neighbouring_detail": "one institution's contribution replaced by none; which "
-            "institutions took part is public",
-            "noise_generator": CENTRAL_NOISE[simulated],
-            "sampling_amplification": False,
-            "noise_multiplier": central.noise_multiplier,
-            "clipping_norm": central.clipping_norm,
-            "delta": central.delta,
-            "max_epsilon": central.max_epsilon,
-            "institutions_asked_per_round": central_releases,
-            "epsilon": central_epsilon if central_epsilon is not None else 0.0,
-        }
-    return {
-        "job": name,
-        "statement": statement(
-            privacy,
-            central,
-            epsilon_max,
-            central_epsilon,
-            generators=generators,
-            simulated=simulated,
-        ),
-        "sample_level": sample,
-        "institution_level": institution_level,
-        "per_round": [
-            {
-                "round": r["round"],
-                "epsilon_max": r["epsilon_max"] if privacy.enabled else None,
-                "central_epsilon": r["central_epsilon"],
-            }
-            for r in rounds
+        institution_level = InstitutionLevel(
+            noise_generator=CENTRAL_NOISE[simulated],
+            noise_multiplier=central.noise_multiplier,
+            clipping_norm=central.clipping_norm,
+            delta=central.delta,
+            max_epsilon=central.max_epsilon,
+            institutions_asked_per_round=central_releases,
+            epsilon=central_epsilon if central_epsilon is not None else 0.0,
+        )
+    text = statement(
+        privacy,
+        central,
+        epsilon_max=_stated(sample.epsilon_max) if isinstance(sample, SampleLevelOn) else 0.0,
+        central_epsilon=central_epsilon,
+        generators=[row.noise_generator for row in rows if row.noise_generator],
+        simulated=simulated,
+    )
+    return PrivacyReport(
+        job=name,
+        statement=text,
+        sample_level=sample,
+        institution_level=institution_level,
+        per_round=[
+            r if privacy.enabled else r.model_copy(update={"epsilon_max": None}) for r in rounds
         ],
-        "stopped": stopped,
-        "not_protected": NOT_PROTECTED,
-    }
+        stopped=stopped,
+        not_protected=NOT_PROTECTED,
+    )
+
+
+def _stated(epsilon: float | None) -> float:
+    """An epsilon as the statement prints it: None (read back from JSON's null) is unbounded."""
+    return math.inf if epsilon is None else epsilon

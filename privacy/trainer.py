@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -105,7 +105,9 @@ def _dp_optimizer(
 ) -> torch.optim.Optimizer:
     """Opacus's DPOptimizer (or the CSPRNG variant when `noise` is None): clip to C, sum, add
     N(0, sigma^2 C^2), divide by the mechanism's public divisor."""
-    settings = {
+    # Any: Opacus annotates expected_batch_size as an int, but divides by whatever it is
+    # given, and the divisor q * N is a float.
+    settings: dict[str, Any] = {
         "noise_multiplier": mechanism.noise_multiplier,
         "max_grad_norm": privacy.max_grad_norm,
         "expected_batch_size": mechanism.divisor,
@@ -120,6 +122,20 @@ def _dp_optimizer(
     from opacus.optimizers import DPOptimizer
 
     return DPOptimizer(_optimizer(model, train), generator=noise, **settings)
+
+
+def round_generators(
+    seed: int, device: torch.device, noise_source: NoiseSource
+) -> tuple[torch.Generator, torch.Generator | None]:
+    """(batch sampling, DP noise) generators of a round: separate streams derived from
+    `seed`, 63 bits each (PyTorch takes 64), so that a secret round seed cannot be found by
+    trying every 32-bit value. The noise generator is None for the "csprng" source, whose
+    noise comes from the OS instead. Batches are drawn on the CPU, noise on `device`."""
+    batches = torch.Generator().manual_seed(derive_seed(seed, "batches", bits=63))
+    if noise_source != "torch":
+        return batches, None
+    noise = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise", bits=63))
+    return batches, noise
 
 
 def _dp_sgd(
@@ -137,11 +153,7 @@ def _dp_sgd(
     from opacus.grad_sample.utils import prepare_module
 
     check_model(model)
-    batches = torch.Generator().manual_seed(derive_seed(seed, "batches", bits=63))
-    noise = None
-    if noise_source == "torch":
-        noise = torch.Generator(device=x.device).manual_seed(derive_seed(seed, "noise", bits=63))
-    criterion = nn.CrossEntropyLoss(reduction="sum")
+    batches, noise = round_generators(seed, x.device, noise_source)
     with warnings.catch_warnings():
         # Backward hooks note that the input does not require grad: known, not actionable.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -150,27 +162,44 @@ def _dp_sgd(
         )
         optimizer = _dp_optimizer(private_model, train, privacy, mechanism, noise)
         try:
-            for _ in range(mechanism.steps):
-                # Poisson sampling: each example joins with probability q, independently. An
-                # empty batch still takes a (noise-only) step: skipping it would leak that the
-                # batch was empty and break the accountant's step count.
-                chosen = torch.rand(len(y), generator=batches) < mechanism.sample_rate
-                index = chosen.nonzero().flatten().to(x.device)
-                optimizer.zero_grad(set_to_none=True)
-                if len(index):
-                    criterion(private_model(x[index]), y[index]).backward()
-                else:
-                    _no_examples(private_model)
-                optimizer.step()
+            _dp_steps(private_model, optimizer, x, y, mechanism=mechanism, batches=batches)
         finally:
-            # Nothing noise-free stays on the caller's parameters (the last step's clipped sum
-            # `summed_grad`, per-sample gradients), and the model is a plain module again.
-            optimizer.zero_grad(set_to_none=True)
-            private_model.remove_hooks()
-            private_model.cleanup()
-            for parameter in model.parameters():
-                if hasattr(parameter, "summed_grad"):
-                    del parameter.summed_grad
+            _release(model, private_model, optimizer)
+
+
+def _dp_steps(
+    private_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    mechanism: Mechanism,
+    batches: torch.Generator,
+) -> None:
+    """The steps themselves. Poisson sampling: each example joins a step's batch with
+    probability q, independently. An empty batch still takes a (noise-only) step: skipping it
+    would leak that the batch was empty and break the accountant's step count."""
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    for _ in range(mechanism.steps):
+        chosen = torch.rand(len(y), generator=batches) < mechanism.sample_rate
+        index = chosen.nonzero().flatten().to(x.device)
+        optimizer.zero_grad(set_to_none=True)
+        if len(index):
+            criterion(private_model(x[index]), y[index]).backward()
+        else:
+            _no_examples(private_model)
+        optimizer.step()
+
+
+def _release(model: nn.Module, private_model: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Nothing noise-free stays on the caller's parameters (the last step's clipped sum
+    `summed_grad`, per-sample gradients), and the model is a plain module again."""
+    optimizer.zero_grad(set_to_none=True)
+    private_model.remove_hooks()
+    private_model.cleanup()
+    for parameter in model.parameters():
+        if hasattr(parameter, "summed_grad"):
+            del parameter.summed_grad
 
 
 def _no_examples(model: nn.Module) -> None:
@@ -179,7 +208,8 @@ def _no_examples(model: nn.Module) -> None:
     empty must never decide whether the round fails."""
     for parameter in model.parameters():
         if parameter.requires_grad:
-            parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+            # Opacus reads per-sample gradients from this attribute, which it adds itself.
+            parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))  # type: ignore[attr-defined]
 
 
 def train_round(
@@ -200,9 +230,9 @@ def train_round(
     With DP an empty `data` is no error: every step is a noise-only step, as for any empty
     Poisson batch (an error would tell n = 0 from n = 1).
     `seed` fixes batch sampling and, with the "torch" noise source, the noise (separate
-    derived streams), so the same inputs give the same result: whoever knows the seed can
-    regenerate that noise, so in deployment it must be the institution's secret. The
-    "csprng" source draws the noise from the OS CSPRNG instead (not reproducible).
+    derived streams, `round_generators`), so the same inputs give the same result: whoever
+    knows the seed can regenerate that noise, so in deployment it must be the institution's
+    secret. The "csprng" source draws the noise from the OS CSPRNG instead (not reproducible).
     """
     if len(data) == 0 and not privacy.enabled:
         raise ValueError("cannot train on an empty dataset without DP")
@@ -213,14 +243,26 @@ def train_round(
     x = torch.as_tensor(data.x, device=device)
     y = torch.as_tensor(data.y, device=device)
     if not privacy.enabled:
-        batches = torch.Generator().manual_seed(derive_seed(seed, "batches", bits=63))
+        batches, _ = round_generators(seed, device, "csprng")
         steps = _plain_sgd(model, x, y, train, batches)
         return RoundResult(_state(model), len(data), steps, history=list(history))
     _dp_sgd(model, x, y, train, privacy, mechanism, seed=seed, noise_source=noise_source)
+    return _private_result(model, len(data), mechanism, privacy, history)
+
+
+def _private_result(
+    model: nn.Module,
+    examples: int,
+    mechanism: Mechanism,
+    privacy: PrivacyConfig,
+    history: list[HistoryEntry],
+) -> RoundResult:
+    """What a DP-SGD round reports: its mechanism, and the cumulative epsilon of `history`
+    with this round's steps added."""
     new_history = _extend(history, mechanism.history_entry)
     return RoundResult(
         state=_state(model),
-        examples=len(data),
+        examples=examples,
         steps=mechanism.steps,
         noise_multiplier=mechanism.noise_multiplier,
         sample_rate=mechanism.sample_rate,

@@ -1,9 +1,12 @@
-"""The coordinator's Flower ServerApp: FedAvg rounds with central evaluation every round.
+"""The coordinator's Flower ServerApp: the job's rounds (confide.server.strategy) with
+central evaluation every round, each round recorded from the records the strategy returns
+(confide.server.rounds).
 
 Two entry points: `build_server_app` (simulation passes the job and collects the history) and
 the module-level `app` that `flwr run` starts on a SuperLink. The latter reads the job from
-the run config (`confide-server submit` puts it there as JSON) and, when the coordinator set
-`CONFIDE_RESULTS_DIR`, writes the run's results there in the same format as a simulation.
+the run config (`confide-server submit` puts it there as JSON) and writes the run's results
+in the same format as a simulation: under the coordinator in its runs folder, without it in
+`results/flwr-run-<id>/` or the run config's `results-dir` (`Deployment.results_directory`).
 """
 
 from __future__ import annotations
@@ -11,18 +14,19 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app.typing import MetricRecordValues
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from pydantic import ValidationError
 
 from confide.common.config import describe_errors, unflatten
-from confide.server.central_dp import CentralDP
+from confide.common.errors import JobFailed, JobStopped, TooFewInstitutions
 from confide.server.flower import RESULTS_ENV, STATE_ENV
 from confide.server.history import JobHistory, RoundObserver, RoundRecord
 from confide.server.job import JobConfig
@@ -33,21 +37,26 @@ from confide.server.results import (
     privacy_document,
     write_results,
 )
-from confide.server.strategy import ConfideFedAvg, JobStopped, TooFewInstitutions
+from confide.server.rounds import RoundRecorder, central_asked
+from confide.server.strategy import ConfideStrategy
 from confide.tasks.datasets import Dataset
 from confide.tasks.metrics import evaluate
 from confide.tasks.registry import get_task
+from confide.tasks.splits import split_test
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+    from torch import nn
 
     from confide.server.audit import AuditLog, Detail
-from confide.common.errors import JobFailed
-from confide.tasks.splits import split_test
 
 # Run config keys `confide-server submit` sets.
 JOB_KEY = "confide-job"
 NAME_KEY = "confide-job-name"
+# Run config key: where a run on a SuperLink without the coordinator writes its results
+# (`Deployment.results_directory`); relative to the SuperLink's working directory.
+RESULTS_KEY = "results-dir"
+DEFAULT_RESULTS = "results"
 
 
 def build_server_app(
@@ -66,11 +75,19 @@ def build_server_app(
     `noise_seed` seeds central DP noise (a simulation's seed; None: the OS CSPRNG).
     """
     app = ServerApp()
-    history = history if history is not None else JobHistory()
+    kept = history if history is not None else JobHistory()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run(job, grid, history, observer, test_set, name, noise_seed)
+        run(
+            job,
+            grid,
+            history=kept,
+            observer=observer,
+            test_set=test_set,
+            name=name,
+            noise_seed=noise_seed,
+        )
 
     return app
 
@@ -78,51 +95,22 @@ def build_server_app(
 def run(
     job: JobConfig,
     grid: Grid,
+    *,
     history: JobHistory,
-    observer: RoundObserver | None,
-    test_set: Dataset | None,
+    observer: RoundObserver | None = None,
+    test_set: Dataset | None = None,
     name: str = "job",
     noise_seed: int | None = None,
-    *,
     registered: Callable[[], dict[int, str]] | None = None,
 ) -> JobHistory:
-    """Run `job` on `grid`; `registered` names the enrolled institutions in deployment (see
-    `ConfideFedAvg`)."""
+    """Run `job` on `grid`, recording every round in `history` from the records the strategy
+    returns; `registered` names the enrolled institutions in deployment (see `Roster`)."""
     test = test_set if test_set is not None else coordinator_test_set(job)
     task = get_task(job.task.name)
     model = task.build_model(job.task, test.features, test.classes, job.seed)
-    central = CentralDP(job.central_privacy, noise_seed) if job.central_privacy.enabled else None
-    strategy = ConfideFedAvg(job.federation, job.seed, history, central, registered=registered)
-
-    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        metrics = evaluate(model, test.x, test.y, test.classes)
-        if server_round == 0:
-            history.initial_metrics = metrics
-            return MetricRecord(metrics)
-        federated = strategy.last_evaluate_metrics
-        record = RoundRecord(
-            round=server_round,
-            metrics=metrics,
-            epsilon_max=history.epsilon_max,
-            seconds=time.perf_counter() - strategy.round_started,
-            trained=strategy.last_trained,
-            federated_metrics=federated,
-            epsilons=dict(strategy.last_epsilons),
-            central_epsilon=central.epsilon if central is not None else None,
-        )
-        history.rounds.append(record)
-        log(
-            INFO,
-            "round %d: accuracy %.4f, max epsilon %.3f",
-            server_round,
-            record.accuracy,
-            record.epsilon_max,
-        )
-        if observer is not None:
-            observer(record, history)
-        return MetricRecord(metrics)
-
+    strategy = RoundRecorder(
+        ConfideStrategy.for_job(job, history, noise_seed=noise_seed, registered=registered)
+    )
     labels = list(test.label_names) or [str(k) for k in range(test.classes)]
     config = ConfigRecord(job.instructions(test.features, labels, name).to_config())
     try:
@@ -133,12 +121,64 @@ def run(
             timeout=job.federation.timeout,
             train_config=config,
             evaluate_config=ConfigRecord(dict(config)),
-            evaluate_fn=central_evaluation,
+            evaluate_fn=CentralEvaluation(
+                model, test, history=history, recorder=strategy, observer=observer
+            ),
         )
     except JobStopped as stop:
         history.stopped = str(stop)
         log(INFO, "%s", stop)  # an expected end, reported in the results and summary
     return history
+
+
+class CentralEvaluation:
+    """Flower's `evaluate_fn`: scores the global model on the coordinator's test set and,
+    after each round, records the round in `history` from what the strategy returned (read
+    by `recorder`), then shows it to `observer`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        test: Dataset,
+        *,
+        history: JobHistory,
+        recorder: RoundRecorder,
+        observer: RoundObserver | None,
+    ) -> None:
+        self.model = model
+        self.test = test
+        self.history = history
+        self.recorder = recorder
+        self.observer = observer
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        test = self.test
+        metrics = evaluate(self.model, test.x, test.y, test.classes)
+        history = self.history
+        if server_round == 0:
+            history.initial_metrics = metrics
+            return _metric_record(metrics)
+        record = self.recorder.record(server_round, metrics, epsilon_max=history.epsilon_max)
+        history.rounds.append(record)
+        train = self.recorder.result.train_metrics_clientapp.get(server_round)
+        if (asked := central_asked(train)) is not None:
+            history.central_releases.append(asked)
+        log(
+            INFO,
+            "round %d: accuracy %.4f, max epsilon %.3f",
+            server_round,
+            record.accuracy,
+            record.epsilon_max,
+        )
+        if self.observer is not None:
+            self.observer(record, history)
+        return _metric_record(metrics)
+
+
+def _metric_record(metrics: Mapping[str, float]) -> MetricRecord:
+    values: dict[str, MetricRecordValues] = dict(metrics)
+    return MetricRecord(values)
 
 
 def coordinator_test_set(job: JobConfig) -> Dataset:
@@ -151,13 +191,13 @@ def coordinator_test_set(job: JobConfig) -> Dataset:
     return split_test(job.task, job.data, job.seed)[1]
 
 
-def job_from_run_config(run_config: dict[str, object]) -> tuple[str, JobConfig]:
+def job_from_run_config(run_config: Mapping[str, object]) -> tuple[str, JobConfig]:
     """(name, job) from a run config: JSON under `confide-job`, else flat dotted keys (the
-    defaults in the project's pyproject, for `flwr run .`)."""
+    defaults in the project's pyproject, for `flwr run .`; `results-dir` is not the job's)."""
     if JOB_KEY in run_config:
         tree = json.loads(str(run_config[JOB_KEY]))
     else:
-        tree = unflatten(dict(run_config))
+        tree = unflatten({key: value for key, value in run_config.items() if key != RESULTS_KEY})
     name = str(run_config.get(NAME_KEY, "job"))
     try:
         return name, JobConfig.model_validate(tree)
@@ -167,7 +207,7 @@ def job_from_run_config(run_config: dict[str, object]) -> tuple[str, JobConfig]:
 
 
 def write_deployed_results(
-    directory: Path, name: str, job: JobConfig, history: JobHistory, seconds: float
+    directory: Path, *, name: str, job: JobConfig, history: JobHistory, seconds: float
 ) -> None:
     """results.json, job.toml and plots of a finished deployed run."""
     rows = [
@@ -182,17 +222,20 @@ def write_deployed_results(
         )
         for key, spend in sorted(history.institutions.items())
     ]
-    report = privacy_document(name, job, history, rows, simulated=False)
-    document = build_results(name, job, history, rows, {"total_seconds": seconds}, report)
+    report = privacy_document(name, job, history, institutions=rows, simulated=False)
+    document = build_results(
+        name, job, history, institutions=rows, report=report, total_seconds=seconds
+    )
     resolved = job.model_dump(mode="json", exclude_none=True)
-    write_results(directory, document, history, ("job.toml", resolved), report)
+    write_results(directory, document, history, config=("job.toml", resolved), privacy=report)
 
 
 class Deployment:
     """What the deployed ServerApp uses from the coordinator's state folder (named by
     `CONFIDE_STATE_DIR` in the SuperLink's environment): the enrolled institutions, the audit
     log and the results folder. Without it (`flwr run .` against a bare SuperLink), nodes
-    are asked who they are, nothing is audited and no results are written."""
+    are asked who they are, nothing is audited, and the results go to a folder of the run
+    config's choosing (`results_directory`)."""
 
     def __init__(self, state: Path | None) -> None:
         self.state = state
@@ -212,6 +255,32 @@ class Deployment:
     def from_environment(cls) -> Deployment:
         state = os.environ.get(STATE_ENV)
         return cls(Path(state) if state else None)
+
+    def results_directory(self, run_id: int, run_config: Mapping[str, object]) -> Path:
+        """Where run `run_id` writes its results, decided, like who names the nodes, by
+        whether the SuperLink runs under the coordinator.
+
+        Under the coordinator: `run-<id>` in the folder `CONFIDE_RESULTS_DIR` names (what
+        `confide-server start` sets: STATE/runs), else in STATE/runs; the run config cannot
+        move them (whoever submits a job does not choose where the coordinator writes).
+        Without it (`flwr run .`, nodes named by themselves): `flwr-run-<id>` under the run
+        config's `results-dir`, by default `results/` in the SuperLink's working directory
+        (for `flwr run .`, where it was first started) — apart from any coordinator's runs.
+        """
+        coordinator = os.environ.get(RESULTS_ENV) or self._runs()
+        if coordinator is not None:
+            if RESULTS_KEY in run_config:
+                log(WARNING, "run config %s ignored: the coordinator keeps results", RESULTS_KEY)
+            return Path(coordinator) / f"run-{run_id}"
+        chosen = Path(str(run_config.get(RESULTS_KEY, DEFAULT_RESULTS)))
+        return (chosen / f"flwr-run-{run_id}").absolute()
+
+    def _runs(self) -> Path | None:
+        if self.state is None:
+            return None
+        from confide.server.settings import StateDir
+
+        return StateDir(self.state).runs
 
     def roster(self) -> Callable[[], dict[int, str]] | None:
         """Reads node id -> enrolled institution from the coordinator's database (None
@@ -280,7 +349,33 @@ def _main(grid: Grid, context: Context) -> None:
 def _deployed_run(deployment: Deployment, grid: Grid, context: Context) -> None:
     """Run the job in the run config; results, audit entries and one clear line if it fails."""
     run_id = int(context.run_id)
-    if JOB_KEY in context.run_config and deployment.state is None:
+    run_config = dict(context.run_config)
+    name, job = _deployed_job(deployment, run_id, run_config)
+    directory = deployment.results_directory(run_id, run_config)
+    history = JobHistory()
+    started = time.perf_counter()
+    _audited_run(deployment, run_id, grid, name=name, job=job, history=history)
+    if history.rounds:
+        write_deployed_results(
+            directory, name=name, job=job, history=history, seconds=time.perf_counter() - started
+        )
+        log(INFO, "results written to %s", directory)
+    ending = "run.stopped" if history.stopped else "run.finished"
+    deployment.audit(
+        ending,
+        run=run_id,
+        job=name,
+        rounds=len(history.rounds),
+        accuracy=history.rounds[-1].accuracy if history.rounds else None,
+        reason=history.stopped,
+    )
+
+
+def _deployed_job(
+    deployment: Deployment, run_id: int, run_config: Mapping[str, object]
+) -> tuple[str, JobConfig]:
+    """(name, job) of the run, or JobFailed (audited) if it must not or cannot run."""
+    if JOB_KEY in run_config and deployment.state is None:
         # A job `confide-server submit` sent, on a SuperLink that was not started by
         # `confide-server start`: nodes could only be named from what they say. Refuse.
         raise JobFailed(
@@ -288,12 +383,23 @@ def _deployed_run(deployment: Deployment, grid: Grid, context: Context) -> None:
             "start it with `confide-server start`"
         )
     try:
-        name, job = job_from_run_config(dict(context.run_config))
+        return job_from_run_config(run_config)
     except ValueError as error:
         deployment.audit("run.failed", run=run_id, reason=str(error))
         raise JobFailed(str(error)) from None
-    history = JobHistory()
-    started = time.perf_counter()
+
+
+def _audited_run(
+    deployment: Deployment,
+    run_id: int,
+    grid: Grid,
+    *,
+    name: str,
+    job: JobConfig,
+    history: JobHistory,
+) -> None:
+    """`run` with the deployment's roster; refusals audited as rounds end, failures audited
+    and re-raised (TooFewInstitutions as one JobFailed line)."""
 
     def observe(record: RoundRecord, history: JobHistory) -> None:
         deployment.audit_refusals(run_id, history)
@@ -303,10 +409,9 @@ def _deployed_run(deployment: Deployment, grid: Grid, context: Context) -> None:
         run(
             job,
             PromptGrid(grid),  # type: ignore[arg-type]
-            history,
-            observe,
-            None,
-            name,
+            history=history,
+            observer=observe,
+            name=name,
             registered=deployment.roster(),
         )
     except TooFewInstitutions as error:
@@ -319,17 +424,3 @@ def _deployed_run(deployment: Deployment, grid: Grid, context: Context) -> None:
         deployment.audit("run.failed", run=run_id, job=name, reason=reason)
         raise
     deployment.audit_refusals(run_id, history)
-    root = os.environ.get(RESULTS_ENV)
-    if root and history.rounds:
-        directory = Path(root) / f"run-{run_id}"
-        write_deployed_results(directory, name, job, history, time.perf_counter() - started)
-        log(INFO, "results written to %s", directory)
-    ending = "run.stopped" if history.stopped else "run.finished"
-    deployment.audit(
-        ending,
-        run=run_id,
-        job=name,
-        rounds=len(history.rounds),
-        accuracy=history.rounds[-1].accuracy if history.rounds else None,
-        reason=history.stopped,
-    )

@@ -38,40 +38,38 @@ Actions (the names other code and `confide-server audit` rely on): `service.star
 `service.stopped`, `token.created`, `token.redeemed`, `token.refused`,
 `institution.registered`, `institution.revoked`, `institution.key-rotated`, `job.submitted`,
 `run.finished`, `run.failed`, `run.stopped`, `round.refused`, `audit.resealed`.
+
+Code: this module is the public face (`AuditLog`, `AuditEntry`). Each part of the work is a
+private module beside it, readable on its own: the entries as the MACs cover them
+(`_audit_format`), the key, head mark and lock files (`_audit_files`), the rows in the
+database (`_audit_store`), where an append chains on (`_audit_tail`) and the checks `verify`
+makes (`_audit_verify`).
 """
 
 from __future__ import annotations
 
-import datetime
-import fcntl
 import getpass
-import hashlib
-import hmac
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Engine, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from confide.common.errors import AuditError, AuditUnavailable
-from confide.common.files import write_atomic
+from confide.server import _audit_verify
+from confide.server._audit_files import AuditFiles
+from confide.server._audit_format import RESEALED, Detail, entry_mac, new_row
+from confide.server._audit_format import canonical_json as canonical_json  # public here
+from confide.server._audit_store import AuditStore
+from confide.server._audit_tail import AuditTail
 from confide.server.settings import ServerSettings, StateDir
 from confide.server.state import AuditRow, open_database
 
-Detail = str | int | float | bool | None
-RESEALED = "audit.resealed"
-_ENTRY_TAG = "confide-audit-entry-v1"
-_HEAD_TAG = "confide-audit-head-v1"
-_RECOVERY = (
-    "see `confide-server audit verify`; once the cause is understood, "
-    "`confide-server audit reseal --dir STATE --reason TEXT` starts a new segment"
-)
+# Defined with the format it belongs to; this module's, where it has always been.
+canonical_json.__module__ = __name__
 _PROBLEMS_RECORDED = 10  # in a reseal entry; the rest are counted
 
 
@@ -96,42 +94,13 @@ def operator_actor() -> str:
         return f"operator:uid-{os.getuid()}"
 
 
-def canonical_json(value: Any) -> str:
-    """The one text of `value` the MAC covers: sorted keys, no spaces, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _entry_mac(key: bytes, row: AuditRow, previous: str) -> str:
-    fields = [_ENTRY_TAG, row.seq, row.at, row.actor, row.action, row.details, previous]
-    return hmac.new(key, canonical_json(fields).encode(), hashlib.sha256).hexdigest()
-
-
-def _head_mac(key: bytes, seq: int, mac: str) -> str:
-    return hmac.new(key, canonical_json([_HEAD_TAG, seq, mac]).encode(), hashlib.sha256).hexdigest()
-
-
-def _new_row(seq: int, *, action: str, actor: str, details: dict[str, Detail]) -> AuditRow:
-    at = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
-    return AuditRow(seq=seq, at=at, actor=actor, action=action, details=canonical_json(details))
-
-
-def _newest_segment(key: bytes, rows: list[AuditRow]) -> tuple[list[AuditRow], int]:
-    """(The rows from the newest reseal entry that matches `key`, the seq before it): only
-    that segment is checked. Without one, every row (0). A reseal entry is chained on
-    nothing, so one forged without the key does not match and starts nothing."""
-    for index in range(len(rows) - 1, -1, -1):
-        row = rows[index]
-        if row.action == RESEALED and hmac.compare_digest(row.mac, _entry_mac(key, row, "")):
-            return rows[index:], row.seq - 1
-    return rows, 0
-
-
-def _span(first: int, last: int) -> str:
-    return f"entry {first}" if first == last else f"entries {first}-{last}"
-
-
 class AuditLog:
-    """The audit log of one coordinator state folder (see the module docstring)."""
+    """The audit log of one coordinator state folder (see the module docstring).
+
+    A facade: its files, its rows, where an append chains on and the checks are each done by
+    a collaborator (see the module docstring), built from `directory` and `engine` on each
+    use, so that they always name this log's.
+    """
 
     def __init__(self, directory: StateDir, engine: Engine) -> None:
         self.directory = directory
@@ -158,50 +127,46 @@ class AuditLog:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    @property
+    def _files(self) -> AuditFiles:
+        return AuditFiles(self.directory)
+
+    @property
+    def _store(self) -> AuditStore:
+        return AuditStore(self.engine)
+
     def append(self, action: str, *, actor: str, **details: Detail) -> AuditEntry:
         """Record `action` by `actor`; return the entry. Raises `AuditError` when the log is
         damaged (key or head mark missing or forged) or cannot be written."""
         for name, value in details.items():
             if not isinstance(value, Detail):
                 raise TypeError(f"audit detail {name}={value!r}: use text, numbers or None")
-        with self._failures("written"), self._locked():
-            key = self._key_for_append()
-            seq, previous = self._tail(key)
-            row = _new_row(seq + 1, action=action, actor=actor, details=details)
-            row.mac = _entry_mac(key, row, previous)
-            self._insert(row)
-            self._write_head(key, row.seq, row.mac)
+        files, store = self._files, self._store
+        with self._failures("written"), files.locked():
+            tail = AuditTail(files, store)
+            key = tail.key()
+            seq, previous = tail.position(key)
+            row = new_row(seq + 1, action=action, actor=actor, details=details)
+            row.mac = entry_mac(key, row, previous)
+            store.insert(row)
+            files.write_head(key, row.seq, row.mac)
         return self._entry(row)
 
     def entries(self) -> list[AuditEntry]:
         """Every entry, in sequence order."""
         with self._failures("read"):
-            return [self._entry(row) for row in self._rows()]
+            return [self._entry(row) for row in self._store.rows()]
 
     def verify(self) -> list[str]:
         """What is wrong with the log's newest segment (see the module docstring), one line
         each; [] when it is intact."""
+        files = self._files
         with self._failures("read"):
-            with self._locked():
-                rows = self._rows()
-                key = self._read_key()
-                head_text = self._read_head_text()
-            return self._problems(key, rows, head_text)
-
-    def _problems(self, key: bytes | None, rows: list[AuditRow], head: str | None) -> list[str]:
-        if key is None:
-            if not rows and head is None:
-                return []
-            return [f"the audit key {self.directory.audit_key} is missing: nothing can be checked"]
-        rows, start = _newest_segment(key, rows)
-        problems, altered = self._check_chain(key, rows, start)
-        head_problems, head_valid = self._check_head(key, rows, head)
-        if rows and len(altered) == len(rows) and not head_valid:
-            return [
-                f"no entry matches the key in {self.directory.audit_key}: the key was replaced "
-                "(or every entry and the head mark were altered)"
-            ]
-        return problems + head_problems
+            with files.locked():
+                rows = self._store.rows()
+                key = files.read_key()
+                head_text = files.read_head_text()
+            return _audit_verify.problems(files, key=key, rows=rows, head=head_text)
 
     def reseal(self, reason: str, *, actor: str) -> tuple[AuditEntry, list[str]]:
         """Accept a damaged log as it stands and start a new segment (see the module
@@ -217,8 +182,9 @@ class AuditLog:
             problems = [str(error)]
         if not problems:
             raise AuditError("the audit log is intact: there is nothing to reseal")
-        with self._failures("resealed"), self._locked():
-            last = self._last_row()
+        files, store = self._files, self._store
+        with self._failures("resealed"), files.locked():
+            last = store.last_row()
             before = last.seq if last is not None else 0
             shown = problems[:_PROBLEMS_RECORDED]
             hidden = len(problems) - len(shown)
@@ -227,11 +193,11 @@ class AuditLog:
                 "problems": "; ".join(shown) + (f"; and {hidden} more" if hidden else ""),
                 "unchecked_entries": before,
             }
-            key = self._replace_key()
-            row = _new_row(before + 1, action=RESEALED, actor=actor, details=details)
-            row.mac = _entry_mac(key, row, "")
-            self._insert(row)
-            self._write_head(key, row.seq, row.mac)
+            key = files.replace_key()
+            row = new_row(before + 1, action=RESEALED, actor=actor, details=details)
+            row.mac = entry_mac(key, row, "")
+            store.insert(row)
+            files.write_head(key, row.seq, row.mac)
         return self._entry(row), problems
 
     @contextmanager
@@ -252,137 +218,6 @@ class AuditLog:
                 f"the audit log could not be {doing}: the database {url}: {cause}"
             ) from error
 
-    # -- appending ---------------------------------------------------------------------------
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Exclusive across processes and threads (each call opens its own descriptor)."""
-        descriptor = os.open(self.directory.audit_lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(descriptor)  # releases the lock
-
-    def _key_for_append(self) -> bytes:
-        """The key; created (0600, exclusively) only for a log that has nothing yet."""
-        key = self._read_key()
-        if key is not None:
-            return key
-        if self._last_row() is not None or self.directory.audit_head.exists():
-            raise AuditError(
-                f"the audit key {self.directory.audit_key} is missing but the log has entries: "
-                f"they can no longer be checked, and nothing is appended to them ({_RECOVERY})"
-            )
-        return self._create_key()
-
-    def _create_key(self) -> bytes:
-        """A new key, written exclusively (0600): never over one another writer just made."""
-        key = secrets.token_bytes(32)
-        descriptor = os.open(self.directory.audit_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as stream:
-            stream.write(key.hex() + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        return key
-
-    def _replace_key(self) -> bytes:
-        """For a reseal: the old key (if any) moved aside, kept for inspection; a new one."""
-        path = self.directory.audit_key
-        if path.exists() or path.is_symlink():
-            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-            os.replace(path, path.with_name(f"{path.name}.replaced-{stamp}"))
-        return self._create_key()
-
-    def _tail(self, key: bytes) -> tuple[int, str]:
-        """(seq, MAC) of the entry the next one chains on: the head mark's, or a newer row
-        that chains on it (an append cut short between its commit and its head mark)."""
-        head_text = self._read_head_text()
-        last = self._last_row()
-        if head_text is None:
-            if last is None:
-                return 0, ""
-            raise AuditError(
-                f"the audit head mark {self.directory.audit_head} is missing but the log has "
-                "entries: deleting the newest entries could go unnoticed, so nothing is "
-                f"appended ({_RECOVERY})"
-            )
-        seq, mac = self._parse_head(key, head_text)
-        if last is not None and last.seq > seq:
-            return self._roll_forward(key, seq, mac)
-        return seq, mac
-
-    def _roll_forward(self, key: bytes, seq: int, mac: str) -> tuple[int, str]:
-        with Session(self.engine) as session:
-            newer = session.scalars(
-                select(AuditRow).where(AuditRow.seq > seq).order_by(AuditRow.seq)
-            ).all()
-        for row in newer:
-            if row.seq != seq + 1 or not hmac.compare_digest(row.mac, _entry_mac(key, row, mac)):
-                raise AuditError(
-                    f"audit entries after {seq} (the head mark's) do not chain on it: they were "
-                    f"inserted, so nothing is appended ({_RECOVERY})"
-                )
-            seq, mac = row.seq, row.mac
-        return seq, mac
-
-    def _insert(self, row: AuditRow) -> None:
-        try:
-            with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                session.add(row)
-        except IntegrityError as error:
-            raise AuditError(
-                f"audit entry {row.seq} already exists: the log was changed behind its head "
-                f"mark ({_RECOVERY})"
-            ) from error
-
-    def _write_head(self, key: bytes, seq: int, mac: str) -> None:
-        text = canonical_json({"seq": seq, "mac": mac, "head_mac": _head_mac(key, seq, mac)})
-        write_atomic(self.directory.audit_head, text + "\n", mode=0o600)
-
-    # -- reading -----------------------------------------------------------------------------
-
-    def _read_key(self) -> bytes | None:
-        try:
-            text = self.directory.audit_key.read_text().strip()
-        except FileNotFoundError:
-            return None
-        try:
-            key = bytes.fromhex(text)
-        except ValueError:
-            key = b""
-        if len(key) != 32:
-            raise AuditError(f"{self.directory.audit_key}: not an audit key (64 hex digits)")
-        return key
-
-    def _read_head_text(self) -> str | None:
-        try:
-            return self.directory.audit_head.read_text()
-        except FileNotFoundError:
-            return None
-
-    def _parse_head(self, key: bytes, text: str) -> tuple[int, str]:
-        """(seq, MAC) from the head mark; `AuditError` if it is unreadable or forged."""
-        try:
-            head = json.loads(text)
-            seq, mac, head_mac = int(head["seq"]), str(head["mac"]), str(head["head_mac"])
-        except (ValueError, KeyError, TypeError):
-            raise AuditError(f"{self.directory.audit_head}: unreadable head mark") from None
-        if not hmac.compare_digest(head_mac, _head_mac(key, seq, mac)):
-            raise AuditError(
-                f"{self.directory.audit_head}: the head mark does not match the audit key "
-                f"(altered, or the key was replaced; {_RECOVERY})"
-            )
-        return seq, mac
-
-    def _last_row(self) -> AuditRow | None:
-        with Session(self.engine, expire_on_commit=False) as session:
-            return session.scalars(select(AuditRow).order_by(AuditRow.seq.desc()).limit(1)).first()
-
-    def _rows(self) -> list[AuditRow]:
-        with Session(self.engine, expire_on_commit=False) as session:
-            return list(session.scalars(select(AuditRow).order_by(AuditRow.seq)).all())
-
     @staticmethod
     def _entry(row: AuditRow) -> AuditEntry:
         return AuditEntry(
@@ -393,53 +228,3 @@ class AuditLog:
             details=json.loads(row.details),
             mac=row.mac,
         )
-
-    # -- checking ----------------------------------------------------------------------------
-
-    def _check_chain(
-        self, key: bytes, rows: list[AuditRow], start: int = 0
-    ) -> tuple[list[str], list[int]]:
-        """Gaps and entries whose MAC does not hold (each chained on the row stored before;
-        the first on nothing, after entry `start`)."""
-        problems: list[str] = []
-        altered: list[int] = []
-        seq, previous = start, ""
-        for row in rows:
-            if row.seq != seq + 1:
-                problems.append(f"{_span(seq + 1, row.seq - 1)} missing (deleted)")
-            if not hmac.compare_digest(row.mac, _entry_mac(key, row, previous)):
-                altered.append(row.seq)
-                problems.append(
-                    f"entry {row.seq} ({row.action}) does not match its MAC: altered, moved, "
-                    "or the entry before it was removed"
-                )
-            seq, previous = row.seq, row.mac
-        return problems, altered
-
-    def _check_head(
-        self, key: bytes, rows: list[AuditRow], text: str | None
-    ) -> tuple[list[str], bool]:
-        """Whether the log reaches the entry the head mark names; (problems, head valid)."""
-        if text is None:
-            if not rows:
-                return [], False
-            return [
-                f"the head mark {self.directory.audit_head} is missing: deleting the newest "
-                "entries would go unnoticed"
-            ], False
-        try:
-            seq, mac = self._parse_head(key, text)
-        except AuditError as error:
-            return [str(error)], False
-        last = rows[-1] if rows else None
-        last_seq = last.seq if last is not None else 0
-        if seq > last_seq:
-            return [f"{_span(last_seq + 1, seq)} missing: the newest entries were deleted"], True
-        if seq < last_seq:
-            return [
-                f"{_span(seq + 1, last_seq)} newer than the head mark (entry {seq}): inserted, "
-                "or an append was cut short"
-            ], True
-        if last is not None and not hmac.compare_digest(mac, last.mac):
-            return [f"entry {seq} is not the one the head mark records (replaced)"], True
-        return [], True

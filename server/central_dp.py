@@ -1,34 +1,48 @@
-"""Institution-level differential privacy at the coordinator (central DP).
+"""Institution-level differential privacy at the coordinator (central DP), as a wrapper
+around an aggregation rule (`confide.server.aggregation`), the way Flower's
+`DifferentialPrivacyServerSideFixedClipping` wraps a strategy.
 
 Round t asks n_t institutions to train (n_t is fixed when the messages leave, before any
-reply). With w_t the global model and w_i the model institution i returns:
+reply). With w_t the global model and w_i the model institution i returns, the wrapper clips
+each change, lets the wrapped rule combine the clipped changes in its central form
+(`central_sum`: a total and a public divisor D_t), and adds noise calibrated to the rule's
+sensitivity s (`central_sensitivity`, in units of C) from public values only (sigma, C, s):
 
     d_i     = clip(w_i - w_t, C)            scaled to L2 norm <= C (Flower's FlatClip)
-    w_{t+1} = w_t + (sum_{i replied} d_i + N(0, sigma^2 C^2 I)) / n_t
+    w_{t+1} = w_t + (total(d) + N(0, (sigma s C)^2 I)) / D_t
 
-Replacing one institution's update by nothing changes the sum by at most C, so each round is
-the Gaussian mechanism with noise multiplier sigma whoever replies; a refusing or failing
-institution adds nothing, the divisor stays n_t (dividing by the number of replies would
-raise the sensitivity), and a round in which nobody's update was accepted is still released
-with noise. Which institutions were asked (and n_t) is public: the guarantee covers the
-content of one institution's contribution, not whether it took part (the "zero-out"
-neighbouring relation). Updates are not weighted by example counts: a weight would let one
-institution move the average by more than C / n_t.
+The sensitivity this assumes, per rule:
+
+- fedavg: total = sum_{i replied} d_i, D_t = n_t, s = 1 (the fixed-denominator mean).
+  Replacing one institution's update by nothing changes the sum by at most C, so each round
+  is the Gaussian mechanism with noise multiplier sigma whoever replies; a refusing or
+  failing institution adds nothing, the divisor stays n_t (dividing by the number of replies
+  would raise the sensitivity), and a round in which nobody's update was accepted is still
+  released with noise. Updates are not weighted by example counts: a weight would let one
+  institution move the average by more than C / n_t.
+- any other rule: its sensitivity must be derived for that rule (a median, trimmed mean or
+  Krum is not a sum of clipped changes; one institution can move it by more than C, or by an
+  amount that depends on the others). A rule that states none (`central_sensitivity` None)
+  is refused here and by the job's validation.
+
+Which institutions were asked (and n_t) is public: the guarantee covers the content of one
+institution's contribution, not whether it took part (the "zero-out" neighbouring relation).
 
 Accounting: the releases compose under RDP in Flower's `RdpAccountant` (Google's
-dp-accounting underneath; a sensitivity-C Gaussian, as under add-or-remove) and no
-amplification by sampling: confide samples institutions with the job's seed, which is no
-secret. Why not Flower's `DifferentialPrivacyServerSideFixedClipping` wrapper itself: it
-skips a round's aggregation when any reply is an error (an institution refusing by its own
-budget must not stop the others) and its accounted mode requires unmodified
-`FedAvg.aggregate_train`; its clipping (FlatClip over the update's global L2 norm) is
-reproduced here with Flower's norm, its noise (the global NumPy generator) is not used, so
+dp-accounting underneath; a Gaussian with noise multiplier sigma = std / sensitivity, as
+under add-or-remove) and no amplification by sampling: confide samples institutions with
+the job's seed, which is no secret. Why not Flower's `DifferentialPrivacyServerSideFixedClipping`
+wrapper itself: it skips a round's aggregation when any reply is an error (an institution
+refusing by its own budget must not stop the others) and its accounted mode requires
+unmodified `FedAvg.aggregate_train`; its clipping (FlatClip over the update's global L2 norm)
+is reproduced here with Flower's norm, its noise (the global NumPy generator) is not used, so
 that a simulation repeats and a deployment draws noise nobody can regenerate.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -36,8 +50,12 @@ from flwr.supercore.differential_privacy import get_norm
 
 from confide.common.seeding import derive_seed
 from confide.privacy.config import CentralPrivacyConfig
+from confide.server.aggregation import AggregationRule, Arrays, Update
 
 ACCOUNTANT = "rdp (Flower RdpAccountant, Google dp-accounting)"
+# Keys of `CentralDP.round_metrics` in the round's train MetricRecord.
+CENTRAL_EPSILON = "central-epsilon"
+CENTRAL_ASKED = "central-asked"
 
 
 def central_epsilon(config: CentralPrivacyConfig, releases: list[int]) -> float:
@@ -69,14 +87,27 @@ def central_epsilon(config: CentralPrivacyConfig, releases: list[int]) -> float:
 
 
 class CentralDP:
-    """Clips, sums and noises institutions' updates, and keeps the releases' account.
+    """Clips institutions' changes, combines them with the wrapped rule, adds noise, and keeps
+    the releases' account (an `Aggregation`, like the rule it wraps).
 
     `noise_seed` None draws each round's noise seed from the OS CSPRNG (deployment: nobody,
     institutions included, can regenerate and subtract it); a simulation passes its seed.
     """
 
-    def __init__(self, config: CentralPrivacyConfig, noise_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        config: CentralPrivacyConfig,
+        rule: AggregationRule,
+        noise_seed: int | None = None,
+    ) -> None:
+        if rule.central_sensitivity is None:
+            raise ValueError(
+                f"central DP cannot wrap the {rule.name} rule: its sensitivity to one "
+                "institution's update is not derived (see confide.server.central_dp)"
+            )
         self.config = config
+        self.rule = rule
+        self.sensitivity = rule.central_sensitivity
         self.noise_seed = noise_seed
         self.releases: list[int] = []  # institutions asked, per released round
 
@@ -88,12 +119,12 @@ class CentralDP:
         """The epsilon one more round asking `sampled` institutions would bring."""
         return central_epsilon(self.config, [*self.releases, sampled])
 
-    def over_budget(self, sampled: int) -> str | None:
+    def refusal(self, asked: int) -> str | None:
         """Why the next round must not run (it would pass `max_epsilon`), or None."""
         limit = self.config.max_epsilon
         if limit is None:
             return None
-        after = self.epsilon_after(sampled)
+        after = self.epsilon_after(asked)
         if after <= limit:
             return None
         return (
@@ -102,39 +133,46 @@ class CentralDP:
             f"central_privacy.max_epsilon {limit:g}"
         )
 
+    def round_metrics(self) -> dict[str, int | float]:
+        """The epsilon after the releases so far, and how many the last round asked."""
+        return {CENTRAL_EPSILON: self.epsilon, CENTRAL_ASKED: self.releases[-1]}
+
     def aggregate(
-        self, current: ArrayRecord, updates: list[ArrayRecord], sampled: int, server_round: int
+        self, current: ArrayRecord, updates: Sequence[Update], *, asked: int, server_round: int
     ) -> ArrayRecord:
-        """The next global model from the replies of a round that asked `sampled` institutions
-        (`updates` may be fewer: refusals and failures count as zero updates)."""
-        if sampled < max(1, len(updates)):
-            raise ValueError(f"{len(updates)} updates from a round that asked {sampled}")
+        """The next global model from the replies of a round that asked `asked` institutions
+        (`updates` may be fewer: refusals and failures count as zero updates); released with
+        noise even without any update."""
+        if asked < max(1, len(updates)):
+            raise ValueError(f"{len(updates)} updates from a round that asked {asked}")
         names = list(current.keys())
         base = [np.asarray(current[name].numpy(), dtype=np.float64) for name in names]
-        total = [np.zeros_like(a) for a in base]
-        clip = self.config.clipping_norm
-        for update in updates:
-            # By name, not position: a reply may list its arrays in another order.
-            model = [np.asarray(update[name].numpy(), dtype=np.float64) for name in names]
-            change = [after - before for after, before in zip(model, base, strict=True)]
-            norm = get_norm(change)  # Flower's FlatClip: scale the whole update to norm <= C
-            scale = 1.0 if norm <= clip else clip / norm  # (an unchanged model: norm 0)
-            for index, array in enumerate(change):
-                total[index] += scale * array
-        seed = (
-            secrets.randbits(128)
-            if self.noise_seed is None
-            else derive_seed(self.noise_seed, "central-noise", server_round, bits=63)
-        )
-        generator = np.random.default_rng(seed)
-        std = self.config.noise_multiplier * clip
+        clipped = [self._clipped(update.arrays, names, base) for update in updates]
+        total, divisor = self.rule.central_sum(clipped, like=base, asked=asked)
+        generator = np.random.default_rng(self._seed(server_round))
+        std = self.config.noise_multiplier * self.config.clipping_norm * self.sensitivity
         arrays = {}
         for name, start, summed in zip(names, base, total, strict=True):
             dtype = current[name].numpy().dtype
             if not np.issubdtype(dtype, np.floating):
                 arrays[name] = current[name]  # counters and the like: not trained, kept
                 continue
-            noisy = start + (summed + generator.normal(0.0, std, summed.shape)) / sampled
+            noisy = start + (summed + generator.normal(0.0, std, summed.shape)) / divisor
             arrays[name] = Array(noisy.astype(dtype))
-        self.releases.append(sampled)
+        self.releases.append(asked)
         return ArrayRecord(arrays)
+
+    def _clipped(self, update: ArrayRecord, names: list[str], base: Arrays) -> Arrays:
+        """w_i - w_t scaled to L2 norm <= C over all arrays together (Flower's FlatClip)."""
+        # By name, not position: a reply may list its arrays in another order.
+        model = [np.asarray(update[name].numpy(), dtype=np.float64) for name in names]
+        change = [after - before for after, before in zip(model, base, strict=True)]
+        norm = get_norm(change)
+        clip = self.config.clipping_norm
+        scale = 1.0 if norm <= clip else clip / norm  # (an unchanged model: norm 0)
+        return [scale * array for array in change]
+
+    def _seed(self, server_round: int) -> int:
+        if self.noise_seed is None:
+            return secrets.randbits(128)
+        return derive_seed(self.noise_seed, "central-noise", server_round, bits=63)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,11 @@ from confide.common.terminal import RefusingGroup, errors, fail, output_console
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+    from confide.server.enrollment import FlowerRegistrar
+    from confide.server.results import RejectedUpdate
+    from confide.server.settings import ServerSettings, StateDir
+    from confide.server.tokens import JoinToken
 
 app = typer.Typer(
     help="Run a confide coordinator: a private CA, TLS, join tokens for institutions, and "
@@ -43,60 +47,85 @@ console = output_console()
 StateOption = Annotated[Path, typer.Option("--dir", help="the coordinator's state directory")]
 
 
+HostOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="a DNS name or IP address institutions use to reach this server "
+        "(repeat; default localhost and 127.0.0.1)"
+    ),
+]
+SuperlinkPortOption = Annotated[
+    int, typer.Option(help="institutions' port (HTTPS; Flower's Fleet API only)")
+]
+ControlPortOption = Annotated[
+    int,
+    typer.Option(
+        help="the SuperLink's own port, on 127.0.0.1 only (the operator's tools); "
+        "0: a free one at each start"
+    ),
+]
+EnrollmentPortOption = Annotated[int, typer.Option(help="enrollment service port (gRPC, TLS)")]
+BindOption = Annotated[
+    str, typer.Option(help="address the institutions' port and enrollment listen on")
+]
+
+
 @app.command()
 def init(
+    *,
     state: StateOption,
-    host: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="a DNS name or IP address institutions use to reach this server "
-            "(repeat; default localhost and 127.0.0.1)"
-        ),
-    ] = None,
-    superlink_port: Annotated[
-        int, typer.Option(help="institutions' port (HTTPS; Flower's Fleet API only)")
-    ] = 9091,
-    control_port: Annotated[
-        int,
-        typer.Option(
-            help="the SuperLink's own port, on 127.0.0.1 only (the operator's tools); "
-            "0: a free one at each start"
-        ),
-    ] = 0,
-    enrollment_port: Annotated[
-        int, typer.Option(help="enrollment service port (gRPC, TLS)")
-    ] = 9100,
-    bind: Annotated[
-        str, typer.Option(help="address the institutions' port and enrollment listen on")
-    ] = "0.0.0.0",
+    host: HostOption = None,
+    superlink_port: SuperlinkPortOption = 9091,
+    control_port: ControlPortOption = 0,
+    enrollment_port: EnrollmentPortOption = 9100,
+    bind: BindOption = "0.0.0.0",
     force: Annotated[bool, typer.Option(help="replace an existing state directory")] = False,
 ) -> None:
     """Create a state directory: CA, TLS server certificate, database and settings."""
-    from confide.common.config import describe_errors
-    from confide.server import pki
-    from confide.server.settings import ServerSettings, StateDir
-    from confide.server.state import open_database
+    from confide.server.settings import StateDir
 
-    directory = StateDir(state)
     if state.exists() and any(state.iterdir()) and not force:
         raise fail(
             f"{state} exists and is not empty; use --force to replace it (this makes a "
             "new CA: every enrolled institution must join again)"
         )
-    # The coordinator reaches its own SuperLink locally, so the certificate names it too.
-    hosts = list(dict.fromkeys([*(host or []), "localhost", "127.0.0.1"]))
+    settings = _new_settings(
+        # The coordinator reaches its own SuperLink locally, so the certificate names it too.
+        hosts=list(dict.fromkeys([*(host or []), "localhost", "127.0.0.1"])),
+        superlink_port=superlink_port,
+        control_port=control_port,
+        enrollment_port=enrollment_port,
+        bind=bind,
+    )
+    directory = StateDir(state)
+    fingerprint = _create_state(directory, settings)
+    console.print(f"coordinator state created in {state}", highlight=False)
+    console.print(f"  hosts in the TLS certificate: {', '.join(settings.hosts)}", highlight=False)
+    console.print(f"  CA fingerprint (sha256): {fingerprint}", highlight=False)
+    console.print(
+        f"  secrets (mode 0600): {directory.ca_key}, {directory.server_key}", highlight=False
+    )
+
+
+def _new_settings(**values: list[str] | int | str) -> ServerSettings:
+    """The settings `init` was given, refused with every problem named."""
+    from confide.common.config import describe_errors
+    from confide.server.settings import ServerSettings
+
     try:
-        settings = ServerSettings(
-            hosts=hosts,
-            superlink_port=superlink_port,
-            control_port=control_port,
-            enrollment_port=enrollment_port,
-            bind=bind,
-        )
+        return ServerSettings.model_validate(values)
     except ValidationError as error:
         raise fail("; ".join(describe_errors(error, ServerSettings))) from None
-    state.mkdir(parents=True, exist_ok=True)
-    os.chmod(state, 0o700)  # it holds the CA key
+
+
+def _create_state(directory: StateDir, settings: ServerSettings) -> str:
+    """Write the CA, the server's certificate, the settings and an empty database into a
+    folder only its owner can enter (it holds the CA key); the CA's fingerprint."""
+    from confide.server import pki
+    from confide.server.state import open_database
+
+    directory.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory.root, 0o700)
     ca_key, ca = pki.create_ca()
     server_key, server = pki.issue_server_certificate(ca_key, ca, settings.hosts)
     pki.write_private_key(directory.ca_key, ca_key)
@@ -108,16 +137,12 @@ def init(
     open_database(database).dispose()
     if database.startswith("sqlite:///"):
         Path(database.removeprefix("sqlite:///")).chmod(0o600)
-    console.print(f"coordinator state created in {state}", highlight=False)
-    console.print(f"  hosts in the TLS certificate: {', '.join(settings.hosts)}", highlight=False)
-    console.print(f"  CA fingerprint (sha256): {pki.fingerprint(ca)}", highlight=False)
-    console.print(
-        f"  secrets (mode 0600): {directory.ca_key}, {directory.server_key}", highlight=False
-    )
+    return pki.fingerprint(ca)
 
 
 @token_app.command("create")
 def token_create(
+    *,
     state: StateOption,
     institution: Annotated[str, typer.Option(help="the institution's name (a-z, 0-9, -)")],
     ttl: Annotated[str, typer.Option(help="lifetime: 90m, 24h, 7d")] = "24h",
@@ -131,6 +156,33 @@ def token_create(
 
     The token goes to stdout alone (for scripts) or, with --out, into a new file only its
     owner can read: a shell's `> file` would create it with the umask's mode."""
+    issued: list[JoinToken] = []
+    try:
+        with _token_file(out, force) as stream:
+            issued.append(_issue_token(state, institution, ttl))
+            if stream is not None:
+                stream.write(f"{issued[0]}\n")
+    except OSError as error:
+        said = (
+            f"token {issued[0].token_id} was issued but not written: no one has it, and it "
+            "expires unused"
+            if issued
+            else "no token was issued"
+        )
+        raise fail(f"{error.filename or out}: {error.strerror}; {said}") from None
+    if out is None:
+        errors.print(f"join token for {institution}, valid {ttl}, single use:", highlight=False)
+        print(issued[0])  # stdout carries the token alone, for scripts
+        return
+    errors.print(
+        f"join token for {institution}, valid {ttl}, single use, written to {out} (mode 0600)",
+        highlight=False,
+    )
+
+
+def _issue_token(state: Path, institution: str, ttl: str) -> JoinToken:
+    """A new token, stored (as a hash) and recorded in the audit log; refused with no token
+    issued if either write fails."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from confide.server import pki
@@ -140,50 +192,32 @@ def token_create(
     from confide.server.tokens import TokenError, create_token, parse_ttl
 
     directory = StateDir(state)
-    token = None
     try:
-        with _token_file(out, force) as stream:
-            try:
-                settings = directory.load_settings()
-                lifetime = parse_ttl(ttl)
-                ca = pki.load_certificate(directory.ca_certificate)
-                engine = open_database(directory.database_url(settings))
-                try:
-                    token = create_token(engine, institution, lifetime, pki.fingerprint(ca))
-                    AuditLog(directory, engine).append(
-                        "token.created",
-                        actor=operator_actor(),
-                        institution=institution,
-                        token_id=token.token_id,
-                        expires=_token_expiry(engine, token.token_id),
-                    )
-                finally:
-                    engine.dispose()
-            except AuditError as error:
-                raise fail(f"{error}; the token was not issued") from None
-            except (StateError, TokenError, pki.PKIError) as error:
-                raise fail(str(error)) from None
-            except SQLAlchemyError as error:
-                cause = getattr(error, "orig", None) or error
-                raise fail(f"the database: {cause}; the token was not issued") from None
-            if stream is not None:
-                stream.write(f"{token}\n")
-    except OSError as error:
-        issued = (
-            f"token {token.token_id} was issued but not written: no one has it, and it "
-            "expires unused"
-            if token is not None
-            else "no token was issued"
-        )
-        raise fail(f"{error.filename or out}: {error.strerror}; {issued}") from None
-    if out is None:
-        errors.print(f"join token for {institution}, valid {ttl}, single use:", highlight=False)
-        print(token)  # stdout carries the token alone, for scripts
-        return
-    errors.print(
-        f"join token for {institution}, valid {ttl}, single use, written to {out} (mode 0600)",
-        highlight=False,
-    )
+        settings = directory.load_settings()
+        lifetime = parse_ttl(ttl)
+        ca = pki.load_certificate(directory.ca_certificate)
+        engine = open_database(directory.database_url(settings))
+        try:
+            token = create_token(
+                engine, institution=institution, ttl=lifetime, ca_fingerprint=pki.fingerprint(ca)
+            )
+            AuditLog(directory, engine).append(
+                "token.created",
+                actor=operator_actor(),
+                institution=institution,
+                token_id=token.token_id,
+                expires=_token_expiry(engine, token.token_id),
+            )
+        finally:
+            engine.dispose()
+    except AuditError as error:
+        raise fail(f"{error}; the token was not issued") from None
+    except (StateError, TokenError, pki.PKIError) as error:
+        raise fail(str(error)) from None
+    except SQLAlchemyError as error:
+        cause = getattr(error, "orig", None) or error
+        raise fail(f"the database: {cause}; the token was not issued") from None
+    return token
 
 
 @contextmanager
@@ -239,11 +273,13 @@ def _token_expiry(engine: Engine, token_id: str) -> str:
     from confide.server.state import JoinTokenRow
 
     with Session(engine) as session:
-        expires = session.get(JoinTokenRow, token_id).expires_at
-    return expires.isoformat(timespec="seconds")
+        row = session.get(JoinTokenRow, token_id)
+    if row is None:  # written in this process a moment ago: only a database that lost it
+        raise fail(f"the database lost join token {token_id}; the token was not issued")
+    return row.expires_at.isoformat(timespec="seconds")
 
 
-def _open(state: Path):
+def _open(state: Path) -> tuple[Engine, FlowerRegistrar]:
     from confide.server.enrollment import FlowerRegistrar
     from confide.server.state import open_database
 
@@ -252,15 +288,12 @@ def _open(state: Path):
     return engine, FlowerRegistrar(directory.flwr_home, timeout=30)
 
 
-def _state(state: Path):
+def _state(state: Path) -> StateDir:
     """The coordinator's state folder, refused with a clear message if it is not one."""
-    from confide.server.settings import StateDir, StateError
+    from confide.server.settings import StateDir
 
     directory = StateDir(state)
-    try:
-        directory.load_settings()
-    except StateError as error:
-        raise fail(str(error)) from None
+    directory.load_settings()
     return directory
 
 
@@ -293,14 +326,10 @@ def institutions_revoke(
 ) -> None:
     """Unregister the institution's key: its SuperNode is cut off and the key cannot return."""
     from confide.server.audit import AuditError, AuditLog, operator_actor
-    from confide.server.enrollment import RegistrationError
-    from confide.server.institutions import RotationRefused, UnknownInstitution, revoke
+    from confide.server.institutions import revoke
 
     engine, registrar = _open(state)
-    try:
-        node_id = revoke(engine, registrar, name)
-    except (UnknownInstitution, RegistrationError, RotationRefused) as error:
-        raise fail(str(error)) from None
+    node_id = revoke(engine, registrar, name)
     try:
         AuditLog(_state(state), engine).append(
             "institution.revoked", actor=operator_actor(), institution=name, node_id=node_id
@@ -320,27 +349,23 @@ def start(state: StateOption) -> None:
     The SuperLink (TLS, institution authentication) listens on 127.0.0.1 only: its Control
     API authenticates no caller. Institutions reach its Fleet API through the front on the
     public port, which refuses everything else."""
-    from confide.server.audit import AuditError
-    from confide.server.coordinator import CoordinatorError, run_coordinator
-    from confide.server.settings import StateDir, StateError
+    from confide.server.coordinator import run_coordinator
+    from confide.server.settings import StateDir
 
     directory = StateDir(state)
     try:
         settings = directory.load_settings()
         run_coordinator(directory, settings, lambda line: console.print(line, highlight=False))
-    except (StateError, CoordinatorError, AuditError, OSError) as error:
+    except OSError as error:
         raise fail(str(error)) from None
 
 
 @app.command()
 def stop(state: StateOption) -> None:
     """Stop the coordinator running for this state directory (SIGTERM), and wait for it."""
-    from confide.server.coordinator import CoordinatorError, stop_coordinator
+    from confide.server.coordinator import stop_coordinator
 
-    try:
-        pid = stop_coordinator(_state(state))
-    except CoordinatorError as error:
-        raise fail(str(error)) from None
+    pid = stop_coordinator(_state(state))
     console.print(f"coordinator for {state} (pid {pid}) stopped", highlight=False)
 
 
@@ -360,13 +385,10 @@ def audit_list(
         raise fail("Missing option '--dir': the coordinator's state directory")
     from rich.table import Table
 
-    from confide.server.audit import AuditError, AuditLog
+    from confide.server.audit import AuditLog
 
-    try:
-        with AuditLog.open(_state(state)) as log:
-            entries = log.entries()
-    except AuditError as error:
-        raise fail(str(error)) from None
+    with AuditLog.open(_state(state)) as log:
+        entries = log.entries()
     if as_json:
         for entry in entries:
             print(entry.model_dump_json())
@@ -394,17 +416,14 @@ def audit_verify(
     state = state if state is not None else context.obj
     if state is None:
         raise fail("Missing option '--dir': the coordinator's state directory")
-    try:
-        with AuditLog.open(_state(state)) as log:
-            try:
-                problems = log.verify()
-            except AuditUnavailable:
-                raise
-            except AuditError as error:  # damage that stops the check itself
-                problems = [str(error)]
-            entries = log.entries()
-    except AuditError as error:
-        raise fail(str(error)) from None
+    with AuditLog.open(_state(state)) as log:
+        try:
+            problems = log.verify()
+        except AuditUnavailable:
+            raise
+        except AuditError as error:  # damage that stops the check itself
+            problems = [str(error)]
+        entries = log.entries()
     if problems:
         for problem in problems:
             console.print(f"problem: {problem}", highlight=False)
@@ -440,16 +459,13 @@ def audit_reseal(
     `audit.resealed` entry records the reason, who resealed and the problems found. The old
     key is kept beside the new one (audit.key.replaced-TIME). Restoring a backup of the
     state folder (database, audit.key and audit.head together) is the other way out."""
-    from confide.server.audit import AuditError, AuditLog, operator_actor
+    from confide.server.audit import AuditLog, operator_actor
 
     state = state if state is not None else context.obj
     if state is None:
         raise fail("Missing option '--dir': the coordinator's state directory")
-    try:
-        with AuditLog.open(_state(state)) as log:
-            entry, problems = log.reseal(reason, actor=operator_actor())
-    except AuditError as error:
-        raise fail(str(error)) from None
+    with AuditLog.open(_state(state)) as log:
+        entry, problems = log.reseal(reason, actor=operator_actor())
     for problem in problems:
         console.print(f"accepted: {problem}", highlight=False)
     console.print(
@@ -464,6 +480,7 @@ RunArgument = Annotated[int, typer.Argument(help="the run id `submit` printed")]
 
 @app.command()
 def submit(
+    *,
     job: Annotated[Path, typer.Argument(help="job file (TOML; a scenario's schema)")],
     state: StateOption,
     follow: Annotated[
@@ -484,16 +501,13 @@ def submit(
     (it failed or was stopped); 2 the job was refused before it started; 3 results were
     written but the job stopped early or institutions refused rounds.
     """
-    from confide.server.jobs import JobError, logs
+    from confide.server.jobs import logs
     from confide.server.jobs import submit as start_job
 
     directory = _state(state)
-    try:
-        submitted = start_job(
-            directory, job, wait=wait, say=lambda line: errors.print(line, highlight=False)
-        )
-    except JobError as error:
-        raise fail(str(error)) from None
+    submitted = start_job(
+        directory, job, wait=wait, say=lambda line: errors.print(line, highlight=False)
+    )
     if submitted.ignored_simulation:
         console.print(f"note: {job}: the [simulation] table is ignored in deployment")
     console.print(
@@ -517,56 +531,54 @@ def submit(
         raise typer.Exit(code)
 
 
-def _report(directory, run_id: int) -> bool | None:
+def _report(directory: StateDir, run_id: int) -> bool | None:
     """Print a finished run's final accuracy and privacy spend from its results.json, and
     what institutions refused. True: complete; False: stopped early or refusals; None: the
     run wrote no results (it failed or was stopped)."""
-    import json
-
-    from confide.server.results import RESULTS
+    from confide.server.results import RESULTS, Results
 
     path = directory.runs / f"run-{run_id}" / RESULTS
     if not path.is_file():
         errors.print(f"run {run_id} wrote no results (see `confide-server status`)")
         return None
-    results = json.loads(path.read_text())
-    final = results["final"]
-    line = f"run {run_id}: final accuracy {final['accuracy']:.4f}"
-    if results["dp"]:
-        accountant = str(results["privacy"]["accountant"]).upper()
+    results = Results.model_validate_json(path.read_text())
+    final = results.final
+    line = f"run {run_id}: final accuracy {final.accuracy:.4f}"
+    if results.dp:
+        # results.json holds an infinite epsilon as null
+        epsilon = "unbounded" if final.epsilon_max is None else f"{final.epsilon_max:.3f}"
         line += (
-            f", max epsilon {final['epsilon_max']:.3f} at delta {final['delta']:g} "
-            f"(sample-level, {accountant} accountant, this run)"
+            f", max epsilon {epsilon} at delta {final.delta:g} "
+            f"(sample-level, {str(results.privacy.accountant).upper()} accountant, this run)"
         )
-        spent = [row["dataset_epsilon"] for row in results["institutions"]]
-        spent = [value for value in spent if value is not None]
-        if spent:
-            most = "unbounded" if "unbounded" in spent else f"{max(spent):.3f}"
+        spent = [row.dataset_epsilon for row in results.institutions]
+        numbers = [value for value in spent if isinstance(value, float)]
+        if "unbounded" in spent or numbers:
+            most = "unbounded" if "unbounded" in spent else f"{max(numbers):.3f}"
             line += f"; institutions' ledgers, every job so far: max epsilon {most}"
-    central = results["privacy"].get("institution_level")
+    central = results.privacy.institution_level
     if central:
         line += (
-            f"; institution level (central DP): epsilon {central['epsilon']:.3f} at delta "
-            f"{central['delta']:g}"
+            f"; institution level (central DP): epsilon {central.epsilon:.3f} at delta "
+            f"{central.delta:g}"
         )
     console.print(f"{line}; {path}", highlight=False)
-    refused = _refusals(results.get("rejected_updates") or [])
+    refused = _refusals(results.rejected_updates)
     for institution, (count, reason) in sorted(refused.items()):
         console.print(
             f"{institution} refused {count} message(s) of this run; last reason: {reason}",
             highlight=False,
         )
-    if results.get("stopped"):
-        console.print(f"stopped early: {results['stopped']}", highlight=False)
-    return not refused and not results.get("stopped")
+    if results.stopped:
+        console.print(f"stopped early: {results.stopped}", highlight=False)
+    return not refused and not results.stopped
 
 
-def _refusals(rejected: list[dict]) -> dict[str, tuple[int, str]]:
+def _refusals(rejected: list[RejectedUpdate]) -> dict[str, tuple[int, str]]:
     """Institution -> (how many replies were refusals or refused, the last reason)."""
     counts: dict[str, tuple[int, str]] = {}
     for row in rejected:
-        name = str(row["institution"])
-        counts[name] = (counts.get(name, (0, ""))[0] + 1, str(row["reason"]))
+        counts[row.institution] = (counts.get(row.institution, (0, ""))[0] + 1, row.reason)
     return counts
 
 
@@ -578,13 +590,10 @@ def status(
     """Runs on the SuperLink: status, elapsed time and where their results are."""
     from rich.table import Table
 
-    from confide.server.jobs import JobError, runs
+    from confide.server.jobs import runs
 
     directory = _state(state)
-    try:
-        listed = runs(directory, run)
-    except JobError as error:
-        raise fail(str(error)) from None
+    listed = runs(directory, run)
     table = Table(title=f"Runs at {state}")
     for column in ("run", "job", "status", "elapsed", "results"):
         table.add_column(column)
@@ -618,4 +627,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -56,16 +56,13 @@ STOP_SECONDS = 60.0  # the SuperLink's own grace (20 s) and the services' (5 s e
 def run_coordinator(
     directory: StateDir, settings: ServerSettings, say: Callable[[str], None]
 ) -> None:
-    """Start the three services, report where they listen, and run until SIGTERM or SIGINT."""
+    """Start the three services, report where they listen, and run until SIGTERM or SIGINT.
+    Whatever was started is stopped again, in reverse order, however this ends."""
     stop = _stop_on_signals()
     directory = StateDir(directory.root.resolve())  # children run elsewhere
     directory.logs.mkdir(exist_ok=True)
     with ExitStack() as stack:
-        stack.enter_context(_pid_file(directory))
-        front_socket, control_port = _claim_ports(settings)
-        stack.callback(front_socket.close)
-        engine = _open_database(directory, settings)
-        stack.callback(engine.dispose)
+        front_socket, control_port, engine = _claim(stack, directory, settings)
         audit = AuditLog(directory, engine)
         started: dict[str, str | int] = {}
         stack.callback(_record_stop, audit, started, say)
@@ -74,27 +71,62 @@ def run_coordinator(
         if not _wait_for_superlink(superlink, port=control_port, stop=stop, log=log):
             say("stopping")
             return
-        front = FrontServer(
-            FleetFront(f"https://127.0.0.1:{control_port}", directory.ca_certificate),
-            front_socket,
-            certificate=directory.server_certificate,
-            key=directory.server_key,
-        )
-        stack.callback(front.stop)
-        _start_front(front)
-        service = EnrollmentService(
-            directory.ca_certificate,
-            engine,
-            FlowerRegistrar(directory.flwr_home),
-            f"{settings.hosts[0]}:{settings.superlink_port}",
-            audit=audit,
-        )
-        enrollment = _serve_enrollment(service, directory, settings)
-        stack.callback(lambda: enrollment.stop(grace=5).wait())
+        front = _run_front(stack, directory, front_socket, control_port)
+        _run_enrollment(stack, directory, settings, engine=engine, audit=audit)
         started.update(_record_start(audit, settings, control_port))
         _announce(say, settings=settings, control_port=control_port, log=log, directory=directory)
         _supervise(superlink, front=front, stop=stop, log=log)
         say("stopping")
+
+
+def _claim(
+    stack: ExitStack, directory: StateDir, settings: ServerSettings
+) -> tuple[socket.socket, int, Engine]:
+    """What must be this coordinator's before anything starts, each released by `stack`:
+    the pid file's lock, the ports (the front's socket, and the SuperLink's port), the
+    database."""
+    stack.enter_context(_pid_file(directory))
+    front_socket, control_port = _claim_ports(settings)
+    stack.callback(front_socket.close)
+    engine = _open_database(directory, settings)
+    stack.callback(engine.dispose)
+    return front_socket, control_port, engine
+
+
+def _run_front(
+    stack: ExitStack, directory: StateDir, front_socket: socket.socket, control_port: int
+) -> FrontServer:
+    """The Fleet API front on its claimed socket, passing calls on to the SuperLink."""
+    front = FrontServer(
+        FleetFront(f"https://127.0.0.1:{control_port}", directory.ca_certificate),
+        front_socket,
+        certificate=directory.server_certificate,
+        key=directory.server_key,
+    )
+    stack.callback(front.stop)
+    _start_front(front)
+    return front
+
+
+def _run_enrollment(
+    stack: ExitStack,
+    directory: StateDir,
+    settings: ServerSettings,
+    *,
+    engine: Engine,
+    audit: AuditLog,
+) -> None:
+    """The enrollment service, registering keys with the SuperLink; it tells institutions
+    the front's address."""
+    service = EnrollmentService(
+        directory.ca_certificate,
+        engine,
+        FlowerRegistrar(directory.flwr_home),
+        f"{settings.hosts[0]}:{settings.superlink_port}",
+        audit=audit,
+    )
+    enrollment = _serve_enrollment(service, directory, settings)
+    stack.callback(lambda: enrollment.stop(grace=5).wait())
 
 
 def _open_database(directory: StateDir, settings: ServerSettings) -> Engine:

@@ -97,7 +97,7 @@ class FlowerRegistrar:
         try:
             return flwr_json(self.flwr_home, *args, timeout=self.timeout)
         except FlowerError as error:
-            raise RegistrationError(str(error)) from None
+            raise RegistrationError(str(error)) from error
 
     def register(self, public_key_openssh: bytes, institution: str) -> int:
         with tempfile.TemporaryDirectory() as scratch:
@@ -242,7 +242,12 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             node_id = self._register(
                 request, context, token=token, institution=institution, peer=peer
             )
-            record_enrollment(self.engine, institution, node_id, request.public_key_openssh)
+            record_enrollment(
+                self.engine,
+                name=institution,
+                node_id=node_id,
+                public_key=request.public_key_openssh,
+            )
         actor = f"institution:{institution}"
         self._record(
             "token.redeemed",

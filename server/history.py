@@ -1,13 +1,25 @@
-"""What a job produced, round by round: the coordinator's record of metrics and privacy spend."""
+"""What a job produced, round by round: the coordinator's record of metrics and privacy spend.
+
+Pydantic models, mutable like the dataclasses they replaced: the strategy fills them in as
+replies arrive (it assigns fields and appends to the lists). Construction is validated and
+unknown keywords are refused (a dataclass refused them too); assignments are not validated, so
+a field keeps the very object assigned to it and a round costs no copying. The documents
+written at the end of a job (results.json, privacy.json) are built from them by
+confide.server.results.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
+from pydantic import BaseModel, ConfigDict, Field
 
-@dataclass
-class InstitutionSpend:
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InstitutionSpend(_Record):
     """An institution's latest cumulative sample-level privacy spend in this job."""
 
     institution: str
@@ -27,15 +39,16 @@ class InstitutionSpend:
     dataset_accountant: str | None = None
 
 
-@dataclass
-class RoundRecord:
+class RoundRecord(_Record):
+    """One round as the coordinator saw it: results.json's round entry is built from it."""
+
     round: int
     metrics: dict[str, float]  # the global model on the coordinator's test set
     epsilon_max: float
     seconds: float
     trained: int
-    federated_metrics: dict[str, float] = field(default_factory=dict)
-    epsilons: dict[str, float] = field(default_factory=dict)  # of the institutions that trained
+    federated_metrics: dict[str, float] = Field(default_factory=dict)
+    epsilons: dict[str, float] = Field(default_factory=dict)  # of the institutions that trained
     central_epsilon: float | None = None  # institution-level, with central DP on
 
     @property
@@ -55,19 +68,21 @@ class RoundObserver(Protocol):
     def __call__(self, record: RoundRecord, history: JobHistory) -> None: ...
 
 
-@dataclass
-class JobHistory:
+class JobHistory(_Record):
     """Filled in by the strategy as rounds complete; read by reports and progress displays."""
 
-    initial_metrics: dict[str, float] = field(default_factory=dict)
-    rounds: list[RoundRecord] = field(default_factory=list)
-    institutions: dict[str, InstitutionSpend] = field(default_factory=dict)
-    rejected: list[dict[str, str | int]] = field(default_factory=list)
+    initial_metrics: dict[str, float] = Field(default_factory=dict)
+    rounds: list[RoundRecord] = Field(default_factory=list)
+    institutions: dict[str, InstitutionSpend] = Field(default_factory=dict)
+    # {institution, round, phase, reason, refused_by}: results.json's rejected_updates
+    rejected: list[dict[str, str | int]] = Field(default_factory=list)
     stopped: str | None = None  # why the job ended before its last round, if it did
-    central_releases: list[int] = field(default_factory=list)  # institutions asked, per release
+    central_releases: list[int] = Field(default_factory=list)  # institutions asked, per release
 
     def spend(self, institution: str) -> InstitutionSpend:
-        return self.institutions.setdefault(institution, InstitutionSpend(institution))
+        if institution not in self.institutions:
+            self.institutions[institution] = InstitutionSpend(institution=institution)
+        return self.institutions[institution]
 
     @property
     def epsilon_max(self) -> float:

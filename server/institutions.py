@@ -264,7 +264,7 @@ def _finish(engine: Engine, name: str, new: bytes, node_id: int, old_node: int) 
         ) from None
 
 
-def record_enrollment(engine: Engine, name: str, node_id: int, public_key: bytes) -> None:
+def record_enrollment(engine: Engine, *, name: str, node_id: int, public_key: bytes) -> None:
     now = datetime.datetime.now(datetime.UTC)
     with Session(engine) as session, session.begin():
         row = session.get(InstitutionRow, name)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from confide.common.config import StrictModel
 from confide.privacy.config import CentralPrivacyConfig, PrivacyConfig, TrainConfig
 from confide.privacy.instructions import RoundInstructions
+from confide.server.aggregation import RULES, rule_names
 from confide.tasks.config import DataConfig, TaskConfig
 
 
@@ -26,6 +27,19 @@ class FederationConfig(StrictModel):
     timeout: float = Field(default=600.0, gt=0.0, le=86_400.0, description="seconds per round")
 
 
+class AggregationConfig(StrictModel):
+    """How the round's updates are combined (`confide.server.aggregation.RULES`)."""
+
+    rule: str = Field(default="fedavg", description="an aggregation rule by name")
+
+    @field_validator("rule")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        if value not in RULES:
+            raise ValueError(f"unknown aggregation rule {value!r}; allowed: {rule_names()}")
+        return value
+
+
 class JobConfig(StrictModel):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     task: TaskConfig = TaskConfig()
@@ -34,6 +48,7 @@ class JobConfig(StrictModel):
     privacy: PrivacyConfig = PrivacyConfig(target_epsilon=8.0)
     central_privacy: CentralPrivacyConfig = CentralPrivacyConfig()
     federation: FederationConfig = FederationConfig()
+    aggregation: AggregationConfig = AggregationConfig()
 
     @model_validator(mode="after")
     def _consistent_minimums(self) -> JobConfig:
@@ -42,6 +57,21 @@ class JobConfig(StrictModel):
             raise ValueError(
                 f"federation.min_train ({federation.min_train}) exceeds "
                 f"federation.min_available ({federation.min_available})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _central_dp_knows_the_rules_sensitivity(self) -> JobConfig:
+        """Central DP's noise is calibrated to the rule's sensitivity: refuse a rule that
+        states none (see confide.server.central_dp)."""
+        rule = RULES[self.aggregation.rule]
+        if self.central_privacy.enabled and rule.central_sensitivity is None:
+            supported = ", ".join(
+                sorted(name for name, r in RULES.items() if r.central_sensitivity is not None)
+            )
+            raise ValueError(
+                f"central_privacy needs an aggregation rule whose sensitivity is derived; "
+                f"aggregation.rule {rule.name!r} has none (with central DP: {supported})"
             )
         return self
 

@@ -66,7 +66,7 @@ def load_job(path: Path) -> tuple[JobFile, bool]:
     try:
         raw = read_toml(path)
     except ConfigFileError as error:
-        raise JobError(str(error)) from None
+        raise JobError(str(error)) from error
     ignored = raw.pop("simulation", None) is not None
     raw.setdefault("name", path.stem)
     task = raw.get("task")
@@ -75,7 +75,7 @@ def load_job(path: Path) -> tuple[JobFile, bool]:
     try:
         return validate_file(raw, JobFile, path, "job"), ignored
     except ConfigFileError as error:
-        raise JobError(str(error)) from None
+        raise JobError(str(error)) from error
 
 
 def flower_app_name(name: str) -> str:

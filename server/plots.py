@@ -30,7 +30,7 @@ def plot_metrics(history: JobHistory, path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def plot_epsilon(history: JobHistory, path: Path, title: str, sample_level: bool = True) -> None:
+def plot_epsilon(history: JobHistory, path: Path, title: str, *, sample_level: bool = True) -> None:
     """Cumulative epsilon after each round: each institution's (sample level, this run, when
     it trained with DP-SGD) and, with central DP, the federation's (institution level)."""
     figure, axis = plt.subplots(figsize=(7, 4))
@@ -72,7 +72,8 @@ def plot_epsilon(history: JobHistory, path: Path, title: str, sample_level: bool
         )
     axis.set(xlabel="round", ylabel="cumulative epsilon", title=f"{title}: privacy spend")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small", ncol=2)
+    if axis.get_legend_handles_labels()[0]:  # nothing to label when no institution trained
+        axis.legend(fontsize="small", ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -88,4 +88,4 @@ class StateDir:
         try:
             return validate_file(read_toml(path), ServerSettings, path, "settings")
         except ConfigFileError as error:
-            raise StateError(str(error)) from None
+            raise StateError(str(error)) from error

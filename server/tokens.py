@@ -15,8 +15,9 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import CursorResult, Engine, select, update
 from sqlalchemy.orm import Session
 
 from confide.protos.join_token import JoinToken, TokenError
@@ -53,7 +54,7 @@ def _now() -> datetime.datetime:
 
 
 def create_token(
-    engine: Engine, institution: str, ttl: datetime.timedelta, ca_fingerprint: str
+    engine: Engine, institution: str, *, ttl: datetime.timedelta, ca_fingerprint: str
 ) -> JoinToken:
     """Issue a token for `institution`, valid for `ttl`, and store its hash."""
     check_institution_name(institution)
@@ -91,7 +92,8 @@ def redeem_token(engine: Engine, token: JoinToken) -> str:
         expires = row.expires_at.replace(tzinfo=row.expires_at.tzinfo or datetime.UTC)
         if expires <= now:
             raise TokenError(f"this join token expired at {expires:%Y-%m-%d %H:%M} UTC")
-        claimed = session.execute(
+        # An UPDATE's result is a CursorResult, which counts the rows it changed.
+        claimed: CursorResult[Any] = session.execute(  # type: ignore[assignment]
             update(JoinTokenRow)
             .where(JoinTokenRow.token_id == token.token_id, JoinTokenRow.used_at.is_(None))
             .values(used_at=now)

@@ -28,7 +28,7 @@ MARKERS = ("<!-- accountant-bench:start -->", "<!-- accountant-bench:end -->")
 ACCOUNTANTS = ("rdp", "pld")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Cell:
     """One scenario under one accountant, over `seeds`."""
 
@@ -45,9 +45,10 @@ class Cell:
         return statistics.mean(self.accuracies)
 
 
-def measure(name: str, accountant: str, seeds: int, console: Console) -> Cell:
+def measure(name: str, accountant: str, *, seeds: int, console: Console) -> Cell:
     """Run scenario `name` with `accountant` for each seed 0..seeds-1."""
-    accuracies, sigma, history = [], 0.0, []
+    accuracies: list[float] = []
+    sigma, history, target, delta = 0.0, [], 0.0, 0.0
     for seed in range(seeds):
         try:
             scenario = load_scenario(name, {"privacy": {"accountant": accountant}, "seed": seed})
@@ -55,6 +56,7 @@ def measure(name: str, accountant: str, seeds: int, console: Console) -> Cell:
             raise RunError(str(error)) from None
         if scenario.privacy.target_epsilon is None:
             raise RunError(f"{name}: the accountant benchmark needs a target_epsilon")
+        target, delta = scenario.privacy.target_epsilon, scenario.privacy.delta
         console.print(f"benchmark: {name}, {accountant.upper()}, seed {seed} ...")
         try:
             outcome = run_scenario(scenario)
@@ -70,15 +72,14 @@ def measure(name: str, accountant: str, seeds: int, console: Console) -> Cell:
             )
             sigma = mechanism.noise_multiplier
             history = [mechanism.history_entry] * scenario.federation.rounds
-    delta = scenario.privacy.delta
     return Cell(
-        name,
-        accountant,
-        scenario.privacy.target_epsilon,
-        delta,
-        sigma,
-        {other: epsilon(history, delta, other) for other in ACCOUNTANTS},
-        accuracies,
+        scenario=name,
+        accountant=accountant,
+        target=target,
+        delta=delta,
+        sigma=sigma,
+        epsilon={other: epsilon(history, delta, other) for other in ACCOUNTANTS},
+        accuracies=accuracies,
     )
 
 
@@ -95,11 +96,19 @@ def noise_seconds(parameters: int = 1000) -> dict[str, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = torch.nn.Linear(parameters, parameters)
-    settings = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "expected_batch_size": 64}
     optimizers = {
-        "csprng": CsprngDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), **settings),
+        "csprng": CsprngDPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=64,
+        ),
         "torch": DPOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.0), generator=torch.Generator(), **settings
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=64,
+            generator=torch.Generator(),
         ),
     }
     seconds = {}
@@ -107,7 +116,8 @@ def noise_seconds(parameters: int = 1000) -> dict[str, float]:
         best = float("inf")
         for _ in range(5):
             for parameter in model.parameters():
-                parameter.summed_grad = torch.zeros_like(parameter)
+                # What Opacus's per-sample clipping leaves for add_noise (not a torch attribute).
+                setattr(parameter, "summed_grad", torch.zeros_like(parameter))  # noqa: B010
             started = time.perf_counter()
             optimizer.add_noise()
             best = min(best, time.perf_counter() - started)
@@ -164,7 +174,7 @@ def run_accountant_benchmark(
     cells: list[Cell] = []
     for name in scenarios:
         for accountant in ACCOUNTANTS:
-            cells.append(measure(name, accountant, seeds, console))
+            cells.append(measure(name, accountant, seeds=seeds, console=console))
             previous = output.read_text() if output.is_file() else "# Benchmarks\n"
             try:
                 write_atomic(

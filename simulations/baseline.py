@@ -8,6 +8,7 @@ centrally on the same test set, so round times compare like with like.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -17,10 +18,14 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from confide.client.data import SimulatedInstitutions
+from confide.privacy.config import TrainConfig
 from confide.simulations.scenario import ScenarioConfig
 from confide.tasks.metrics import evaluate
 from confide.tasks.registry import get_task
 from confide.tasks.splits import FederatedSplit
+
+ModelFactory = Callable[[FederatedSplit], nn.Module]
 
 
 def plain_apps(
@@ -29,11 +34,18 @@ def plain_apps(
     """(ServerApp, ClientApp); the server appends each round's seconds and test accuracy."""
     source = scenario.data_source()
     task = get_task(scenario.task.name)
-    train_cfg = scenario.train
 
     def new_model(split: FederatedSplit) -> nn.Module:
         return task.build_model(scenario.task, split.features, split.classes, scenario.seed)
 
+    server = _plain_server(scenario, source, new_model, (round_seconds, accuracy))
+    return server, _plain_client(scenario.train, source, new_model)
+
+
+def _plain_client(
+    train_cfg: TrainConfig, source: SimulatedInstitutions, new_model: ModelFactory
+) -> ClientApp:
+    """A textbook ClientApp: shuffled minibatch SGD on the partition, validation metrics."""
     client = ClientApp()
 
     @client.train()
@@ -42,7 +54,7 @@ def plain_apps(
         split = source.split()
         local = split.institutions[int(context.node_config["partition-id"])].train
         model = new_model(split)
-        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        model.load_state_dict(message.content.array_records["arrays"].to_torch_state_dict())
         loader = DataLoader(
             TensorDataset(torch.as_tensor(local.x), torch.as_tensor(local.y)),
             batch_size=train_cfg.batch_size,
@@ -69,12 +81,24 @@ def plain_apps(
         split = source.split()
         local = split.institutions[int(context.node_config["partition-id"])].validation
         model = new_model(split)
-        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        model.load_state_dict(message.content.array_records["arrays"].to_torch_state_dict())
         metrics = evaluate(model, local.x, local.y, local.classes)
         metrics.pop("auroc", None)
-        content = RecordDict({"metrics": MetricRecord(metrics | {"num-examples": len(local)})})
+        content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local)})})
         return Message(content, reply_to=message)
 
+    return client
+
+
+def _plain_server(
+    scenario: ScenarioConfig,
+    source: SimulatedInstitutions,
+    new_model: ModelFactory,
+    records: tuple[list[float], list[float]],
+) -> ServerApp:
+    """Flower's stock FedAvg, evaluating centrally on the test set after each round; it
+    appends each round's seconds and accuracy to `records`."""
+    round_seconds, accuracy = records
     server = ServerApp()
 
     @server.main()
@@ -99,7 +123,7 @@ def plain_apps(
                 round_seconds.append(now - last[0])
                 accuracy.append(metrics["accuracy"])
             last[0] = now
-            return MetricRecord(metrics)
+            return MetricRecord({**metrics})
 
         strategy.start(
             grid=grid,
@@ -108,4 +132,4 @@ def plain_apps(
             evaluate_fn=central,
         )
 
-    return server, client
+    return server

@@ -30,7 +30,7 @@ from confide.simulations.scenario import ScenarioConfig, ScenarioError, load_sce
 DEPLOYED_MARKERS = (START, END)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Measurement:
     name: str
     first_round: float
@@ -50,14 +50,14 @@ def measure_confide(name: str, scenario: ScenarioConfig) -> Measurement:
     outcome = run_scenario(scenario)
     seconds = [r.seconds for r in outcome.history.rounds]
     return Measurement(
-        name,
-        seconds[0],
-        median_after_first(seconds),
-        outcome.history.rounds[-1].accuracy,
-        outcome.history.epsilon_max if scenario.privacy.enabled else None,
-        outcome.peak_rss_bytes / 2**20,
-        len(seconds),
-        scenario.simulation.institutions,
+        name=name,
+        first_round=seconds[0],
+        median_round=median_after_first(seconds),
+        accuracy=outcome.history.rounds[-1].accuracy,
+        epsilon_max=outcome.history.epsilon_max if scenario.privacy.enabled else None,
+        peak_rss_mb=outcome.peak_rss_bytes / 2**20,
+        rounds=len(seconds),
+        institutions=scenario.simulation.institutions,
     )
 
 
@@ -69,14 +69,14 @@ def measure_plain(name: str, scenario: ScenarioConfig) -> Measurement:
     if len(seconds) != scenario.federation.rounds:
         raise RunError(f"plain Flower run stopped after {len(seconds)} rounds")
     return Measurement(
-        name,
-        seconds[0],
-        median_after_first(seconds),
-        accuracy[-1],
-        None,
-        peak / 2**20,
-        len(seconds),
-        scenario.simulation.institutions,
+        name=name,
+        first_round=seconds[0],
+        median_round=median_after_first(seconds),
+        accuracy=accuracy[-1],
+        epsilon_max=None,
+        peak_rss_mb=peak / 2**20,
+        rounds=len(seconds),
+        institutions=scenario.simulation.institutions,
     )
 
 
@@ -153,7 +153,24 @@ def run_benchmarks(
         "confide DP off / plain Flower (accuracy)": off.accuracy / plain.accuracy,
         "DP on / DP off (local training time of one institution)": local["DP on"] / local["DP off"],
     }
-    table = Table(title=f"Benchmark: {dp_on.name}, {rounds} rounds")
+    _print(console, f"Benchmark: {dp_on.name}, {rounds} rounds", results, ratios)
+    document = _markdown(dp_on, rounds, results, ratios, local)
+    previous = output.read_text() if output.is_file() else ""
+    for markers in (DEPLOYED_MARKERS, ACCOUNTANT_MARKERS):  # sections other commands write
+        if (kept := kept_section(previous, markers)) is not None:
+            document = replace_section(document, kept, markers)
+    try:
+        write_atomic(output, document)
+    except OSError as error:
+        raise RunError(f"--output {output}: {error}") from None
+    console.print(f"written: {output}")
+    return results
+
+
+def _print(
+    console: Console, title: str, results: list[Measurement], ratios: dict[str, float]
+) -> None:
+    table = Table(title=title)
     for column in (
         "variant",
         "s/round (median r2..)",
@@ -175,17 +192,6 @@ def run_benchmarks(
     console.print(table)
     for label, value in ratios.items():
         console.print(f"{label}: {value:.3f}")
-    document = _markdown(dp_on, rounds, results, ratios, local)
-    previous = output.read_text() if output.is_file() else ""
-    for markers in (DEPLOYED_MARKERS, ACCOUNTANT_MARKERS):  # sections other commands write
-        if (kept := kept_section(previous, markers)) is not None:
-            document = replace_section(document, kept, markers)
-    try:
-        write_atomic(output, document)
-    except OSError as error:
-        raise RunError(f"--output {output}: {error}") from None
-    console.print(f"written: {output}")
-    return results
 
 
 def _markdown(

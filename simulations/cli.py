@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,7 +26,7 @@ console = Console()
 
 
 def overrides(
-    rounds: int | None, institutions: int | None, seed: int | None, device: str | None
+    *, rounds: int | None, institutions: int | None, seed: int | None, device: str | None
 ) -> dict[str, Any]:
     """CLI flags as a partial scenario; they win over the file's values."""
     tree: dict[str, Any] = {}
@@ -44,6 +43,7 @@ def overrides(
 
 @app.command()
 def run(
+    *,
     scenario: Annotated[str, typer.Argument(help="a scenario file, or a bundled name (see list)")],
     rounds: Annotated[int | None, typer.Option(help="override federation.rounds")] = None,
     institutions: Annotated[
@@ -66,21 +66,18 @@ def run(
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
     """Run a scenario and write results.json, privacy.json, plots and the resolved config."""
-    from confide.simulations.runner import RunError, run_and_report
+    from confide.simulations.runner import run_and_report
 
-    try:
-        run_and_report(
-            scenario,
-            overrides(rounds, institutions, seed, device),
-            out,
-            console=console,
-            quiet=quiet,
-            verbose=verbose,
-            fit_minimums=institutions is not None,
-            state=state,
-        )
-    except RunError as error:
-        raise fail(str(error)) from None
+    run_and_report(
+        scenario,
+        overrides(rounds=rounds, institutions=institutions, seed=seed, device=device),
+        out,
+        console=console,
+        quiet=quiet,
+        verbose=verbose,
+        fit_minimums=institutions is not None,
+        state=state,
+    )
 
 
 @app.command("list")
@@ -105,6 +102,7 @@ def list_scenarios() -> None:
 
 @app.command()
 def bench(
+    *,
     scenario: Annotated[str, typer.Argument(help="the workload")] = "digits-dp",
     rounds: Annotated[int, typer.Option(help="rounds per variant")] = 15,
     output: Annotated[Path, typer.Option(help="the Markdown report")] = Path("docs/benchmarks.md"),
@@ -130,25 +128,22 @@ def bench(
 ) -> None:
     """Compare DP off, DP on and plain Flower on one workload; write the ratios to OUTPUT."""
     from confide.simulations.bench import run_benchmarks, run_deployed_benchmark
-    from confide.simulations.runner import RunError
 
-    try:
-        if accountants:
-            from confide.simulations.accountant_bench import run_accountant_benchmark
+    if accountants:
+        from confide.simulations.accountant_bench import run_accountant_benchmark
 
-            default = scenario == "digits-dp"
-            names = ["digits-dp", "breast-cancer-dp"] if default else [scenario]
-            run_accountant_benchmark(names, output, seeds=seeds, console=console)
-        elif deployed:
-            run_deployed_benchmark(rounds, output, console=console)
-        else:
-            run_benchmarks(scenario, rounds, output, scale=scale, console=console)
-    except RunError as error:
-        raise fail(str(error)) from None
+        default = scenario == "digits-dp"
+        names = ["digits-dp", "breast-cancer-dp"] if default else [scenario]
+        run_accountant_benchmark(names, output, seeds=seeds, console=console)
+    elif deployed:
+        run_deployed_benchmark(rounds, output, console=console)
+    else:
+        run_benchmarks(scenario, rounds, output, scale=scale, console=console)
 
 
 @app.command()
 def export(
+    *,
     scenario: Annotated[str, typer.Argument(help="a scenario file, or a bundled name")],
     out: Annotated[Path, typer.Option(help="folder for institution-<i>.csv")] = Path("data"),
     institutions: Annotated[
@@ -158,14 +153,13 @@ def export(
 ) -> None:
     """Write each virtual institution's data as a CSV file (to try a deployment locally)."""
     from confide.simulations.export import export_institutions
-    from confide.simulations.runner import RunError, prepare
-    from confide.tasks.datasets import DatasetError
-    from confide.tasks.partition import PartitionError
+    from confide.simulations.runner import prepare
 
     try:
-        loaded = prepare(scenario, overrides(None, institutions, seed, None), True)
+        chosen = overrides(rounds=None, institutions=institutions, seed=seed, device=None)
+        loaded = prepare(scenario, chosen, True)
         paths = export_institutions(loaded, out)
-    except (RunError, DatasetError, PartitionError, OSError) as error:
+    except OSError as error:
         raise fail(str(error)) from None
     for path in paths:
         console.print(f"{path}  (label column: label)", highlight=False)
@@ -176,4 +170,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -12,7 +12,6 @@ benchmark keeps it when it rewrites the rest of the file, and the other way roun
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -31,7 +30,7 @@ from confide.common.environment import (
     wait_until_listening,
 )
 from confide.common.errors import DeploymentBenchError
-from confide.server.results import RESULTS, median_after_first
+from confide.server.results import RESULTS, Results, median_after_first
 from confide.simulations.export import export_institutions
 from confide.simulations.scenario import load_scenario
 
@@ -150,12 +149,13 @@ def measure_deployed(rounds: int) -> list[DeployedMeasurement]:
                  "--max-epsilon", "100")  # fmt: skip
             _start(stack, client, "start", "--dir", str(root / name), log=root / f"{name}.log")
         return [
-            _run_job(server, state, root, rounds, label, fraction) for label, fraction in VARIANTS
+            _run_job(server, state, root, rounds=rounds, label=label, fraction=fraction)
+            for label, fraction in VARIANTS
         ]
 
 
 def _run_job(
-    server: str, state: Path, root: Path, rounds: int, label: str, fraction: float
+    server: str, state: Path, root: Path, *, rounds: int, label: str, fraction: float
 ) -> DeployedMeasurement:
     job = root / f"job-{fraction:g}.toml"
     job.write_text(_job(rounds, fraction))
@@ -169,14 +169,16 @@ def _run_job(
     results_file = state / "runs" / f"run-{run_id}" / RESULTS
     if not results_file.is_file():
         raise DeploymentBenchError(f"run {run_id} wrote no results; output:\n{output}")
-    results = json.loads(results_file.read_text())
+    results = Results.model_validate_json(results_file.read_text())
+    if results.final.epsilon_max is None:
+        raise DeploymentBenchError(f"run {run_id} trained without DP; its job asks for DP")
     return DeployedMeasurement(
         variant=label,
         rounds=rounds,
-        seconds=[r["seconds"] for r in results["rounds"]],
-        total_seconds=results["timing"]["total_seconds"],
-        accuracy=results["final"]["accuracy"],
-        epsilon_max=results["final"]["epsilon_max"],
+        seconds=[r.seconds for r in results.rounds],
+        total_seconds=results.timing.total_seconds,
+        accuracy=results.final.accuracy,
+        epsilon_max=results.final.epsilon_max,
     )
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import statistics
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from confide.server.history import JobHistory, RoundRecord
+from confide.server.results import InstitutionRow, Results
 from confide.tasks.splits import FederatedSplit
 
 FULL_TABLE_LIMIT = 20
@@ -18,7 +18,7 @@ FULL_TABLE_LIMIT = 20
 def partition_table(console: Console, split: FederatedSplit) -> None:
     rows = split.table
     if len(rows) > FULL_TABLE_LIMIT:
-        sizes = [int(row["examples"]) for row in rows]
+        sizes = [row.examples for row in rows]
         console.print(
             f"{len(rows)} institutions; examples per institution: min {min(sizes)}, "
             f"median {statistics.median(sizes):g}, max {max(sizes)} (all in partitions.json); "
@@ -32,10 +32,10 @@ def partition_table(console: Console, split: FederatedSplit) -> None:
     table.add_column("examples per label")
     for row, local in zip(rows, split.institutions, strict=True):
         table.add_row(
-            str(row["institution"]),
-            str(row["examples"]),
+            str(row.institution),
+            str(row.examples),
             f"{len(local.train)} / {len(local.validation)}",
-            " ".join(f"{count:>3}" for count in row["labels"]),  # type: ignore[union-attr]
+            " ".join(f"{count:>3}" for count in row.labels),
         )
     console.print(table)
 
@@ -80,89 +80,99 @@ class RoundProgress:
             self.console.print(f"round {record.round}/{self.rounds}: {status}", highlight=False)
 
 
-def _ledger_epsilon(row: dict[str, Any]) -> str:
-    value = row.get("dataset_epsilon")
+def _ledger_epsilon(row: InstitutionRow) -> str:
+    value = row.dataset_epsilon
     if value is None:
         return "-"
     if isinstance(value, str):
         return value
-    return f"{value:.3f} @ {row['dataset_delta']:g}"
+    return f"{value:.3f} @ {row.dataset_delta:g}"
 
 
-def summary(console: Console, results: dict[str, Any], directory: str) -> None:
-    final = results["final"]
-    console.print(
-        f"\n[bold]Final test accuracy {final['accuracy']:.4f}[/]  loss {final['loss']:.4f}  "
-        f"macro-F1 {final['f1_macro']:.4f}"
-    )
-    institutions = results["institutions"]
-    if results["dp"]:
+def _number(value: float | None, spec: str) -> str:
+    """`value` formatted, or "-" for a number results.json holds as null."""
+    return "-" if value is None else format(value, spec)
+
+
+def _institution_table(console: Console, institutions: list[InstitutionRow]) -> None:
+    if len(institutions) > FULL_TABLE_LIMIT:
+        spent = [row.epsilon or 0.0 for row in institutions]
+        trained = sum(1 for row in institutions if row.rounds_trained)
         console.print(
-            f"Privacy (sample level, {results['privacy']['accountant'].upper()} accountant): "
-            f"max epsilon {final['epsilon_max']:.3f} at delta {final['delta']:g}"
+            f"{trained} of {len(institutions)} institutions trained; epsilon per "
+            f"institution: min {min(spent):.3f}, median {statistics.median(spent):.3f}, "
+            f"max {max(spent):.3f} (each one in results.json)"
         )
-        shown = institutions if len(institutions) <= FULL_TABLE_LIMIT else []
-        if shown:
-            table = Table(title="Privacy spent per institution")
-            for column in (
-                "institution",
-                "examples",
-                "rounds",
-                "epsilon",
-                "delta",
-                "sigma",
-                "q",
-                "steps",
-                "ledger epsilon (all runs)",
-            ):
-                table.add_column(column, justify="right")
-            for row in shown:
-                table.add_row(
-                    str(row["id"]),
-                    str(row["examples"]),
-                    str(row["rounds_trained"]),
-                    f"{row['epsilon']:.3f}",
-                    f"{row['delta']:g}",
-                    f"{row['noise_multiplier']:.3f}" if row["noise_multiplier"] else "-",
-                    f"{row['sample_rate']:.4f}" if row["sample_rate"] else "-",
-                    str(row["steps"]),
-                    _ledger_epsilon(row),
-                )
-            console.print(table)
-        else:
-            spent = [row["epsilon"] for row in institutions]
-            trained = sum(1 for row in institutions if row["rounds_trained"])
-            console.print(
-                f"{trained} of {len(institutions)} institutions trained; epsilon per "
-                f"institution: min {min(spent):.3f}, median {statistics.median(spent):.3f}, "
-                f"max {max(spent):.3f} (each one in results.json)"
-            )
+        return
+    table = Table(title="Privacy spent per institution")
+    for column in (
+        "institution",
+        "examples",
+        "rounds",
+        "epsilon",
+        "delta",
+        "sigma",
+        "q",
+        "steps",
+        "ledger epsilon (all runs)",
+    ):
+        table.add_column(column, justify="right")
+    for row in institutions:
+        table.add_row(
+            str(row.id),
+            str(row.examples),
+            str(row.rounds_trained),
+            _number(row.epsilon, ".3f"),
+            _number(row.delta, "g"),
+            f"{row.noise_multiplier:.3f}" if row.noise_multiplier else "-",
+            f"{row.sample_rate:.4f}" if row.sample_rate else "-",
+            str(row.steps),
+            _ledger_epsilon(row),
+        )
+    console.print(table)
+
+
+def summary(console: Console, results: Results, directory: str) -> None:
+    """The end of a run: final metrics, privacy at both levels, refusals, timing."""
+    final = results.final
+    console.print(
+        f"\n[bold]Final test accuracy {final.accuracy:.4f}[/]  loss "
+        f"{_number(final.loss, '.4f')}  macro-F1 {final.f1_macro:.4f}"
+    )
+    privacy = results.privacy
+    if results.dp:
+        console.print(
+            f"Privacy (sample level, {str(privacy.accountant).upper()} accountant): "
+            f"max epsilon {_number(final.epsilon_max, '.3f')} at delta "
+            f"{_number(final.delta, 'g')}"
+        )
+        _institution_table(console, results.institutions)
     else:
         console.print(
             "Privacy at sample level: none (DP-SGD off) - the institutions' updates carry no "
             "(epsilon, delta) guarantee for individual records."
         )
-    central = results["privacy"]["institution_level"]
+    central = privacy.institution_level
     if central:
         console.print(
             f"Privacy (institution level, central DP, RDP accountant): epsilon "
-            f"{central['epsilon']:.3f} at delta {central['delta']:g}",
+            f"{central.epsilon:.3f} at delta {central.delta:g}",
             highlight=False,
         )
-    console.print(f"Privacy report: {results['privacy']['report']}", highlight=False)
-    if results.get("stopped"):
-        console.print(f"[bold yellow]stopped early:[/] {results['stopped']}", highlight=False)
-    rejected = results["rejected_updates"]
+    console.print(f"Privacy report: {privacy.report}", highlight=False)
+    if results.stopped:
+        console.print(f"[bold yellow]stopped early:[/] {results.stopped}", highlight=False)
+    rejected = results.rejected_updates
     if rejected:
         console.print(
             f"[bold yellow]warning:[/] {len(rejected)} update(s) or replies were refused or "
-            f"failed; first: institution {rejected[0]['institution']}: {rejected[0]['reason']} "
+            f"failed; first: institution {rejected[0].institution}: {rejected[0].reason} "
             "(all in results.json, rejected_updates)"
         )
-    timing = results["timing"]
+    timing = results.timing
     console.print(
-        f"{len(results['rounds'])} rounds in {timing['total_seconds']:.1f}s "
-        f"(first {timing['first_round_seconds']:.1f}s with Ray start-up, then median "
-        f"{timing['median_round_seconds']:.2f}s)"
+        f"{len(results.rounds)} rounds in {timing.total_seconds:.1f}s "
+        f"(first {timing.first_round_seconds:.1f}s with Ray start-up, then median "
+        f"{timing.median_round_seconds:.2f}s)"
     )
     console.print(f"Results: {directory}")

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from confide.common.files import write_atomic
+from confide.privacy.report import PrivacyReport
 from confide.server import results
-from confide.server.results import institution_row
+from confide.server.results import PARTITIONS, InstitutionRow, Results, institution_row
 from confide.simulations.engine import SimulationOutcome
 from confide.simulations.scenario import ScenarioConfig
+from confide.tasks.partition import Partitions
 
 SCENARIO = "scenario.toml"
-PARTITIONS = "partitions.json"
 
 
 def run_directory(root: Path, scenario: ScenarioConfig) -> Path:
@@ -31,7 +30,7 @@ def run_directory(root: Path, scenario: ScenarioConfig) -> Path:
     raise OSError(f"1000 run folders for {scenario.name} in one second under {root}")
 
 
-def institution_rows(scenario: ScenarioConfig, outcome: SimulationOutcome) -> list[dict[str, Any]]:
+def institution_rows(scenario: ScenarioConfig, outcome: SimulationOutcome) -> list[InstitutionRow]:
     history, split = outcome.history, outcome.split
     declared = scenario.declared_sizes(split)
     return [
@@ -49,19 +48,25 @@ def institution_rows(scenario: ScenarioConfig, outcome: SimulationOutcome) -> li
 
 
 def build_results(
-    scenario: ScenarioConfig, outcome: SimulationOutcome
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(results.json, privacy.json) of a finished simulation."""
+    scenario: ScenarioConfig, outcome: SimulationOutcome, *, ledgers: Path | None = None
+) -> tuple[Results, PrivacyReport]:
+    """(results.json, privacy.json) of a finished simulation; `ledgers` is where the virtual
+    institutions' ledgers are (named in the results)."""
     institutions = institution_rows(scenario, outcome)
-    timing = {
-        "total_seconds": outcome.seconds,
-        "peak_rss_mb": outcome.peak_rss_bytes / 2**20,
-    }
     history = outcome.history
     report = results.privacy_document(
-        scenario.name, scenario, history, institutions, simulated=True
+        scenario.name, scenario, history, institutions=institutions, simulated=True
     )
-    document = results.build_results(scenario.name, scenario, history, institutions, timing, report)
+    document = results.build_results(
+        scenario.name,
+        scenario,
+        history,
+        institutions=institutions,
+        report=report,
+        total_seconds=outcome.seconds,
+        peak_rss_mb=outcome.peak_rss_bytes / 2**20,
+        ledgers=str(ledgers) if ledgers is not None else None,
+    )
     return document, report
 
 
@@ -69,14 +74,15 @@ def write_run(
     directory: Path,
     scenario: ScenarioConfig,
     outcome: SimulationOutcome,
+    *,
     ledgers: Path | None = None,
-) -> dict[str, Any]:
-    """Write every artefact of a finished run into `directory`; return the results dict.
+) -> Results:
+    """Write every artefact of a finished run into `directory`; return its results.
     `ledgers` is where the virtual institutions' ledgers are (named in the results)."""
-    document, report = build_results(scenario, outcome)
-    if ledgers is not None:
-        document["ledgers"] = str(ledgers)
-    write_atomic(directory / PARTITIONS, json.dumps(outcome.split.table, indent=1) + "\n")
+    document, report = build_results(scenario, outcome, ledgers=ledgers)
+    write_atomic(directory / PARTITIONS, Partitions(outcome.split.table).to_json())
     resolved = scenario.model_dump(mode="json", exclude_none=True)
-    results.write_results(directory, document, outcome.history, (SCENARIO, resolved), report)
+    results.write_results(
+        directory, document, outcome.history, config=(SCENARIO, resolved), privacy=report
+    )
     return document

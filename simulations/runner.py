@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from confide.common.errors import RunError
 from confide.simulations.scenario import ScenarioConfig, ScenarioError, load_scenario
 from confide.tasks.splits import FederatedSplit
+
+if TYPE_CHECKING:
+    from confide.server.results import Results
 
 
 def prepare(scenario: str, tree: dict[str, Any], fit_minimums: bool) -> ScenarioConfig:
@@ -30,7 +33,7 @@ def run_and_report(
     verbose: bool = False,
     fit_minimums: bool = False,
     state: Path | None = None,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, Results]:
     """Run a scenario and write its results; the virtual institutions' ledgers go to `state`
     (by default the run folder's `state/`), so a later run given it continues their spend."""
     from confide.simulations import display
@@ -67,7 +70,7 @@ def run_and_report(
                 outcome = run_scenario(
                     scenario, observer=progress, on_split=show_split, state=ledgers
                 )
-        results = write_run(directory, scenario, outcome, ledgers)
+        results = write_run(directory, scenario, outcome, ledgers=ledgers)
     except (DatasetError, PartitionError, SimulationError, OSError) as error:
         if not any(directory.iterdir()):
             shutil.rmtree(directory, ignore_errors=True)

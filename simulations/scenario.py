@@ -18,6 +18,7 @@ from confide.common.errors import ScenarioError
 from confide.privacy.mechanism import default_declared_size
 from confide.privacy.policy import PrivacyPolicy
 from confide.server.job import FederationConfig, JobFile
+from confide.tasks.config import resolve_task_path
 from confide.tasks.splits import FederatedSplit
 
 
@@ -155,6 +156,9 @@ def load_scenario(
 ) -> ScenarioConfig:
     """Read, override and validate a scenario; every problem is reported at once.
 
+    A relative `task.path` is taken relative to the scenario file and made absolute, so the
+    resolved scenario a run saves can be run again from any folder.
+
     With `fit_minimums`, minimum institution counts above `simulation.institutions` are
     lowered to it (what `--institutions N` means on the command line).
     """
@@ -164,7 +168,10 @@ def load_scenario(
     except ConfigFileError as error:
         raise ScenarioError(str(error)) from None
     raw.setdefault("name", path.stem)
-    tree = _merge(raw, overrides or {})
+    # The file's relative data path is the file's (as a job file's is); one given as an
+    # override, like any path on a command line, is the working directory's.
+    raw = resolve_task_path(raw, path.parent)
+    tree = _merge(raw, resolve_task_path(overrides or {}, Path.cwd()))
     if fit_minimums:
         tree = _fit_minimums(tree)
     try:

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from confide.common.config import StrictModel
+
+# The settings each built-in task reads besides `name` and `model`. A dump of a TaskConfig
+# (a run's scenario.toml, a deployed run's job.toml) keeps only these, so that a csv task is not
+# written down with a synthetic task's sizes. A task registered elsewhere keeps them all: its
+# loader may read any.
+TASK_SETTINGS: dict[str, frozenset[str]] = {
+    "digits": frozenset(),
+    "breast-cancer": frozenset(),
+    "synthetic": frozenset({"samples", "features", "classes"}),
+    "csv": frozenset({"path", "label_column"}),
+    "npz": frozenset({"path"}),
+}
+_PER_TASK = frozenset().union(*TASK_SETTINGS.values())
 
 
 class ModelConfig(StrictModel):
@@ -55,6 +68,26 @@ class TaskConfig(StrictModel):
                 f"{(self.classes - 1).bit_length()} features, got {self.features}"
             )
         return self
+
+    @model_serializer(mode="wrap")
+    def _only_what_the_task_reads(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Every dump (Python or JSON) leaves out the settings of other tasks (TASK_SETTINGS);
+        validating the dump again gives them their defaults, which this task never reads."""
+        dumped: dict[str, Any] = handler(self)
+        reads = TASK_SETTINGS.get(self.name)
+        if reads is None:
+            return dumped
+        return {key: value for key, value in dumped.items() if key in reads or key not in _PER_TASK}
+
+
+def resolve_task_path(tree: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`tree` (a raw job or scenario) with a relative `task.path` taken relative to `folder`
+    (the file's own folder), made absolute: the file then means the same data wherever it is
+    run from, and a copy saved with a run's results names the file that was used."""
+    task = tree.get("task")
+    if not isinstance(task, dict) or not isinstance(task.get("path"), str | Path):
+        return tree
+    return tree | {"task": task | {"path": str((folder / task["path"]).resolve())}}
 
 
 class PartitionConfig(StrictModel):

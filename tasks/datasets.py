@@ -91,7 +91,7 @@ def load_breast_cancer() -> Dataset:
     )
 
 
-def make_synthetic(samples: int, features: int, classes: int, seed: int) -> Dataset:
+def make_synthetic(*, samples: int, features: int, classes: int, seed: int) -> Dataset:
     """Seeded classification data of any size (scikit-learn's `make_classification`)."""
     from sklearn.datasets import make_classification
 

@@ -10,7 +10,7 @@ from confide.tasks.config import ModelConfig
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
-def build_mlp(config: ModelConfig, features: int, classes: int, seed: int) -> nn.Module:
+def build_mlp(config: ModelConfig, *, features: int, classes: int, seed: int) -> nn.Module:
     """An MLP with the configured hidden widths, initialised from `seed` alone.
 
     Output is raw logits for `classes` classes (2 for binary tasks, so that one code path

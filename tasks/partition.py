@@ -4,18 +4,27 @@ The non-IID schemes follow the algorithms of flwr-datasets' `DirichletPartitione
 `ShardPartitioner`, written here over NumPy arrays: the library itself works on Hugging Face
 datasets and would add some twenty packages to every install for two functions. Every scheme
 is a pure function of (labels, institutions, config, seed).
+
+`PartitionRow` is one institution's line of the split's label table; a simulation writes the
+table as `partitions.json` (its JSON Schema: docs/schemas/partitions.json). It lives here, with
+the code that computes it, because the table is a property of the split (`FederatedSplit.table`)
+that the display shows before any training, not something a run produces.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import json
 
+import numpy as np
+from pydantic import ConfigDict, RootModel
+
+from confide.common.config import StrictModel
 from confide.common.errors import PartitionError
 from confide.tasks.config import PartitionConfig
 
 
 def partition_indices(
-    labels: np.ndarray, institutions: int, config: PartitionConfig, seed: int
+    labels: np.ndarray, institutions: int, config: PartitionConfig, *, seed: int
 ) -> list[np.ndarray]:
     """Return one sorted index array per institution; together they cover each index once
     (IID, Dirichlet) or at most once (shards drop an incomplete last shard)."""
@@ -95,15 +104,34 @@ def _shards(
     return [pieces[row].ravel() for row in dealt]
 
 
-def label_table(
-    labels: np.ndarray, parts: list[np.ndarray], classes: int
-) -> list[dict[str, int | list[int]]]:
+class PartitionRow(StrictModel):
+    """One institution's share of the data: its whole shard (training and validation)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    institution: int
+    """The institution's index (0-based), as in results.json's `institutions[].id`."""
+    examples: int
+    """Examples in its shard, validation included."""
+    labels: list[int]
+    """Examples of each class (index = label), zeros included."""
+
+
+class Partitions(RootModel[list[PartitionRow]]):
+    """partitions.json: one row per institution, in institution order."""
+
+    def to_json(self) -> str:
+        """The file's text: one-space indent, as it has always been written."""
+        return json.dumps(self.model_dump(mode="json"), indent=1) + "\n"
+
+
+def label_table(labels: np.ndarray, parts: list[np.ndarray], classes: int) -> list[PartitionRow]:
     """Examples and per-label counts of each institution, for display and `partitions.json`."""
     return [
-        {
-            "institution": i,
-            "examples": len(part),
-            "labels": np.bincount(labels[part], minlength=classes).tolist(),
-        }
+        PartitionRow(
+            institution=i,
+            examples=len(part),
+            labels=np.bincount(labels[part], minlength=classes).tolist(),
+        )
         for i, part in enumerate(parts)
     ]

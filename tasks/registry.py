@@ -36,7 +36,7 @@ class Task:
         return self.loader(config, seed)
 
     def build_model(self, config: TaskConfig, features: int, classes: int, seed: int) -> nn.Module:
-        return build_mlp(config.model, features, classes, seed)
+        return build_mlp(config.model, features=features, classes=classes, seed=seed)
 
 
 _TASKS: dict[str, Task] = {}
@@ -79,7 +79,9 @@ def _breast_cancer(config: TaskConfig, seed: int) -> datasets.Dataset:
 
 @register_task("synthetic", "seeded generated classification data of any size (for scale)")
 def _synthetic(config: TaskConfig, seed: int) -> datasets.Dataset:
-    return datasets.make_synthetic(config.samples, config.features, config.classes, seed)
+    return datasets.make_synthetic(
+        samples=config.samples, features=config.features, classes=config.classes, seed=seed
+    )
 
 
 @register_task("csv", "your CSV file: a header, numeric features, a label column", needs_path=True)

@@ -15,7 +15,7 @@ import numpy as np
 from confide.common.seeding import derive_seed
 from confide.tasks.config import DataConfig, TaskConfig
 from confide.tasks.datasets import Dataset
-from confide.tasks.partition import PartitionError, label_table, partition_indices
+from confide.tasks.partition import PartitionError, PartitionRow, label_table, partition_indices
 from confide.tasks.registry import get_task
 
 
@@ -31,7 +31,7 @@ class InstitutionData:
 class FederatedSplit:
     test: Dataset
     institutions: list[InstitutionData]
-    table: list[dict[str, int | list[int]]]
+    table: list[PartitionRow]  # partitions.json
 
     @property
     def classes(self) -> int:
@@ -74,7 +74,9 @@ def split_test(task: TaskConfig, data: DataConfig, seed: int) -> tuple[Dataset, 
 def federate(task: TaskConfig, data: DataConfig, institutions: int, seed: int) -> FederatedSplit:
     """Split the task's data into a test set and `institutions` local datasets."""
     pool, test = split_test(task, data, seed)
-    parts = partition_indices(pool.y, institutions, data.partition, derive_seed(seed, "partition"))
+    parts = partition_indices(
+        pool.y, institutions, data.partition, seed=derive_seed(seed, "partition")
+    )
     local = [
         split_validation(
             pool.subset(part),

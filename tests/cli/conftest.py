@@ -1,33 +1,21 @@
 from __future__ import annotations
 
 import datetime
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import cli
 
-SCRIPT = Path(sys.executable).with_name("confide-simulate")
-CLIENT = Path(sys.executable).with_name("confide-client")
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def _runner(script: Path, cwd: Path) -> Run:
+def _runner(script: str, cwd: Path) -> Run:
     """Run an installed console script in `cwd`, as an operator would (wide, plain output)."""
 
     def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        assert script.exists(), f"console script not installed at {script}"
-        env = os.environ | {"COLUMNS": "200", "NO_COLOR": "1"}
-        return subprocess.run(
-            [str(script), *args],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
+        return cli(script, *args, timeout=timeout, cwd=cwd)
 
     return run
 
@@ -35,13 +23,13 @@ def _runner(script: Path, cwd: Path) -> Run:
 @pytest.fixture
 def simulate(tmp_path: Path) -> Run:
     """Run the installed `confide-simulate` console script in `tmp_path`."""
-    return _runner(SCRIPT, tmp_path)
+    return _runner("confide-simulate", tmp_path)
 
 
 @pytest.fixture
 def confide_client(tmp_path: Path) -> Run:
     """Run the installed `confide-client` console script in `tmp_path`."""
-    return _runner(CLIENT, tmp_path)
+    return _runner("confide-client", tmp_path)
 
 
 @pytest.fixture
@@ -63,8 +51,8 @@ def join_cli(enrollment_coordinator, confide_client: Run, records: Path, tmp_pat
         token = create_token(
             enrollment_coordinator["engine"],
             name,
-            datetime.timedelta(hours=1),
-            enrollment_coordinator["fingerprint"],
+            ttl=datetime.timedelta(hours=1),
+            ca_fingerprint=enrollment_coordinator["fingerprint"],
         )
         token_file = tmp_path / f"{name}.token"
         token_file.write_text(str(token))

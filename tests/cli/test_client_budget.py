@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli
 
 from confide.client.institution import InstitutionConfig, InstitutionDir
 from confide.privacy.ledger import Ledger, Spend
 from confide.privacy.policy import PrivacyPolicy
 
-CLIENT = Path(sys.executable).with_name("confide-client")
-
 
 def client(*args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run(
-        [str(CLIENT), *args], capture_output=True, text=True, timeout=120, env=env
-    )
+    return cli("confide-client", *args)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import datetime
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
+from helpers import free_port
 
 from confide.client.institution import InstitutionDir
 from confide.privacy.ledger import Ledger, LedgerError, Spend, fingerprint_file
@@ -155,18 +155,12 @@ def test_a_revoked_institution_cannot_rotate_and_keeps_its_files(
     assert not InstitutionDir(spent_institution).next_private_key.exists()
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_rotation_whose_reply_was_lost_completes_when_run_again(
     spent_institution, confide_client, enrollment_coordinator
 ):
     directory = InstitutionDir(spent_institution)
     config = directory.load()
-    directory.save(config.model_copy(update={"enrollment": f"127.0.0.1:{closed_port()}"}))
+    directory.save(config.model_copy(update={"enrollment": f"127.0.0.1:{free_port()}"}))
     unreachable = confide_client("rotate-key", "--dir", str(spent_institution))
     assert unreachable.returncode == 2 and "current key stays in use" in plain(unreachable.stderr)
     assert directory.next_private_key.is_file()  # kept: the coordinator might have taken it
@@ -285,7 +279,9 @@ def test_a_join_whose_import_was_killed_succeeds_when_run_again(
 
     coordinator = enrollment_coordinator
     hour = datetime.timedelta(hours=1)
-    token = create_token(coordinator["engine"], "hospital-b", hour, coordinator["fingerprint"])
+    token = create_token(
+        coordinator["engine"], "hospital-b", ttl=hour, ca_fingerprint=coordinator["fingerprint"]
+    )
     (tmp_path / "killed.token").write_text(str(token))
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_JOIN, "join", "--server",

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
-import sys
-from pathlib import Path
+
+from helpers import cli
 
 from confide.server import pki
 from confide.server.settings import StateDir
 from confide.server.state import open_database
 from confide.server.tokens import JoinToken, redeem_token
 
-SCRIPT = Path(sys.executable).with_name("confide-server")
-
 
 def server(*args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run(
-        [str(SCRIPT), *args], capture_output=True, text=True, timeout=120, env=env
-    )
+    return cli("confide-server", *args)
 
 
 def test_init_creates_ca_certificate_database_and_settings_with_safe_modes(tmp_path):

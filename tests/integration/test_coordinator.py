@@ -3,101 +3,51 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
-import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import (
+    BIN,
+    Started,
+    cli,
+    confide,
+    flower_environment,
+    flwr_json,
+    free_port,
+    new_token,
+    openssh_key,
+    running_coordinator,
+    wait_until,
+)
 
+from confide.client.supernode import CONNECTED, REVOKED_MESSAGE
 from confide.privacy.ledger import Ledger
 from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-ENV = os.environ | {"COLUMNS": "200", "NO_COLOR": "1", "FLWR_TELEMETRY_ENABLED": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def server_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "confide-server"), *args], capture_output=True, text=True, timeout=120, env=ENV
-    )
-
-
-def read_until(process: subprocess.Popen[str], marker: str, seconds: float) -> str:
-    """Collect the process's output until `marker` appears (a reader thread, so lines that
-    arrive together in one chunk are not left in a buffer that select() cannot see)."""
-    lines: list[str] = []
-
-    def collect() -> None:
-        for line in process.stdout:
-            lines.append(line)
-
-    reader = threading.Thread(target=collect, daemon=True)
-    reader.start()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if any(marker in line for line in lines):
-            return "".join(lines)
-        if process.poll() is not None:
-            reader.join(timeout=5)
-            break
-        time.sleep(0.2)
-    raise AssertionError(f"no {marker!r} within {seconds}s; output so far:\n{''.join(lines)}")
 
 
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory):
-    state = tmp_path_factory.mktemp("coordinator") / "state"
-    ports = {"superlink": free_port(), "enrollment": free_port()}
-    init = server_cli(
-        "init",
-        "--dir",
-        str(state),
-        "--bind",
-        "127.0.0.1",
-        "--superlink-port",
-        str(ports["superlink"]),
-        "--enrollment-port",
-        str(ports["enrollment"]),
-    )
-    assert init.returncode == 0, init.stderr
-    process = subprocess.Popen(
-        [str(BIN / "confide-server"), "start", "--dir", str(state)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV,
-        start_new_session=True,
-    )
-    try:
-        banner = read_until(process, "ready", 120)
-        yield {"state": state, "process": process, "banner": banner, **ports}
-    finally:
-        # SIGTERM first: the coordinator then stops its SuperLink, which runs in its own
-        # session and would outlive a SIGKILL of the coordinator.
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    with running_coordinator(tmp_path_factory.mktemp("coordinator") / "state") as running:
+        yield running
+
+
+def server_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return cli("confide-server", *args)
+
+
+def client_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return cli("confide-client", *args)
 
 
 def register(coordinator, token: str) -> enrollment_pb2.RegisterResponse:
@@ -105,59 +55,32 @@ def register(coordinator, token: str) -> enrollment_pb2.RegisterResponse:
     channel = grpc.secure_channel(
         f"127.0.0.1:{coordinator['enrollment']}", grpc.ssl_channel_credentials(ca)
     )
-    key = (
-        ec.generate_private_key(ec.SECP384R1())
-        .public_key()
-        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    )
-    request = enrollment_pb2.RegisterRequest(token=token, public_key_openssh=key)
+    request = enrollment_pb2.RegisterRequest(token=token, public_key_openssh=openssh_key()[1])
     return enrollment_pb2_grpc.EnrollmentStub(channel).Register(request, timeout=60)
 
 
 def supernodes(coordinator) -> dict[str, str]:
-    listing = subprocess.run(
-        [str(BIN / "flwr"), "supernode", "list", "confide", "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=ENV | {"FLWR_HOME": str(coordinator["state"] / "flwr")},
-    )
-    nodes = json.loads(listing.stdout[listing.stdout.index("{") :])["nodes"]
+    """Node id -> status, as the SuperLink lists them."""
+    nodes = flwr_json(coordinator["state"] / "flwr", "supernode", "list", "confide")["nodes"]
     return {node["node-id"]: node["status"] for node in nodes}
 
 
 def test_start_reports_where_both_services_listen(coordinator):
-    assert f"127.0.0.1:{coordinator['superlink']}" in coordinator["banner"]
-    assert f"127.0.0.1:{coordinator['enrollment']}" in coordinator["banner"]
+    banner = coordinator["started"].output
+    assert f"127.0.0.1:{coordinator['superlink']}" in banner
+    assert f"127.0.0.1:{coordinator['enrollment']}" in banner
     leaf = ssl.get_server_certificate(("127.0.0.1", coordinator["enrollment"]))
     assert "BEGIN CERTIFICATE" in leaf
 
 
 def test_a_token_registers_the_institution_with_the_superlink(coordinator):
-    created = server_cli(
-        "token", "create", "--dir", str(coordinator["state"]), "--institution", "hospital-a"
-    )
-    assert created.returncode == 0, created.stderr
-    reply = register(coordinator, created.stdout.strip())
+    token = new_token(coordinator["state"], "hospital-a")
+    reply = register(coordinator, token)
     assert reply.institution == "hospital-a" and reply.node_id > 0
     assert str(reply.node_id) in supernodes(coordinator)
     with pytest.raises(grpc.RpcError) as reused:
-        register(coordinator, created.stdout.strip())
+        register(coordinator, token)
     assert reused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-
-def client_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "confide-client"), *args], capture_output=True, text=True, timeout=120, env=ENV
-    )
-
-
-def new_token(coordinator, institution: str) -> str:
-    created = server_cli(
-        "token", "create", "--dir", str(coordinator["state"]), "--institution", institution
-    )
-    assert created.returncode == 0, created.stderr
-    return created.stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +98,7 @@ def join(coordinator, data_file: Path, state: Path, name: str, *extra: str) -> s
         "--server",
         f"127.0.0.1:{coordinator['enrollment']}",
         "--token",
-        new_token(coordinator, name),
+        new_token(coordinator["state"], name),
         "--dir",
         str(state),
         "--data",
@@ -189,110 +112,63 @@ def join(coordinator, data_file: Path, state: Path, name: str, *extra: str) -> s
     return str(tomllib.loads((state / "institution.toml").read_text())["node_id"])
 
 
-def start_client(state: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [str(BIN / "confide-client"), "start", "--dir", str(state)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-        start_new_session=True,
-    )
+def start_client(state: Path) -> Started:
+    return confide("confide-client start", "--dir", str(state))
 
 
-def kill(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+def plain(text: str) -> str:
+    """`text` with its line breaks and runs of spaces folded (a console wraps long lines)."""
+    return " ".join(text.split())
 
 
-def wait_online(coordinator, node_ids: list[str], seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        status = supernodes(coordinator)
-        if all(status.get(i) == "online" for i in node_ids):
-            return
-        time.sleep(1)
+@pytest.fixture
+def plaintext_server() -> Iterator[int]:
+    """A port where a server answers in plaintext (HTTP) whatever it is sent."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def answer() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return  # closed
+            with connection:
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
 
 
-def test_join_refusals_leave_nothing_registered(coordinator, data_file, tmp_path):
+def test_join_refusals_leave_nothing_registered(coordinator, data_file, tmp_path, plaintext_server):
     server = f"127.0.0.1:{coordinator['enrollment']}"
-    token = new_token(coordinator, "hospital-d")
+    token = new_token(coordinator["state"], "hospital-d")
     before = set(supernodes(coordinator))
+
+    def join_with(token: str, folder: str, *, server: str = server, data: Path = data_file):
+        return client_cli(
+            "join", "--server", server, "--token", token, "--dir", str(tmp_path / folder),
+            "--data", str(data), "--no-start",
+        )  # fmt: skip
+
     # A token whose CA fingerprint is not this coordinator's: refused before registering.
-    forged = token[:-64] + "0" * 64
-    refused = client_cli(
-        "join",
-        "--server",
-        server,
-        "--token",
-        forged,
-        "--dir",
-        str(tmp_path / "d1"),
-        "--data",
-        str(data_file),
-        "--no-start",
-    )
+    refused = join_with(token[:-64] + "0" * 64, "d1")
     assert refused.returncode == 2 and "CA fingerprint mismatch" in refused.stderr
     # No TLS at the address: refused, never downgraded to plaintext.
-    plain = socket.socket()
-    plain.bind(("127.0.0.1", 0))
-    plain.listen()
-    try:
-        plaintext = client_cli(
-            "join",
-            "--server",
-            f"127.0.0.1:{plain.getsockname()[1]}",
-            "--token",
-            token,
-            "--dir",
-            str(tmp_path / "d2"),
-            "--data",
-            str(data_file),
-            "--no-start",
-        )
-    finally:
-        plain.close()
+    plaintext = join_with(token, "d2", server=f"127.0.0.1:{plaintext_server}")
     assert plaintext.returncode == 2 and "TLS" in plaintext.stderr
     # Unreadable data: refused before anything is registered.
-    bad = client_cli(
-        "join",
-        "--server",
-        server,
-        "--token",
-        token,
-        "--dir",
-        str(tmp_path / "d3"),
-        "--data",
-        str(tmp_path / "missing.csv"),
-    )
+    bad = join_with(token, "d3", data=tmp_path / "missing.csv")
     assert bad.returncode == 2 and "--data" in bad.stderr
     assert set(supernodes(coordinator)) == before
     # The token survived all of that; once used, it is refused.
-    ok = client_cli(
-        "join",
-        "--server",
-        server,
-        "--token",
-        token,
-        "--dir",
-        str(tmp_path / "d4"),
-        "--data",
-        str(data_file),
-        "--no-start",
-    )
+    ok = join_with(token, "d4")
     assert ok.returncode == 0, ok.stderr
-    again = client_cli(
-        "join",
-        "--server",
-        server,
-        "--token",
-        token,
-        "--dir",
-        str(tmp_path / "d5"),
-        "--data",
-        str(data_file),
-        "--no-start",
-    )
+    again = join_with(token, "d5")
     assert again.returncode == 2 and "already used" in again.stderr
     assert not (tmp_path / "d5" / "institution.toml").exists()
 
@@ -302,25 +178,32 @@ def test_revoked_institution_is_cut_off_and_cannot_return(coordinator, data_file
     node_id = join(coordinator, data_file, state, "hospital-e")
     supernode = start_client(state)
     try:
-        wait_online(coordinator, [node_id])
+        supernode.wait_for(CONNECTED, 90)
         listed = server_cli("institutions", "list", "--dir", str(coordinator["state"]))
-        assert "hospital-e" in listed.stdout and "online" in listed.stdout
+        assert "hospital-e" in listed.stdout and "online" in listed.stdout, listed.stdout
         revoked = server_cli(
             "institutions", "revoke", "hospital-e", "--dir", str(coordinator["state"])
         )
         assert revoked.returncode == 0, revoked.stderr
-        # Cut off: the connected SuperNode stops (bounded wait).
-        assert supernode.wait(timeout=90) is not None
+        # Cut off: the connected SuperNode is refused at its next request, and `start` fails
+        # saying why.
+        wait_until(
+            lambda: supernode.process.poll() is not None,
+            seconds=90,
+            what="`start` of the revoked institution to end",
+            details=lambda: supernode.output,
+        )
     finally:
-        kill(supernode)
+        code = supernode.finish()
+    assert code == 1 and REVOKED_MESSAGE in plain(supernode.output), supernode.output
     assert supernodes(coordinator).get(node_id) in (None, "unregistered")
     # The old key cannot come back: the SuperLink refuses to activate it.
     returning = start_client(state)
     try:
-        time.sleep(10)
+        returning.wait_for("the coordinator refused to activate this SuperNode", 90)
         assert supernodes(coordinator).get(node_id) in (None, "unregistered")
     finally:
-        kill(returning)
+        returning.finish()
     again = server_cli("institutions", "revoke", "hospital-e", "--dir", str(coordinator["state"]))
     assert again.returncode == 2 and "already revoked" in again.stderr
 
@@ -386,10 +269,7 @@ def check_privacy_report(folder: Path, results: dict, run_id: str, tmp_path: Pat
             ("digits-deployed", run_id, 1),
             ("digits-deployed", run_id, 2),
         ]
-        shown = subprocess.run(
-            [str(BIN / "confide-client"), "budget", "--dir", str(state), "--json"],
-            capture_output=True, text=True, timeout=60, env=ENV,
-        )  # fmt: skip
+        shown = client_cli("budget", "--dir", str(state), "--json")
         assert json.loads(shown.stdout)[0]["epsilon"] == pytest.approx(row["dataset_epsilon"])
 
 
@@ -434,44 +314,28 @@ def federation(coordinator, digits_files, tmp_path_factory):
             ids.append(join(coordinator, data, state, f"train-{index}", "--label-column", "digit"))
             assert (state / "institution.key").stat().st_mode & 0o777 == 0o600
             running.append(start_client(state))
-        wait_online(coordinator, ids)
-        assert all(supernodes(coordinator).get(node) == "online" for node in ids)
+        for index, started in enumerate(running):
+            started.wait_for(f"taking train-{index}'s tasks", 120)
+        status = supernodes(coordinator)
+        assert all(status.get(node) == "online" for node in ids), (ids, status)
         yield {"root": root, "states": [root / "train-0", root / "train-1"], "ids": ids}
     finally:
-        for process in running:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=30)
+        for started in running:
+            started.finish()
 
 
 def submit(coordinator, job_text: str, folder: Path, *extra: str) -> subprocess.CompletedProcess:
     job = folder / "job.toml"
     job.write_text(job_text)
-    return subprocess.run(
-        [
-            str(BIN / "confide-server"),
-            "submit",
-            str(job),
-            "--dir",
-            str(coordinator["state"]),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
+    return cli(
+        "confide-server", "submit", str(job), "--dir", str(coordinator["state"]), *extra,
         timeout=400,
-        env=ENV,
-    )
+    )  # fmt: skip
 
 
-def flwr(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Flower's own CLI with the connections in `home`/config.toml."""
-    return subprocess.run(
-        [str(BIN / "flwr"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=ENV | {"FLWR_HOME": str(home)},
-    )
+def flwr(home: Path, *args: str) -> dict:
+    """Flower's own CLI with the connections in `home`/config.toml; its JSON reply."""
+    return flwr_json(home, *args, timeout=120)
 
 
 FOREIGN_CLIENTAPP = """
@@ -526,17 +390,13 @@ def foreign_app(folder: Path, marker: Path) -> Path:
     return folder
 
 
-def wait_finished(coordinator, run_id: str, seconds: float = 240) -> str:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        listed = flwr(
-            coordinator["state"] / "flwr", "ls", "confide", "--run-id", run_id, "--format", "json"
-        )
-        runs = json.loads(listed.stdout[listed.stdout.index("{") :]).get("runs", [])
-        if runs and str(runs[0]["status"]).startswith("finished"):
-            return str(runs[0]["status"])
-        time.sleep(2)
-    raise AssertionError(f"run {run_id} did not finish within {seconds}s")
+def wait_finished(coordinator, run_id: str, seconds: float = 240) -> None:
+    def finished() -> bool:
+        listed = flwr(coordinator["state"] / "flwr", "ls", "confide", "--run-id", run_id)
+        runs = listed.get("runs", [])
+        return bool(runs) and str(runs[0]["status"]).startswith("finished")
+
+    wait_until(finished, seconds=seconds, what=f"run {run_id} finished", pause=1)
 
 
 def test_a_foreign_app_is_refused_at_the_control_api_and_by_every_institution(
@@ -553,14 +413,12 @@ def test_a_foreign_app_is_refused_at_the_control_api_and_by_every_institution(
         f'root-certificates = "{coordinator["state"] / "ca.pem"}"\n'
     )
     for args in (("run", str(app), "target"), ("ls", "target")):
-        attempt = flwr(attacker, *args, "--format", "json")
-        reply = json.loads(attempt.stdout[attempt.stdout.index("{") :])
+        reply = flwr(attacker, *args)
         assert reply["success"] is False and "403" in reply["error-message"], reply
-    listed = flwr(coordinator["state"] / "flwr", "ls", "confide", "--format", "json")
-    assert '"evil"' not in listed.stdout  # no run was created
+    listed = flwr(coordinator["state"] / "flwr", "ls", "confide")
+    assert '"evil"' not in json.dumps(listed)  # no run was created
     # With the operator's own connection: the SuperLink starts it, no institution runs it.
-    started = flwr(coordinator["state"] / "flwr", "run", str(app), "confide", "--format", "json")
-    run_id = json.loads(started.stdout[started.stdout.index("{") :])["run-id"]
+    run_id = str(flwr(coordinator["state"] / "flwr", "run", str(app), "confide")["run-id"])
     wait_finished(coordinator, run_id)
     assert not marker.exists()
     for state in federation["states"]:
@@ -699,7 +557,7 @@ def test_every_control_and_runtime_method_is_refused_to_institutions_enrolled_or
 
 
 def test_a_plaintext_client_is_refused_by_both_services(coordinator):
-    token = new_token(coordinator, "hospital-plain")
+    token = new_token(coordinator["state"], "hospital-plain")
     channel = grpc.insecure_channel(f"127.0.0.1:{coordinator['enrollment']}")
     request = enrollment_pb2.RegisterRequest(token=token, public_key_openssh=b"x")
     with pytest.raises(grpc.RpcError) as refused:
@@ -718,42 +576,25 @@ def test_a_plaintext_client_is_refused_by_both_services(coordinator):
 
 
 def test_an_unregistered_key_is_refused_by_the_superlink(coordinator, tmp_path):
-    key = ec.generate_private_key(ec.SECP384R1())
     private = tmp_path / "stranger"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-    )
+    private.write_bytes(openssh_key()[0])
     private.chmod(0o600)
     before = supernodes(coordinator)
-    stranger = subprocess.Popen(
+    stranger = Started(
         [
             str(BIN / "flower-supernode"),
-            "--root-certificates",
-            str(coordinator["state"] / "ca.pem"),
-            "--superlink",
-            f"127.0.0.1:{coordinator['superlink']}",
-            "--auth-supernode-private-key",
-            str(private),
-            "--port",
-            str(free_port()),
+            "--root-certificates", str(coordinator["state"] / "ca.pem"),
+            "--superlink", f"127.0.0.1:{coordinator['superlink']}",
+            "--auth-supernode-private-key", str(private),
+            "--port", str(free_port()),
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},  # it starts SuperExec
-        start_new_session=True,
-    )
+        flower_environment(),  # it starts Flower's SuperExec by name
+    )  # fmt: skip
     try:
-        output = read_until(stranger, "2004", 60)
+        stranger.wait_for("2004", 60)  # refused: it exits, or is killed once it said so
     finally:
-        if stranger.poll() is None:
-            os.killpg(stranger.pid, signal.SIGKILL)
-        stranger.wait()
-    assert "SuperNode ID" not in output
+        stranger.finish(signal.SIGKILL)
+    assert "SuperNode ID" not in stranger.output, stranger.output
     assert supernodes(coordinator) == before
 
 
@@ -822,11 +663,3 @@ def test_the_audit_log_records_each_action_in_order_and_detects_tampering(coordi
             database.executescript(statement)
         checked = server_cli("audit", "verify", "--dir", str(copy))
         assert checked.returncode == 2, (name, checked.stdout, checked.stderr)
-
-
-def test_sigterm_stops_the_coordinator_and_its_superlink(coordinator):
-    process = coordinator["process"]
-    os.killpg(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", coordinator["superlink"]), timeout=2).close()

@@ -11,25 +11,29 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
-import threading
-import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import (
+    alive,
+    cli,
+    confide,
+    free_port,
+    init_coordinator,
+    listening,
+    openssh_key,
+    running_coordinator,
+    spawned_by,
+    wait_until,
+)
 
 from confide.protos.v1 import enrollment_pb2, enrollment_pb2_grpc
 from confide.server import pki
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-ENV = os.environ | {"COLUMNS": "200", "NO_COLOR": "1", "FLWR_TELEMETRY_ENABLED": "0"}
 
 
 # Set in the operator's environment, these would make Flower's SuperLink open gRPC Control
@@ -37,125 +41,15 @@ ENV = os.environ | {"COLUMNS": "200", "NO_COLOR": "1", "FLWR_TELEMETRY_ENABLED":
 FLOWER_SWITCHES = {"FLWR_INTERNAL_GRPC_CONTROL_API": "1", "FLWR_INTERNAL_GRPC_FLEET_API": "1"}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def server_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "confide-server"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-    )
-
-
-def flwr(home: Path, *args: str) -> dict:
-    done = subprocess.run(
-        [str(BIN / "flwr"), *args, "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=ENV | {"FLWR_HOME": str(home)},
-    )
-    return json.loads(done.stdout[done.stdout.index("{") :])
-
-
-def init(state: Path, **ports: int) -> dict[str, int]:
-    ports = {"superlink": free_port(), "control": free_port(), "enrollment": free_port()} | ports
-    created = server_cli(
-        "init",
-        "--dir",
-        str(state),
-        "--bind",
-        "127.0.0.1",
-        "--superlink-port",
-        str(ports["superlink"]),
-        "--control-port",
-        str(ports["control"]),
-        "--enrollment-port",
-        str(ports["enrollment"]),
-    )
-    assert created.returncode == 0, created.stderr
-    return ports
-
-
-class Coordinator:
-    """`confide-server start` in its own session, its output collected by a thread."""
-
-    def __init__(self, state: Path, env: dict[str, str] | None = None) -> None:
-        self.state = state
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [str(BIN / "confide-server"), "start", "--dir", str(state)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=ENV | (env or {}),
-            start_new_session=True,
-        )
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self, seconds: float = 120) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if "ready" in self.output:
-                return
-            assert self.process.poll() is None, f"exited early:\n{self.output}"
-            time.sleep(0.2)
-        raise AssertionError(f"not ready within {seconds}s:\n{self.output}")
-
-    def finish(self, seconds: float = 60) -> int:
-        """Its exit code; SIGTERM (then SIGKILL) if it still runs."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=seconds)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
-
-
-def started(
-    state: Path, env: dict[str, str] | None = None, **ports: int
-) -> tuple[Coordinator, dict[str, int]]:
-    ports = init(state, **ports)
-    coordinator = Coordinator(state, env)
-    try:
-        coordinator.wait_ready()
-    except BaseException:
-        coordinator.finish()
-        raise
-    return coordinator, ports
+    return cli("confide-server", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def coordinator(tmp_path_factory) -> Iterator[dict]:
+def coordinator(tmp_path_factory):
     state = tmp_path_factory.mktemp("services") / "state"
-    running, ports = started(state, FLOWER_SWITCHES)
-    try:
-        yield {"state": state, "coordinator": running, **ports}
-    finally:
-        running.finish()
-
-
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
+    with running_coordinator(state, FLOWER_SWITCHES) as running:
+        yield running
 
 
 def public_client(coordinator) -> httpx.Client:
@@ -239,27 +133,11 @@ def test_an_institution_joins_with_a_token_file_and_is_told_the_public_port(coor
     )
     assert created.returncode == 0, created.stderr
     institution = tmp_path / "hospital-a"
-    joined = subprocess.run(
-        [
-            str(BIN / "confide-client"),
-            "join",
-            "--server",
-            f"127.0.0.1:{coordinator['enrollment']}",
-            "--token-file",
-            str(token_file),
-            "--dir",
-            str(institution),
-            "--data",
-            str(data),
-            "--port",
-            str(free_port()),
-            "--no-start",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=ENV,
-    )
+    joined = cli(
+        "confide-client", "join", "--server", f"127.0.0.1:{coordinator['enrollment']}",
+        "--token-file", str(token_file), "--dir", str(institution), "--data", str(data),
+        "--port", str(free_port()), "--no-start",
+    )  # fmt: skip
     assert joined.returncode == 0, joined.stderr
     settings = tomllib.loads((institution / "institution.toml").read_text())
     assert int(settings["node_id"]) > 0
@@ -302,7 +180,7 @@ def test_a_taken_port_is_refused_before_anything_starts(tmp_path, taken: str):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        init(tmp_path / "state", **{taken: port})
+        init_coordinator(tmp_path / "state", **{taken: port})
         refused = server_cli("start", "--dir", str(tmp_path / "state"), timeout=60)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     message = " ".join(refused.stderr.split())
@@ -314,7 +192,7 @@ def test_a_taken_port_is_refused_before_anything_starts(tmp_path, taken: str):
 def test_a_second_coordinator_is_refused_on_the_same_enrollment_port_or_folder(
     coordinator, tmp_path
 ):
-    init(tmp_path / "other", enrollment=coordinator["enrollment"])
+    init_coordinator(tmp_path / "other", enrollment=coordinator["enrollment"])
     refused = server_cli("start", "--dir", str(tmp_path / "other"), timeout=60)
     assert refused.returncode == 2
     assert f"port {coordinator['enrollment']}" in " ".join(refused.stderr.split())
@@ -322,34 +200,32 @@ def test_a_second_coordinator_is_refused_on_the_same_enrollment_port_or_folder(
     pid = pid_file.read_text()
     twice = server_cli("start", "--dir", str(coordinator["state"]), timeout=60)
     assert twice.returncode == 2 and "already running" in " ".join(twice.stderr.split())
-    assert coordinator["coordinator"].process.poll() is None
+    assert coordinator["started"].process.poll() is None
     assert pid_file.read_text() == pid  # the running coordinator's file is left alone
 
 
 def test_stop_stops_exactly_its_coordinator(coordinator, tmp_path):
     state = tmp_path / "second"
-    second, ports = started(state)
-    try:
+    with running_coordinator(state) as second:
         pid = int((state / "coordinator.pid").read_text())
-        assert pid == second.process.pid
+        assert pid == second["started"].process.pid
         stopped = server_cli("stop", "--dir", str(state))
         assert stopped.returncode == 0, stopped.stderr
-        assert second.process.wait(timeout=5) == 0
+        assert second["started"].process.wait(timeout=5) == 0
         assert not (state / "coordinator.pid").exists()
-        assert not any(listening(port) for port in ports.values())
-        assert coordinator["coordinator"].process.poll() is None
+        ports = [second[name] for name in ("superlink", "control", "enrollment")]
+        assert not any(listening(port) for port in ports)
+        assert coordinator["started"].process.poll() is None
         assert listening(coordinator["superlink"]) and listening(coordinator["control"])
         again = server_cli("stop", "--dir", str(state))
         assert again.returncode == 2 and "no coordinator is running" in again.stderr
         actions = [entry["action"] for entry in audit_entries(state)]
         assert actions[-2:] == ["service.started", "service.stopped"]
-    finally:
-        second.finish()
 
 
 def test_a_superlink_that_dies_at_start_is_reported_with_its_log(tmp_path):
     state = tmp_path / "state"
-    init(state)
+    init_coordinator(state)
     (state / "superlink.db").mkdir()  # the SuperLink cannot open its database
     refused = server_cli("start", "--dir", str(state), timeout=120)
     message = " ".join(refused.stderr.split())
@@ -360,20 +236,19 @@ def test_a_superlink_that_dies_at_start_is_reported_with_its_log(tmp_path):
 
 def register(port: int, ca: bytes, token: str) -> enrollment_pb2.RegisterResponse:
     with grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(ca)) as channel:
-        key = (
-            ec.generate_private_key(ec.SECP384R1())
-            .public_key()
-            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        )
-        request = enrollment_pb2.RegisterRequest(token=token, public_key_openssh=key)
+        request = enrollment_pb2.RegisterRequest(token=token, public_key_openssh=openssh_key()[1])
         return enrollment_pb2_grpc.EnrollmentStub(channel).Register(request, timeout=60)
 
 
-def test_failed_joins_are_rate_limited_and_audited(tmp_path):
-    """Its own coordinator: the limit then holds for 127.0.0.1 for a while."""
+def test_failed_joins_are_rate_limited_and_audited_then_sigterm_stops_it_all(tmp_path):
+    """A coordinator of its own: the limit then holds for 127.0.0.1 for a while, and SIGTERM
+    may stop it. SIGTERM, as a service manager sends it, stops the coordinator (exit status
+    0), its SuperLink and everything that SuperLink started, and frees every port."""
     state = tmp_path / "state"
-    running, ports = started(state)
+    ports = init_coordinator(state)
+    started = confide("confide-server start", "--dir", str(state))
     try:
+        started.wait_for("ready", 120)
         ca = (state / "ca.pem").read_bytes()
         fingerprint = pki.fingerprint(pki.load_certificate(state / "ca.pem"))
         guess = f"confide1.{'0' * 16}.{'A' * 43}.{fingerprint}"  # well formed, unknown
@@ -384,8 +259,19 @@ def test_failed_joins_are_rate_limited_and_audited(tmp_path):
             codes.append(refused.value.code())
         assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 5 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
         assert re.search(r"try again in \d+ s", refused.value.details())
+        children = spawned_by(started.process.pid)  # the SuperLink
+        descendants = children + [pid for child in children for pid in spawned_by(child)]
+        assert len(descendants) >= 2, descendants  # the SuperLink and its SuperExec
+        os.killpg(started.process.pid, signal.SIGTERM)  # as Ctrl-C or a service manager
+        assert started.process.wait(timeout=60) == 0, started.output
     finally:
-        assert running.finish() == 0
+        started.finish()
+    wait_until(
+        lambda: not any(alive(pid) for pid in descendants),
+        seconds=30,
+        what="the SuperLink and its SuperExec gone with the coordinator",
+    )
+    assert not any(listening(port) for port in ports.values())
     refusals = [e for e in audit_entries(state) if e["action"] == "token.refused"]
     assert len(refusals) == 5 and {e["details"]["peer"] for e in refusals} == {"127.0.0.1"}
     assert all(e["details"]["reason"].startswith("unknown join token") for e in refusals)

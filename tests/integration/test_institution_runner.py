@@ -14,30 +14,33 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from helpers import (
+    Started,
+    alive,
+    bare_superlink,
+    cli,
+    confide,
+    environment,
+    free_port,
+    openssh_key,
+    spawned_by,
+    wait_until,
+)
 
 from confide.client.institution import InstitutionConfig, InstitutionDir
 from confide.client.runner import SECRET_FILE, acquire_client, write_secret
 from confide.client.supernode import supernode_command
 from confide.privacy.ledger import Ledger
 from confide.privacy.policy import APP_REFUSED
-from confide.server import pki
 from confide.server.enrollment import FlowerRegistrar
-from confide.server.flower import write_connection
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-ENV = os.environ | {"COLUMNS": "200", "NO_COLOR": "1", "FLWR_TELEMETRY_ENABLED": "0"}
 PROBE = """
 import json, os, time
 from pathlib import Path
@@ -82,88 +85,23 @@ def query(message, context):
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 @pytest.fixture(scope="module")
 def superlink(tmp_path_factory):
-    """A raw SuperLink (TLS, SuperNode auth) that can run the probe ServerApp."""
+    """A bare SuperLink (TLS, SuperNode auth) that can run the probe ServerApp."""
     state = tmp_path_factory.mktemp("coordinator")
-    ca_key, ca = pki.create_ca()
-    server_key, server = pki.issue_server_certificate(ca_key, ca, ["localhost", "127.0.0.1"])
-    pki.write_certificate(state / "ca.pem", ca)
-    pki.write_certificate(state / "server.pem", server, ca)
-    pki.write_private_key(state / "server.key", server_key)
     (state / "probe").mkdir()
     (state / "probe" / "probe_server.py").write_text(PROBE)
     (state / "out").mkdir()
-    port = free_port()
-    env = ENV | {
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_HOME": str(state / "flwr"),
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
-        "PYTHONPATH": str(state / "probe"),
-        "PROBE_OUT": str(state / "out"),
-    }
-    command = [
-        str(BIN / "flower-superlink"),
-        "--ssl-ca-certfile", str(state / "ca.pem"),
-        "--ssl-certfile", str(state / "server.pem"),
-        "--ssl-keyfile", str(state / "server.key"),
-        "--database", str(state / "superlink.db"),
-        "--enable-supernode-auth",
-        "--disable-runtime-dependency-installation",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, "no SuperLink"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
-        write_connection(state / "flwr", f"127.0.0.1:{port}", state / "ca.pem")
+    env = {"PYTHONPATH": str(state / "probe"), "PROBE_OUT": str(state / "out")}
+    with bare_superlink(state, env) as port:
         yield {"state": state, "port": port, "registrar": FlowerRegistrar(state / "flwr")}
-    finally:
-        stop(process)
 
 
 def institution(superlink, tmp_path: Path, name: str) -> tuple[Path, int]:
     """An institution's folder as `join` leaves it (its key registered); its node id."""
     folder = tmp_path / name
     folder.mkdir()
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
+    private, public = openssh_key()
     (folder / "institution.key").write_bytes(private)
     (folder / "institution.key").chmod(0o600)
     (folder / "institution.pub").write_bytes(public)
@@ -184,87 +122,32 @@ def institution(superlink, tmp_path: Path, name: str) -> tuple[Path, int]:
     return folder, node_id
 
 
-class Started:
-    """`confide-client start --dir FOLDER`, its output collected by a thread."""
-
-    def __init__(self, folder: Path) -> None:
-        self.process = subprocess.Popen(
-            [str(BIN / "confide-client"), "start", "--dir", str(folder)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=ENV,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, marker: str, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while marker not in self.output:
-            assert time.monotonic() < deadline, f"no {marker!r}; output:\n{self.output}"
-            assert self.process.poll() is None, f"exited; output:\n{self.output}"
-            time.sleep(0.2)
+def start(folder: Path) -> Started:
+    """`confide-client start --dir FOLDER`."""
+    return confide("confide-client start", "--dir", str(folder))
 
 
-def wait_online(superlink, node_id: int, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while superlink["registrar"].statuses().get(node_id) != "online":
-        assert time.monotonic() < deadline, f"node {node_id} not online"
-        time.sleep(0.5)
+def status(superlink, node_id: int) -> str | None:
+    return superlink["registrar"].statuses().get(node_id)
 
 
 def wait_signed_off(superlink, node_id: int, seconds: float) -> None:
     """Offline well before the SuperLink's 60 s heartbeat timeout: the SuperNode signed off."""
-    deadline = time.monotonic() + seconds
-    while superlink["registrar"].statuses().get(node_id) == "online":
-        assert time.monotonic() < deadline, f"node {node_id} still online"
-        time.sleep(0.5)
-
-
-def spawned_by(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (from Linux's /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie nobody reaped yet does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    wait_until(
+        lambda: status(superlink, node_id) != "online",
+        seconds=seconds,
+        what=f"node {node_id} signed off",
+        pause=0.5,
+    )
 
 
 def flwr_run(superlink, app: Path) -> str:
     """Start the app in `app` with `flwr run`; its run id."""
-    env = ENV | {
-        "FLWR_HOME": str(superlink["state"] / "flwr"),
-        "PYTHONPATH": str(superlink["state"] / "probe"),  # `flwr run` checks the ServerApp
-    }
-    result = subprocess.run(
-        [str(BIN / "flwr"), "run", str(app), "confide", "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
+    env = environment(
+        FLWR_HOME=str(superlink["state"] / "flwr"),
+        PYTHONPATH=str(superlink["state"] / "probe"),  # `flwr run` checks the ServerApp
     )
+    result = cli("flwr", "run", str(app), "confide", "--format", "json", env=env)
     reply = json.loads(result.stdout[result.stdout.index("{") :])
     assert reply.get("success"), reply
     return str(reply["run-id"])
@@ -273,10 +156,7 @@ def flwr_run(superlink, app: Path) -> str:
 def replies(superlink, run_id: str) -> list[dict]:
     """What the probe ServerApp of run `run_id` received."""
     out = superlink["state"] / "out" / f"run-{run_id}.json"
-    deadline = time.monotonic() + 120
-    while not out.is_file():
-        assert time.monotonic() < deadline, f"run {run_id} wrote no replies"
-        time.sleep(0.5)
+    wait_until(out.is_file, seconds=120, what=f"run {run_id} writing its replies", pause=0.5)
     return json.loads(out.read_text())
 
 
@@ -307,10 +187,10 @@ def test_a_foreign_app_is_refused_and_confides_own_app_runs(superlink, tmp_path)
         },
     )
     own = app_folder(tmp_path, "own", "confide.client.app:app", {})
-    started = Started(folder)
+    started = start(folder)
     try:
-        wait_online(superlink, node_id)
-        started.wait_for("taking hospital-a's tasks", 60)
+        started.wait_for("taking hospital-a's tasks", 90)
+        assert status(superlink, node_id) == "online"
         # Both runs at once: the SuperNode serves their messages one after the other.
         runs = [flwr_run(superlink, evil), flwr_run(superlink, own)]
         [refused], [answered] = (replies(superlink, run_id) for run_id in runs)
@@ -330,8 +210,8 @@ def test_a_foreign_app_is_refused_and_confides_own_app_runs(superlink, tmp_path)
         stranger.close()
         assert denied.value.response.status_code == 401
     finally:
-        stop(started.process)
-    assert started.process.returncode == 0
+        code = started.finish()
+    assert code == 0, started.output
     [entry] = Ledger(folder).entries()
     assert entry.kind == "refused-app" and json.loads(entry.note)["reason"] == reason
     assert Ledger(folder).verify() == []
@@ -341,42 +221,24 @@ def test_a_foreign_app_is_refused_and_confides_own_app_runs(superlink, tmp_path)
         assert (folder / path).stat().st_mode & 0o777 == mode, path
 
 
-def test_a_revoked_institution_is_told_so_and_start_fails(superlink, tmp_path):
-    folder, node_id = institution(superlink, tmp_path, "hospital-r")
-    started = Started(folder)
-    try:
-        wait_online(superlink, node_id)
-        superlink["registrar"].unregister(node_id)
-        code = started.process.wait(timeout=60)
-    finally:
-        stop(started.process)
-    time.sleep(0.5)  # the reader thread's last lines
-    assert code != 0
-    assert "this institution's key was revoked by the coordinator; ask for a new join token" in (
-        started.output
-    )
-
-
 def test_an_activation_refused_right_after_a_crash_is_retried(superlink, tmp_path):
     folder, node_id = institution(superlink, tmp_path, "hospital-c")
-    crashed = subprocess.Popen(
+    crashed = Started(
         supernode_command(InstitutionDir(folder), write_secret(folder)),
-        env=ENV | {"FLWR_HOME": str(tmp_path / "flwr")},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        environment(FLWR_HOME=str(tmp_path / "flwr")),
     )
     try:
-        wait_online(superlink, node_id)
+        crashed.wait_for("SuperNode ID", 90)
+        assert status(superlink, node_id) == "online"
     finally:
-        stop(crashed, signal.SIGKILL)  # no sign-off: the SuperLink holds it online a while
-    started = Started(folder)
+        crashed.finish(signal.SIGKILL)  # no sign-off: the SuperLink holds it online a while
+    started = start(folder)
     try:
         started.wait_for("refused to activate this SuperNode", 60)
         started.wait_for("retrying in 10s", 5)
     finally:
-        stop(started.process)
-    assert started.process.returncode == 0  # stopped while waiting to retry
+        code = started.finish()
+    assert code == 0, started.output  # stopped while waiting to retry
     assert "revoked" not in started.output
 
 
@@ -387,29 +249,30 @@ def test_an_activation_refused_right_after_a_crash_is_retried(superlink, tmp_pat
 def test_the_supernode_and_the_runner_do_not_outlive_start(superlink, tmp_path, sig):
     name = f"hospital-{sig.name[3:].lower()}"
     folder, node_id = institution(superlink, tmp_path, name)
-    started = Started(folder)
+    started = start(folder)
     try:
-        wait_online(superlink, node_id)
-        started.wait_for(f"taking {name}'s tasks", 60)
+        started.wait_for(f"taking {name}'s tasks", 90)
+        assert status(superlink, node_id) == "online"
         spawned = spawned_by(started.process.pid)
         assert len(spawned) == 2, spawned  # the runner and the SuperNode
         os.kill(started.process.pid, sig)  # `start` alone, as a closing terminal signals it
         code = started.process.wait(timeout=60)
-        deadline = time.monotonic() + 60
-        while any(alive(pid) for pid in spawned):
-            assert time.monotonic() < deadline, "a child of start outlived it"
-            time.sleep(0.2)
+        wait_until(
+            lambda: not any(alive(pid) for pid in spawned),
+            seconds=60,
+            what="the runner and the SuperNode gone with `start`",
+        )
         wait_signed_off(superlink, node_id, 30)
     finally:
-        stop(started.process)
+        started.finish()
     assert code == (0 if sig == signal.SIGHUP else -signal.SIGKILL), started.output
     # Nothing holds the port or the activation: the next start takes the tasks at once.
-    again = Started(folder)
+    again = start(folder)
     try:
-        wait_online(superlink, node_id)
         again.wait_for(f"taking {name}'s tasks", 60)
+        assert status(superlink, node_id) == "online"
     finally:
-        stop(again.process)
+        again.finish()
     for refusal in ("refused to activate", "refused this runner's SuperExec secret"):
         assert refusal not in again.output, again.output
 
@@ -420,13 +283,7 @@ def test_start_refuses_while_the_port_is_taken(superlink, tmp_path):
     with socket.socket() as orphan:
         orphan.bind(("127.0.0.1", port))
         orphan.listen()
-        result = subprocess.run(
-            [str(BIN / "confide-client"), "start", "--dir", str(folder)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=ENV,
-        )
+        result = cli("confide-client", "start", "--dir", str(folder))
     assert result.returncode == 2
     said = " ".join(result.stderr.split())
     assert f"127.0.0.1:{port}" in said

@@ -1,55 +1,86 @@
 """End to end through the real CLI: Flower's simulation engine on Ray, Opacus DP-SGD.
 
-Three institutions, two rounds, DP on. The first run starts from empty ledgers; the second
-and third are each given a copy of the first one's ledgers (`--state`): they continue each
-institution's spend, draw fresh noise (their losses differ from the first run's), and repeat
-each other exactly (same seed, same starting state).
+Three institutions, two rounds, DP on, on the digits data given as a CSV file that the
+scenario names by a path relative to itself. The first run starts from empty ledgers and
+runs from another folder; the second and third are each given a copy of the first one's
+ledgers (`--state`): they continue each institution's spend and draw fresh noise (their
+losses differ from the first run's). The third runs the scenario the second saved, from yet
+another folder: it repeats the second exactly (same seed, same starting state).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import cli
 
 from confide.privacy.accounting import epsilon
+from confide.simulations.scenario import bundled_scenarios
+from confide.tasks.datasets import load_digits
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(sys.executable).with_name("confide-simulate")
-ARGS = ("run", "digits-dp", "--rounds", "2", "--institutions", "3", "--seed", "7", "--quiet")
+OVERRIDES = ("--rounds", "2", "--institutions", "3", "--seed", "7")
 
 
-def _run(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], Path]:
-    result = subprocess.run(
-        [str(SCRIPT), *ARGS, "--out", str(out), *extra],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=os.environ | {"COLUMNS": "200", "NO_COLOR": "1"},
-    )
+def _run(
+    scenario: Path, out: Path, cwd: Path, *extra: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    cwd.mkdir(exist_ok=True)
+    result = cli(
+        "confide-simulate", "run", str(scenario), "--quiet", "--out", str(out), *extra,
+        timeout=600, cwd=cwd,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     (directory,) = out.iterdir()
     return result, directory
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """The first run and one that continues its ledgers."""
-    first = _run(tmp_path_factory.mktemp("run0"))
+def scenario_file(tmp_path_factory) -> Path:
+    """The bundled digits-dp scenario with its data in a CSV file beside it, named by a
+    relative path: `data/digits.csv`."""
+    project = tmp_path_factory.mktemp("project")
+    digits = load_digits()
+    (project / "data").mkdir()
+    header = ",".join([*(f"p{j}" for j in range(digits.x.shape[1])), "digit"])
+    rows = [
+        ",".join([*(f"{v:.4f}" for v in x), str(y)])
+        for x, y in zip(digits.x, digits.y, strict=True)
+    ]
+    (project / "data" / "digits.csv").write_text("\n".join([header, *rows]) + "\n")
+    bundled = bundled_scenarios()["digits-dp"].read_text()
+    task = '[task]\nname = "digits"\n'
+    assert task in bundled
+    csv = '[task]\nname = "csv"\npath = "data/digits.csv"\nlabel_column = "digit"\n'
+    (project / "digits-dp.toml").write_text(bundled.replace(task, csv))
+    return project / "digits-dp.toml"
+
+
+@pytest.fixture(scope="module")
+def two_runs(scenario_file, tmp_path_factory):
+    """The first run, one that continues its ledgers, and the second's saved scenario run
+    again on another copy of the first run's ledgers."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    first = _run(scenario_file, tmp_path_factory.mktemp("run0"), elsewhere, *OVERRIDES)
     starts = []
     for copy in ("state1", "state2"):
         starts.append(tmp_path_factory.mktemp(copy) / "state")
         shutil.copytree(first[1] / "state", starts[-1])
-    continued = [
-        _run(tmp_path_factory.mktemp(f"run{i}"), "--state", str(start))
-        for i, start in enumerate(starts, 1)
-    ]
-    return [first, *continued]
+    second = _run(
+        scenario_file, tmp_path_factory.mktemp("run1"), elsewhere, *OVERRIDES,
+        "--state", str(starts[0]),
+    )  # fmt: skip
+    saved = second[1] / "scenario.toml"
+    third = _run(
+        saved, tmp_path_factory.mktemp("run2"), tmp_path_factory.mktemp("another"),
+        "--state", str(starts[1]),
+    )  # fmt: skip
+    return [first, second, third]
 
 
 def test_run_writes_every_artefact(two_runs):
@@ -107,14 +138,20 @@ def test_summary_prints_accuracy_and_each_epsilon(two_runs):
         assert f"{inst['epsilon']:.3f}" in result.stdout
 
 
-def test_resolved_scenario_records_the_overrides(two_runs):
-    import tomllib
-
+def test_resolved_scenario_records_the_overrides_and_the_data_file(two_runs, scenario_file):
     _, directory = two_runs[0]
     resolved = tomllib.loads((directory / "scenario.toml").read_text())
     assert resolved["federation"]["rounds"] == 2
     assert resolved["simulation"]["institutions"] == 3
     assert resolved["seed"] == 7
+    # The file the run read, wherever the scenario is run from; no other task's settings.
+    data = scenario_file.parent.resolve() / "data" / "digits.csv"
+    assert resolved["task"] == {
+        "name": "csv",
+        "path": str(data),
+        "label_column": "digit",
+        "model": {"hidden": [64], "activation": "tanh"},
+    }
 
 
 # What legitimately differs between two runs from the same starting state: time, and where
@@ -130,11 +167,14 @@ def _without_timing(value):
     return value
 
 
-def test_same_seed_and_starting_state_give_the_same_numbers(two_runs):
+def test_a_saved_scenario_run_again_elsewhere_from_the_same_state_gives_the_same_numbers(
+    two_runs,
+):
     second, third = (
         json.loads((directory / "results.json").read_text()) for _, directory in two_runs[1:]
     )
     assert _without_timing(second) == _without_timing(third)
+    assert second["final"]["accuracy"] > 0  # a run that trained, not two empty results
 
 
 def test_a_run_that_continues_the_ledgers_draws_fresh_noise(two_runs):

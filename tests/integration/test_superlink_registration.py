@@ -3,104 +3,32 @@
 from __future__ import annotations
 
 import datetime
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import bare_superlink, cli, openssh_key
 
 from confide.client.institution import InstitutionDir
 from confide.privacy.ledger import Ledger, Spend, fingerprint_file
 from confide.server import pki
 from confide.server.enrollment import EnrollmentService, FlowerRegistrar, RegistrationError, serve
-from confide.server.flower import write_connection
 from confide.server.institutions import enrolled_key
 from confide.server.state import open_database
 from confide.server.tokens import create_token
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"SuperLink exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"SuperLink did not listen on {port} within {seconds}s")
 
 
 @pytest.fixture(scope="module")
 def superlink(tmp_path_factory):
     state = tmp_path_factory.mktemp("coordinator")
-    ca_key, ca = pki.create_ca()
-    server_key, server = pki.issue_server_certificate(ca_key, ca, ["localhost", "127.0.0.1"])
-    pki.write_certificate(state / "ca.pem", ca)
-    pki.write_certificate(state / "server.pem", server, ca)
-    pki.write_private_key(state / "server.key", server_key)
-    port = free_port()
-    env = os.environ | {
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # it spawns flower-superexec
-        "FLWR_HOME": str(state / "flwr"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-    }
-    process = subprocess.Popen(
-        [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile",
-            str(state / "ca.pem"),
-            "--ssl-certfile",
-            str(state / "server.pem"),
-            "--ssl-keyfile",
-            str(state / "server.key"),
-            "--database",
-            str(state / "superlink.db"),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for_port(port, process)
-        write_connection(state / "flwr", f"127.0.0.1:{port}", state / "ca.pem")
+    with bare_superlink(state):
         yield FlowerRegistrar(state / "flwr")
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def openssh_public_key() -> bytes:
-    key = ec.generate_private_key(ec.SECP384R1())
-    return key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
+    return openssh_key()[1]
 
 
 def test_a_new_key_is_registered_and_gets_a_node_id(superlink):
@@ -115,10 +43,7 @@ def test_the_same_key_cannot_be_registered_twice(superlink):
 
 
 def confide_client(*args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run(
-        [str(BIN / "confide-client"), *args], capture_output=True, text=True, timeout=120, env=env
-    )
+    return cli("confide-client", *args)
 
 
 @pytest.fixture
@@ -137,7 +62,10 @@ def joined(enrollment, tmp_path: Path, name: str) -> tuple[Path, Path]:
     """Institution `name` joined with `confide-client join` (a fresh token, 20 rows of data
     in tmp_path); its folder and data file."""
     token = create_token(
-        enrollment["engine"], name, datetime.timedelta(hours=1), pki.fingerprint(enrollment["ca"])
+        enrollment["engine"],
+        name,
+        ttl=datetime.timedelta(hours=1),
+        ca_fingerprint=pki.fingerprint(enrollment["ca"]),
     )
     (tmp_path / f"{name}.token").write_text(str(token))
     data = tmp_path / f"{name}.csv"

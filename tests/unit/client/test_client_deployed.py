@@ -294,3 +294,43 @@ def test_a_moved_ledger_refuses_before_training(institution, tmp_path):
     assert "moved to another folder" in reply.error.reason
     assert "elsewhere" not in reply.error.reason  # a path on the institution's host
     assert [e.kind for e in ledger.entries()] == ["spend", "moved"]  # nothing trained
+
+
+def test_the_limit_check_step_refuses_a_round_past_the_limit_before_anything_runs(institution):
+    """`admit_round` is the whole check: it returns the refusal reply itself, and reading
+    the request and checking it leaves nothing in the ledger or the node's state."""
+    from confide.client.app import Admitted, TrainRequest, admit_round
+
+    context = institution(PrivacyPolicy(max_epsilon=0.5))
+    message = _train_message(_instructions(), server_round=2)
+    request = TrainRequest.read(message, context, deployed_institution)
+    refused = admit_round(request)
+    assert isinstance(refused, Message) and refused.has_error()
+    assert refused.error.code == REFUSED_BY_POLICY
+    assert refused.error.reason.startswith("hospital-x refuses round 2: this round would bring")
+    assert "max_epsilon 0.5" in refused.error.reason
+    assert Ledger(Path(context.node_config[STATE_DIR_KEY])).entries() == []
+    assert "confide.privacy.history" not in context.state
+    # Within the limits the same step returns what training needs: the sigma and mechanism
+    # the round's reply then reports.
+    allowed = admit_round(TrainRequest.read(message, institution(), deployed_institution))
+    assert isinstance(allowed, Admitted)
+    assert allowed.privacy.noise_multiplier == allowed.mechanism.noise_multiplier == 1.0
+    assert allowed.mechanism.declared_examples == DECLARED
+    assert allowed.books.dataset == [] and allowed.books.run == []
+
+
+def test_the_limit_check_step_reports_a_tampered_ledger_as_unusable(institution):
+    import sqlite3
+
+    from confide.client.app import TrainRequest, admit_round
+
+    context = institution()
+    assert not build_client_app()(_train_message(_instructions(), 1), context).has_error()
+    ledger = Ledger(Path(context.node_config[STATE_DIR_KEY]))
+    with sqlite3.connect(ledger.path) as connection:
+        connection.execute("UPDATE entries SET noise_multiplier = 50.0")
+    message = _train_message(_instructions(), 2)
+    refused = admit_round(TrainRequest.read(message, context, deployed_institution))
+    assert isinstance(refused, Message) and refused.error.code == LEDGER_UNUSABLE
+    assert refused.error.reason.startswith("hospital-x cannot train round 2: its ledger failed")

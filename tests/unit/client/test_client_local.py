@@ -24,13 +24,15 @@ def _context(partition: int, partitions: int = 3, run_config: dict | None = None
     )
 
 
-def test_auto_device_is_cuda_only_when_present():
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
+@pytest.mark.parametrize(("gpu", "device"), [(True, "cuda"), (False, "cpu")])
+def test_auto_device_is_cuda_exactly_when_torch_sees_a_gpu(monkeypatch, gpu, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert resolve_device("auto") == torch.device(device)
+    assert resolve_device("cpu") == torch.device("cpu")  # asked for: whatever is there
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
-def test_cuda_without_gpu_is_an_error_not_a_silent_fallback():
+def test_cuda_without_gpu_is_an_error_not_a_silent_fallback(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="no CUDA device"):
         resolve_device("cuda")
 
@@ -66,14 +68,21 @@ def test_accountant_history_survives_in_the_node_state():
     assert _history(context) == history
 
 
+@pytest.mark.usefixtures("inside_a_run")
 @pytest.mark.parametrize("noise_seed", [None, 7])
-def test_client_app_pickles_for_ray(noise_seed):
-    # Ray ships the ClientApp with every message; a closure that cannot be pickled makes every
-    # institution fail in simulation.
+def test_the_client_app_ray_ships_still_serves_its_institution(noise_seed):
+    """Ray pickles the ClientApp with every message: a closure that cannot be pickled makes
+    every institution fail in simulation, and one that loses its resolver answers for the
+    wrong institution. The app that comes back answers as the one that was sent."""
     import ray.cloudpickle
+    from flwr.app import Message, MessageType
 
     from confide.client.app import build_client_app
 
     source = SimulatedInstitutions(TaskConfig(), DataConfig(), 3, seed=0)
     app = build_client_app(source, noise_seed=noise_seed)
-    assert ray.cloudpickle.loads(ray.cloudpickle.dumps(app)) is not None
+    shipped = ray.cloudpickle.loads(ray.cloudpickle.dumps(app))
+    for partition in range(3):
+        query = Message(RecordDict(), dst_node_id=100 + partition, message_type=MessageType.QUERY)
+        reply = shipped(query, _context(partition))
+        assert dict(reply.content.config_records["identity"]) == {"institution": str(partition)}

@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import logging
-import socket
 import threading
 import time
 import zipfile
@@ -31,6 +30,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.nodestate import NodeState
 from flwr.supernode.start_client_internal import _insert_message
+from helpers import free_port
 from typer.testing import CliRunner
 
 from confide.client.app_check import CLIENTAPP, AppRefused, check_app
@@ -447,9 +447,7 @@ def serve_runtime_api(secret: bytes | None) -> Iterator[RuntimeApi]:
 
     factory = NodeStateFactory(ObjectStoreFactory())
     factory.state().set_node_id(NODE)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     app = create_app(state_factory=factory, superexec_auth_secret=secret)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

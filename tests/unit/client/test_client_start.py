@@ -15,11 +15,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import Started, cli, wait_until
 from typer.testing import CliRunner
 
 from confide.client import supernode
@@ -31,11 +31,10 @@ from confide.common.terminal import output_console
 from confide.privacy.ledger import Ledger
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
-def listening() -> Iterator[int]:
+def taken_port() -> Iterator[int]:
     """A port some process listens on (what an orphaned SuperNode leaves)."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -46,14 +45,6 @@ def listening() -> Iterator[int]:
 def set_port(folder: Path, port: int) -> None:
     directory = InstitutionDir(folder)
     directory.save(directory.load().model_copy(update={"port": port}))
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie nobody reaped yet does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 # -- a signal at any moment of the start -----------------------------------------------
@@ -69,8 +60,8 @@ def supervisor(institution, monkeypatch) -> Iterator[tuple[Supervisor, list[Chil
     started: list[Child] = []
     start = Child.start
 
-    def recorded(command, env, log, on_line) -> Child:
-        child = start(command, env, log, on_line)
+    def recorded(command, *, env, log, on_line) -> Child:
+        child = start(command, env=env, log=log, on_line=on_line)
         started.append(child)
         return child
 
@@ -109,8 +100,8 @@ def test_a_signal_while_a_child_starts_stops_it(supervisor, monkeypatch, which):
     the_supervisor, started = supervisor
     record = Child.start  # the recording stand-in
 
-    def signalled_inside(command, env, log, on_line) -> Child:
-        child = record(command, env, log, on_line)
+    def signalled_inside(command, *, env, log, on_line) -> Child:
+        child = record(command, env=env, log=log, on_line=on_line)
         if len(started) == which:  # started, not yet listed: the handler cannot see it
             the_supervisor.terminate(signal.SIGTERM, None)
         return child
@@ -184,27 +175,20 @@ time.sleep(60)
 
 
 def signals_counted(marker: Path, seconds: float = 20) -> str:
-    deadline = time.monotonic() + seconds
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return marker.read_text() if marker.exists() else "nothing written"
+    """What the follower wrote once it stopped."""
+    wait_until(marker.exists, seconds=seconds, what=f"the follower writing {marker.name}")
+    return marker.read_text()
 
 
 def test_a_child_stops_once_when_start_is_killed_even_before_it_is_reaped(tmp_path):
     marker = tmp_path / "signals"
-    parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(marker)], stdout=subprocess.PIPE, text=True
-    )
-    assert parent.stdout is not None
-    child = int(parent.stdout.readline())
-    time.sleep(1)  # the child follows by now
-    parent.kill()  # SIGKILL: no handler runs; not reaped yet (a zombie answers kill(pid, 0))
+    parent = Started([sys.executable, "-c", PARENT, str(marker)])
     try:
+        parent.wait_for("following", 20)  # the child's, through the parent's output
+        parent.process.kill()  # SIGKILL: no handler runs; not reaped yet (a zombie answers)
         assert signals_counted(marker) == "1"  # one SIGINT: Flower's handler signs off
     finally:
-        parent.wait()
-        if alive(child):
-            os.kill(child, signal.SIGKILL)
+        parent.finish(signal.SIGKILL)  # the follower too, if it is still there
 
 
 def test_a_child_whose_parent_is_already_gone_stops_at_once(tmp_path):
@@ -240,12 +224,12 @@ def test_the_launcher_refuses_to_run_without_a_parent():
 # -- a port already taken ------------------------------------------------------------------
 
 
-def test_start_refuses_a_taken_port_with_exit_code_2_and_writes_nothing(institution, listening):
-    set_port(institution, listening)
+def test_start_refuses_a_taken_port_with_exit_code_2_and_writes_nothing(institution, taken_port):
+    set_port(institution, taken_port)
     result = CliRunner().invoke(client_cli, ["start", "--dir", str(institution)])
     assert result.exit_code == 2, result.output
     said = " ".join(result.output.split())
-    assert f"127.0.0.1:{listening}" in said
+    assert f"127.0.0.1:{taken_port}" in said
     assert "another SuperNode of this institution may still be running" in said
     assert not (institution / SECRET_FILE).exists() and not (institution / "logs").exists()
 
@@ -263,11 +247,11 @@ def test_a_free_port_and_one_left_in_time_wait_pass():
     check_port(port)
 
 
-def test_a_port_taken_before_a_restart_is_refused(supervisor, monkeypatch, listening):
+def test_a_port_taken_before_a_restart_is_refused(supervisor, monkeypatch, taken_port):
     the_supervisor, started = supervisor
-    set_port(the_supervisor.directory.root, listening)
+    set_port(the_supervisor.directory.root, taken_port)
     monkeypatch.setattr(supernode, "check_port", check_port)
-    with pytest.raises(InstitutionError, match=f"127.0.0.1:{listening}"):
+    with pytest.raises(InstitutionError, match=f"127.0.0.1:{taken_port}"):
         the_supervisor.run()
     [runner] = started
     assert runner.process.poll() is not None  # stopped on the way out
@@ -288,13 +272,7 @@ def test_budget_redirected_to_a_file_is_neither_cut_nor_coloured(institution):
     Ledger(institution).record_refusal(run="9", fab_hash="ab" * 32, reason="refused")
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "NO_COLOR")}
     env["FORCE_COLOR"] = "1"  # as CI sets it: colour codes, unless the console refuses them
-    result = subprocess.run(
-        [str(BIN / "confide-client"), "budget", "--dir", str(institution)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    result = cli("confide-client", "budget", "--dir", str(institution), env=env)
     assert result.returncode == 0, result.stderr
     assert "\x1b[" not in result.stdout
     sentence = (
@@ -304,11 +282,5 @@ def test_budget_redirected_to_a_file_is_neither_cut_nor_coloured(institution):
     assert sentence in result.stdout  # on one line, as 80 columns would not hold it
     header = next(line for line in result.stdout.splitlines() if "epsilon spent" in line)
     assert all(column in header for column in ("dataset", "remaining", "rounds", "jobs"))
-    budget = subprocess.run(
-        [str(BIN / "confide-client"), "budget", "--dir", str(institution), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    budget = cli("confide-client", "budget", "--dir", str(institution), "--json", env=env)
     assert json.loads(budget.stdout)[0]["rounds"] == 0

@@ -60,3 +60,57 @@ def test_derived_seed_is_accepted_by_numpy_and_torch():
     np.random.default_rng(seed)
     torch.Generator().manual_seed(seed)
     assert 0 <= seed < 2**31
+
+
+# -- 63 bits: the DP noise seeds ----------------------------------------------------------
+
+
+def test_a_63_bit_seed_uses_all_63_bits_and_never_the_64th():
+    values = [derive_seed(0, "noise", i, bits=63) for i in range(2000)]
+    assert all(0 <= value < 2**63 for value in values)
+    assert max(values) >= 2**62  # the top bit is used...
+    assert sum(value >= 2**32 for value in values) > 1900  # ...and so are the bits above 32
+    assert len(set(values)) == len(values)
+
+
+def test_63_bit_seeds_differ_for_every_purpose_round_and_institution():
+    seeds = {
+        derive_seed(run, purpose, server_round, institution, bits=63)
+        for run, purpose, server_round, institution in itertools.product(
+            [0, 2**40], ["batches", "noise", "central-noise"], range(1, 6), range(5)
+        )
+    }
+    assert len(seeds) == 2 * 3 * 5 * 5
+
+
+@pytest.mark.parametrize("bits", [0, 64, -1])
+def test_seeds_wider_than_63_bits_or_empty_are_refused(bits):
+    with pytest.raises(ValueError, match=r"bits must be in 1\.\.63"):
+        derive_seed(0, "noise", bits=bits)
+
+
+def test_the_trainers_generators_are_seeded_with_63_bit_derived_seeds():
+    import torch
+
+    from confide.privacy.trainer import round_generators
+
+    cpu = torch.device("cpu")
+    for round_seed in (0, 1, 2**62 + 5):
+        batches, noise = round_generators(round_seed, cpu, "torch")
+        assert noise is not None
+        assert batches.initial_seed() == derive_seed(round_seed, "batches", bits=63)
+        assert noise.initial_seed() == derive_seed(round_seed, "noise", bits=63)
+        assert batches.initial_seed() != noise.initial_seed()
+    # Over many rounds the noise seeds take values a 32-bit seed cannot.
+    noise_seeds = {round_generators(s, cpu, "torch")[1].initial_seed() for s in range(200)}
+    assert len(noise_seeds) == 200 and max(noise_seeds) >= 2**62
+
+
+def test_the_csprng_noise_source_has_no_seeded_noise_generator():
+    import torch
+
+    from confide.privacy.trainer import round_generators
+
+    batches, noise = round_generators(3, torch.device("cpu"), "csprng")
+    assert noise is None
+    assert batches.initial_seed() == derive_seed(3, "batches", bits=63)

@@ -40,6 +40,11 @@ def make_model(digits: Dataset) -> ModelBuilder:
     """Build a fresh digits MLP; the same `seed` always gives the same initial weights."""
 
     def build(hidden: Sequence[int] = (16,), seed: int = 0) -> nn.Module:
-        return build_mlp(ModelConfig(hidden=list(hidden)), digits.features, digits.classes, seed)
+        return build_mlp(
+            ModelConfig(hidden=list(hidden)),
+            features=digits.features,
+            classes=digits.classes,
+            seed=seed,
+        )
 
     return build

@@ -128,16 +128,25 @@ def test_pld_is_tighter_than_rdp_on_the_bundled_workloads(history):
     ("target", "rate", "steps"), [(8.0, 0.2, 150), (8.0, 1 / 7, 14), (1.0, 0.05, 200)]
 )
 def test_pld_noise_for_budget_meets_target_tightly_with_less_noise_than_rdp(target, rate, steps):
-    sigma = noise_for_budget(target, DELTA, rate, steps, "pld")
+    sigma = noise_for_budget(
+        target_epsilon=target, delta=DELTA, sample_rate=rate, steps=steps, accountant="pld"
+    )
     spent = epsilon([(sigma, rate, steps)], DELTA, "pld")
     assert target - EPSILON_TOLERANCE <= spent <= target
-    assert sigma < noise_for_budget(target, DELTA, rate, steps, "rdp")
+    assert sigma < noise_for_budget(
+        target_epsilon=target, delta=DELTA, sample_rate=rate, steps=steps, accountant="rdp"
+    )
     # RDP would report this sigma over the target: the saving is the accountant's, not a bug.
     assert epsilon([(sigma, rate, steps)], DELTA, "rdp") > target
 
 
 def test_pld_noise_for_budget_larger_target_needs_less_noise():
-    sigmas = [noise_for_budget(target, DELTA, 0.05, 200, "pld") for target in (0.5, 1.0, 2.0)]
+    sigmas = [
+        noise_for_budget(
+            target_epsilon=target, delta=DELTA, sample_rate=0.05, steps=200, accountant="pld"
+        )
+        for target in (0.5, 1.0, 2.0)
+    ]
     assert sigmas == sorted(sigmas, reverse=True)
     assert len(set(sigmas)) == len(sigmas)
 
@@ -155,7 +164,9 @@ def test_pld_noise_for_budget_raises_value_error_when_the_target_cannot_be_met(
     target, delta, rate, steps
 ):
     with pytest.raises(ValueError):
-        noise_for_budget(target, delta, rate, steps, "pld")
+        noise_for_budget(
+            target_epsilon=target, delta=delta, sample_rate=rate, steps=steps, accountant="pld"
+        )
 
 
 @pytest.mark.parametrize(
@@ -163,7 +174,7 @@ def test_pld_noise_for_budget_raises_value_error_when_the_target_cannot_be_met(
     [(1.0, 0.01, 1000), (1.0, 0.05, 200), (2.0, 0.05, 1000), (1.0, 1.0, 5)],
 )
 def test_noise_for_budget_meets_target_tightly(target, rate, steps):
-    sigma = noise_for_budget(target, DELTA, rate, steps)
+    sigma = noise_for_budget(target_epsilon=target, delta=DELTA, sample_rate=rate, steps=steps)
     spent = epsilon([(sigma, rate, steps)], DELTA)
     assert spent <= target
     assert spent >= 0.98 * target
@@ -171,13 +182,18 @@ def test_noise_for_budget_meets_target_tightly(target, rate, steps):
 
 
 def test_noise_for_budget_larger_target_needs_less_noise():
-    sigmas = [noise_for_budget(target, DELTA, 0.05, 200) for target in (0.5, 1.0, 2.0)]
+    sigmas = [
+        noise_for_budget(target_epsilon=target, delta=DELTA, sample_rate=0.05, steps=200)
+        for target in (0.5, 1.0, 2.0)
+    ]
     assert sigmas == sorted(sigmas, reverse=True)
     assert len(set(sigmas)) == len(sigmas)
 
 
 def test_noise_for_budget_more_steps_need_more_noise():
-    assert noise_for_budget(2.0, DELTA, 0.05, 1000) > noise_for_budget(2.0, DELTA, 0.05, 200)
+    assert noise_for_budget(
+        target_epsilon=2.0, delta=DELTA, sample_rate=0.05, steps=1000
+    ) > noise_for_budget(target_epsilon=2.0, delta=DELTA, sample_rate=0.05, steps=200)
 
 
 def test_rdp_orders_are_opacus_defaults():

@@ -58,7 +58,9 @@ def neighbours(digits: Dataset) -> tuple[Dataset, Dataset]:
 def test_the_mechanism_follows_the_declared_size_and_the_job():
     one = plan_round(PRIVACY, TRAIN, declared_examples=DECLARED, planned_rounds=ROUNDS)
     assert (one.sample_rate, one.steps, one.divisor) == (0.25, 4, 64.0)
-    assert one.noise_multiplier == noise_for_budget(8.0, 1e-5, 0.25, 4 * ROUNDS, "rdp")
+    assert one.noise_multiplier == noise_for_budget(
+        target_epsilon=8.0, delta=1e-5, sample_rate=0.25, steps=4 * ROUNDS, accountant="rdp"
+    )
 
 
 def test_n_and_n_plus_one_examples_train_with_identical_parameters_and_divisor(neighbours):

@@ -143,7 +143,12 @@ def test_target_epsilon_noise_keeps_epsilon_within_target_after_planned_rounds(
     target = 2.0
     privacy = PrivacyConfig(target_epsilon=target, delta=1e-5)
     results = run_rounds(make_model(), small_digits, privacy, carry_history=True)
-    planned_sigma = noise_for_budget(target, privacy.delta, 0.1, 10 * TRAIN.local_epochs * ROUNDS)
+    planned_sigma = noise_for_budget(
+        target_epsilon=target,
+        delta=privacy.delta,
+        sample_rate=0.1,
+        steps=10 * TRAIN.local_epochs * ROUNDS,
+    )
     assert {result.noise_multiplier for result in results} == {planned_sigma}
     assert results[0].epsilon < results[1].epsilon < results[2].epsilon
     assert results[-1].epsilon <= target

@@ -54,7 +54,9 @@ def test_bootstrap_channel_yields_the_ca_matching_the_token_fingerprint(coordina
 
 
 def test_register_redeems_the_token_once_and_registers_the_key(coordinator):
-    token = create_token(coordinator["engine"], "hospital-a", DAY, coordinator["fingerprint"])
+    token = create_token(
+        coordinator["engine"], "hospital-a", ttl=DAY, ca_fingerprint=coordinator["fingerprint"]
+    )
     key = openssh_public_key(ec.generate_private_key(ec.SECP384R1()))
     request = enrollment_pb2.RegisterRequest(token=str(token), public_key_openssh=key)
     reply = verified_stub(coordinator).Register(request, timeout=10)
@@ -68,7 +70,7 @@ def test_register_redeems_the_token_once_and_registers_the_key(coordinator):
 
 
 def test_token_of_another_coordinator_is_refused(coordinator):
-    token = create_token(coordinator["engine"], "hospital-a", DAY, "0" * 64)
+    token = create_token(coordinator["engine"], "hospital-a", ttl=DAY, ca_fingerprint="0" * 64)
     key = openssh_public_key(ec.generate_private_key(ec.SECP384R1()))
     with pytest.raises(grpc.RpcError) as refused:
         verified_stub(coordinator).Register(
@@ -86,7 +88,9 @@ def test_token_of_another_coordinator_is_refused(coordinator):
     ],
 )
 def test_bad_public_key_is_refused_and_the_token_stays_valid(coordinator, key):
-    token = create_token(coordinator["engine"], "hospital-a", DAY, coordinator["fingerprint"])
+    token = create_token(
+        coordinator["engine"], "hospital-a", ttl=DAY, ca_fingerprint=coordinator["fingerprint"]
+    )
     with pytest.raises(grpc.RpcError) as refused:
         verified_stub(coordinator).Register(
             enrollment_pb2.RegisterRequest(token=str(token), public_key_openssh=key), timeout=10
@@ -100,7 +104,9 @@ def test_bad_public_key_is_refused_and_the_token_stays_valid(coordinator, key):
 
 
 def test_superlink_refusal_is_reported_and_the_token_stays_valid(coordinator):
-    token = create_token(coordinator["engine"], "hospital-a", DAY, coordinator["fingerprint"])
+    token = create_token(
+        coordinator["engine"], "hospital-a", ttl=DAY, ca_fingerprint=coordinator["fingerprint"]
+    )
     key = openssh_public_key(ec.generate_private_key(ec.SECP384R1()))
     request = enrollment_pb2.RegisterRequest(token=str(token), public_key_openssh=key)
     coordinator["registrar"].refuse = True
@@ -133,7 +139,9 @@ def test_plaintext_client_is_refused(coordinator):
 def enroll(coordinator, name: str = "hospital-a") -> tuple[ec.EllipticCurvePrivateKey, int]:
     """An institution enrolled with a token; its private key and node id."""
     key = ec.generate_private_key(ec.SECP384R1())
-    token = create_token(coordinator["engine"], name, DAY, coordinator["fingerprint"])
+    token = create_token(
+        coordinator["engine"], name, ttl=DAY, ca_fingerprint=coordinator["fingerprint"]
+    )
     request = enrollment_pb2.RegisterRequest(
         token=str(token), public_key_openssh=openssh_public_key(key)
     )

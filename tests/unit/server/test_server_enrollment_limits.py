@@ -124,7 +124,9 @@ def test_the_limiter_allows_five_failures_then_one_every_twelve_seconds():
 def test_failed_redemptions_are_rate_limited_per_address_and_audited(enrollment):
     for bad in ["not-a-token", "cft1.0123456789abcdef.wrong." + "0" * 64] + ["garbage"] * 3:
         assert refusal(enrollment, bad).code() == grpc.StatusCode.UNAUTHENTICATED
-    token = create_token(enrollment["engine"], "hospital-a", DAY, enrollment["fingerprint"])
+    token = create_token(
+        enrollment["engine"], "hospital-a", ttl=DAY, ca_fingerprint=enrollment["fingerprint"]
+    )
     limited = refusal(enrollment, str(token))  # even a valid token waits
     assert limited.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "too many refused requests from 127.0.0.1: try again in 12 s" in limited.details()
@@ -151,10 +153,14 @@ def test_successful_joins_take_nothing_and_every_refusal_counts(enrollment):
     whatever the reason: one valid token could otherwise write audit entries without end."""
     key = ec.generate_private_key(ec.SECP384R1())
     for name in ("a", "b", "c", "d", "e", "f"):
-        token = create_token(enrollment["engine"], name, DAY, enrollment["fingerprint"])
+        token = create_token(
+            enrollment["engine"], name, ttl=DAY, ca_fingerprint=enrollment["fingerprint"]
+        )
         register(enrollment, str(token), key if name == "a" else None)
     codes = []
-    token = create_token(enrollment["engine"], "a", DAY, enrollment["fingerprint"])
+    token = create_token(
+        enrollment["engine"], "a", ttl=DAY, ca_fingerprint=enrollment["fingerprint"]
+    )
     for _ in range(6):  # already enrolled: a valid token, refused for another reason
         codes.append(refusal(enrollment, str(token)).code())
     assert codes == [grpc.StatusCode.FAILED_PRECONDITION] * 5 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
@@ -179,7 +185,9 @@ def test_a_well_formed_token_with_a_bad_key_cannot_flood_the_audit_log(enrollmen
 
 
 def test_rotations_refused_before_authentication_count_and_a_limited_address_waits(enrollment):
-    token = create_token(enrollment["engine"], "hospital-a", DAY, enrollment["fingerprint"])
+    token = create_token(
+        enrollment["engine"], "hospital-a", ttl=DAY, ca_fingerprint=enrollment["fingerprint"]
+    )
     old = ec.generate_private_key(ec.SECP384R1())
     register(enrollment, str(token), old)
     stranger = ec.generate_private_key(ec.SECP384R1())
@@ -203,7 +211,9 @@ def test_a_join_whose_audit_entry_cannot_be_written_still_succeeds(enrollment, c
     so the join is answered OK, and the failure is a warning."""
     with enrollment["engine"].begin() as connection:
         connection.exec_driver_sql("DROP TABLE audit_log")
-    token = create_token(enrollment["engine"], "hospital-a", DAY, enrollment["fingerprint"])
+    token = create_token(
+        enrollment["engine"], "hospital-a", ttl=DAY, ca_fingerprint=enrollment["fingerprint"]
+    )
     with caplog.at_level(logging.WARNING, logger="confide.server.enrollment"):
         reply = register(enrollment, str(token))
     assert reply.institution == "hospital-a"
@@ -229,7 +239,9 @@ def test_two_tokens_for_one_institution_redeemed_at_once_register_one_key(enroll
     registrar = SlowRegistrar()
     enrollment["service"].registrar = registrar
     tokens = [
-        create_token(enrollment["engine"], "hospital-a", DAY, enrollment["fingerprint"])
+        create_token(
+            enrollment["engine"], "hospital-a", ttl=DAY, ca_fingerprint=enrollment["fingerprint"]
+        )
         for _ in range(2)
     ]
     outcomes: list[object] = []
@@ -268,7 +280,9 @@ def rotation(enrollment, new: bytes, signer: ec.EllipticCurvePrivateKey):
 
 def test_a_key_rotation_is_audited_once(enrollment):
     old = ec.generate_private_key(ec.SECP384R1())
-    token = create_token(enrollment["engine"], "hospital-a", DAY, enrollment["fingerprint"])
+    token = create_token(
+        enrollment["engine"], "hospital-a", ttl=DAY, ca_fingerprint=enrollment["fingerprint"]
+    )
     register(enrollment, str(token), old)
     new_key = ec.generate_private_key(ec.SECP384R1())
     new = public_key(new_key)

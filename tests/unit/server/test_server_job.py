@@ -9,7 +9,6 @@ import pytest
 from flwr.common.config import flatten_dict
 from pydantic import ValidationError
 
-from confide.common.config import unflatten
 from confide.privacy.instructions import RoundInstructions
 from confide.server.job import JobConfig
 
@@ -17,11 +16,15 @@ PYPROJECT = Path(__file__).parents[3] / "pyproject.toml"
 
 
 def test_flower_app_run_config_in_pyproject_is_a_valid_job():
+    from confide.server.app import DEFAULT_RESULTS, RESULTS_KEY, job_from_run_config
+
     project = tomllib.loads(PYPROJECT.read_text())
     run_config = flatten_dict(project["tool"]["flwr"]["app"]["config"])
-    job = JobConfig.model_validate(unflatten(run_config))
-    assert job.task.name == "digits"
+    name, job = job_from_run_config(run_config)
+    assert name == "job" and job.task.name == "digits"
     assert job.federation.rounds >= 1
+    # Declared, so that `flwr run . --run-config` may set it (Flower refuses undeclared keys).
+    assert run_config[RESULTS_KEY] == DEFAULT_RESULTS
 
 
 def test_flower_app_components_point_at_confide_apps():

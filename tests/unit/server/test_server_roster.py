@@ -10,12 +10,12 @@ import pytest
 from flwr.app import Message
 from flwr.common import Error
 
+from confide.common.errors import TooFewInstitutions
 from confide.privacy.config import PrivacyConfig, TrainConfig
 from confide.privacy.policy import APP_REFUSED
 from confide.server.app import run
 from confide.server.history import JobHistory
 from confide.server.job import FederationConfig, JobConfig
-from confide.server.strategy import TooFewInstitutions
 from confide.tasks.config import DataConfig, TaskConfig
 
 pytestmark = pytest.mark.usefixtures("inside_a_run")
@@ -44,10 +44,11 @@ class Counting:
     """Wraps a grid: counts the messages each node receives; `refusing` nodes answer every
     message with an app-check refusal (what confide's runner sends for a foreign app)."""
 
-    def __init__(self, grid, refusing: Iterable[int] = ()) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, grid, refusing: Iterable[int] = (), *, reverse: bool = False) -> None:  # type: ignore[no-untyped-def]
         self.grid = grid
         self.received: Counter[int] = Counter()
         self.refusing = set(refusing)
+        self.reverse = reverse  # replies in the opposite order, as if the last one were first
 
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
@@ -64,7 +65,7 @@ class Counting:
                 replies.append(reply)
             else:
                 replies.extend(self.grid.send_and_receive([message], timeout=timeout))
-        return replies
+        return replies[::-1] if self.reverse else replies
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return getattr(self.grid, name)
@@ -72,7 +73,15 @@ class Counting:
 
 def run_job(config: JobConfig, grid, source, registered) -> JobHistory:  # type: ignore[no-untyped-def]
     history = JobHistory()
-    run(config, grid, history, None, source.split().test, "test-job", 0, registered=registered)
+    run(
+        config,
+        grid,
+        history=history,
+        test_set=source.split().test,
+        name="test-job",
+        noise_seed=0,
+        registered=registered,
+    )
     return history
 
 
@@ -150,3 +159,15 @@ def test_a_submitted_job_on_a_superlink_without_the_coordinators_state_fails_in_
     assert "Traceback" not in shown
     assert shown.splitlines() == [f"confide.common.errors.JobFailed: {failed.value}"]
     assert "CONFIDE_STATE_DIR" in str(failed.value)
+
+
+def test_the_jobs_record_of_refusals_does_not_depend_on_the_order_replies_arrive_in(federation):
+    # Found comparing two runs of one scenario: refusals were recorded in arrival order.
+    enrolled = {100: "hospital-a", 101: "hospital-b", 102: "hospital-c"}
+    records = []
+    for reverse in (False, True):
+        grid, source = federation(institutions=3)
+        counting = Counting(grid, refusing=[100, 102], reverse=reverse)
+        history = run_job(job(rounds=1, min_train=1), counting, source, lambda: dict(enrolled))
+        records.append([(r["institution"], r["round"], r["phase"]) for r in history.rejected])
+    assert records[0] == records[1] == [("hospital-a", 1, "train"), ("hospital-c", 1, "train")]

@@ -33,7 +33,14 @@ def job(rounds: int = 3, **overrides: object) -> JobConfig:
 
 def run_job(job_config: JobConfig, grid, source, seed: int | None = 0) -> JobHistory:  # type: ignore[no-untyped-def]
     history = JobHistory()
-    run(job_config, grid, history, None, source.split().test, "test-job", seed)
+    run(
+        job_config,
+        grid,
+        history=history,
+        test_set=source.split().test,
+        name="test-job",
+        noise_seed=seed,
+    )
     return history
 
 
@@ -135,20 +142,23 @@ def test_the_privacy_report_recomputes_from_its_own_parameters(federation):
         )
         for i, local in enumerate(source.split().institutions)
     ]
-    report = privacy_document("test-job", config, history, rows, simulated=True)
-    for row in report["sample_level"]["institutions"]:
-        history_entry = (row["noise_multiplier"], row["sample_rate"], row["steps"])
-        assert row["epsilon"] == pytest.approx(epsilon([history_entry], row["delta"]))
-    level = report["institution_level"]
-    assert level["epsilon"] == pytest.approx(
-        central_epsilon(central, level["institutions_asked_per_round"])
+    report = privacy_document("test-job", config, history, institutions=rows, simulated=True)
+    for row in report.sample_level.institutions:
+        assert row.noise_multiplier is not None and row.sample_rate is not None
+        history_entry = (row.noise_multiplier, row.sample_rate, row.steps)
+        assert row.delta is not None
+        assert row.epsilon == pytest.approx(epsilon([history_entry], row.delta))
+    level = report.institution_level
+    assert level is not None
+    assert level.epsilon == pytest.approx(
+        central_epsilon(central, level.institutions_asked_per_round)
     )
-    assert level["sampling_amplification"] is False and level["unit"].startswith("all the data")
-    assert [r["central_epsilon"] for r in report["per_round"]] == [
+    assert level.sampling_amplification is False and level.unit.startswith("all the data")
+    assert [r.central_epsilon for r in report.per_round] == [
         pytest.approx(central_epsilon(central, [3])),
-        pytest.approx(level["epsilon"]),
+        pytest.approx(level.epsilon),
     ]
-    assert "Institution level" in report["statement"] and "Sample level" in report["statement"]
+    assert "Institution level" in report.statement and "Sample level" in report.statement
 
 
 def test_with_central_dp_a_round_where_everyone_refuses_is_still_released_with_noise(

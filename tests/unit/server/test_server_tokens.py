@@ -29,33 +29,35 @@ def engine(tmp_path):
 
 
 def test_token_round_trips_through_its_text_form(engine):
-    token = create_token(engine, "hospital-a", DAY, FINGERPRINT)
+    token = create_token(engine, "hospital-a", ttl=DAY, ca_fingerprint=FINGERPRINT)
     assert JoinToken.parse(str(token)) == token
     assert str(token).startswith("confide1.") and str(token).endswith(FINGERPRINT)
 
 
 def test_only_a_hash_of_the_secret_is_stored(engine):
-    token = create_token(engine, "hospital-a", DAY, FINGERPRINT)
+    token = create_token(engine, "hospital-a", ttl=DAY, ca_fingerprint=FINGERPRINT)
     with Session(engine) as session:
         row = session.scalar(select(JoinTokenRow))
     assert token.secret not in row.secret_sha256 and len(row.secret_sha256) == 64
 
 
 def test_a_token_is_redeemed_once_for_its_institution(engine):
-    token = create_token(engine, "hospital-a", DAY, FINGERPRINT)
+    token = create_token(engine, "hospital-a", ttl=DAY, ca_fingerprint=FINGERPRINT)
     assert redeem_token(engine, token) == "hospital-a"
     with pytest.raises(TokenError, match="already used"):
         redeem_token(engine, token)
 
 
 def test_expired_token_is_refused(engine):
-    token = create_token(engine, "hospital-a", datetime.timedelta(microseconds=1), FINGERPRINT)
+    token = create_token(
+        engine, "hospital-a", ttl=datetime.timedelta(microseconds=1), ca_fingerprint=FINGERPRINT
+    )
     with pytest.raises(TokenError, match="expired"):
         redeem_token(engine, token)
 
 
 def test_wrong_secret_or_unknown_id_is_refused(engine):
-    token = create_token(engine, "hospital-a", DAY, FINGERPRINT)
+    token = create_token(engine, "hospital-a", ttl=DAY, ca_fingerprint=FINGERPRINT)
     forged = JoinToken(token.token_id, "x" * 43, FINGERPRINT)
     with pytest.raises(TokenError, match="unknown"):
         redeem_token(engine, forged)
@@ -81,7 +83,7 @@ def test_malformed_token_text_is_refused_with_the_expected_shape(text):
 @pytest.mark.parametrize("name", ["Hospital A", "-a", "", "a" * 64, "ü"])
 def test_bad_institution_names_are_refused(engine, name):
     with pytest.raises(TokenError, match="institution name"):
-        create_token(engine, name, DAY, FINGERPRINT)
+        create_token(engine, name, ttl=DAY, ca_fingerprint=FINGERPRINT)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from confide.server.strategy import UpdateRejected, check_update
+from confide.common.errors import UpdateRejected
+from confide.server.replies import check_update
 
 
 def records(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -109,3 +109,42 @@ def test_declared_sizes_can_be_one_for_all_or_one_per_institution():
 def test_bad_declared_sizes_are_refused_with_the_field(value, message):
     with pytest.raises(ScenarioError, match=message):
         load_scenario("breast-cancer-dp", {"simulation": {"declared_examples": value}})
+
+
+def test_a_relative_data_path_is_the_scenario_files_from_any_working_folder(tmp_path, monkeypatch):
+    (tmp_path / "project" / "data").mkdir(parents=True)
+    scenario = tmp_path / "project" / "mine.toml"
+    scenario.write_text('[task]\nname = "csv"\npath = "data/records.csv"\n')
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_scenario(str(scenario))
+    assert loaded.task.path == (tmp_path / "project" / "data" / "records.csv").resolve()
+    monkeypatch.chdir(tmp_path / "project")  # the same file, from its own folder
+    assert load_scenario("mine.toml").task.path == loaded.task.path
+
+
+def test_a_data_path_given_as_an_override_is_the_working_folders(tmp_path, monkeypatch):
+    scenario = tmp_path / "mine.toml"
+    scenario.write_text('[task]\nname = "csv"\npath = "data/records.csv"\n')
+    monkeypatch.chdir(tmp_path.parent)
+    loaded = load_scenario(str(scenario), {"task": {"path": "mine/records.csv"}})
+    assert loaded.task.path == (tmp_path.parent / "mine" / "records.csv").resolve()
+
+
+def test_a_saved_scenario_loads_again_as_the_same_scenario_from_another_folder(
+    tmp_path, monkeypatch
+):
+    """What a run saves (simulations/report.py writes this dump) is the scenario it ran."""
+    import tomli_w
+
+    (tmp_path / "project").mkdir()
+    first = tmp_path / "project" / "mine.toml"
+    first.write_text('seed = 3\n[task]\nname = "csv"\npath = "records.csv"\nlabel_column = "y"\n')
+    loaded = load_scenario(str(first), {"federation": {"rounds": 2}})
+    saved = tmp_path / "run" / "scenario.toml"
+    saved.parent.mkdir()
+    saved.write_text(tomli_w.dumps(loaded.model_dump(mode="json", exclude_none=True)))
+    assert "samples" not in saved.read_text()  # the csv task has no synthetic sizes
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_scenario(str(saved)) == loaded

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from confide.common.config import StrictModel, describe_errors, flatten, unflatten
-from confide.tasks.config import DataConfig, ModelConfig, PartitionConfig, TaskConfig
+from confide.tasks.config import (
+    DataConfig,
+    ModelConfig,
+    PartitionConfig,
+    TaskConfig,
+    resolve_task_path,
+)
 
 
 class Job(StrictModel):
@@ -144,3 +151,54 @@ def test_configs_are_frozen():
     config = PartitionConfig()
     with pytest.raises(ValidationError):
         config.alpha = 2.0  # type: ignore[misc]
+
+
+# --- what a dump of a task holds -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("task", "kept"),
+    [
+        (TaskConfig(name="digits"), {"name", "model"}),
+        (TaskConfig(name="breast-cancer"), {"name", "model"}),
+        (TaskConfig(name="synthetic"), {"name", "model", "samples", "features", "classes"}),
+        (TaskConfig(name="csv", path=Path("/d.csv")), {"name", "model", "path", "label_column"}),
+        (TaskConfig(name="npz", path=Path("/d.npz")), {"name", "model", "path"}),
+    ],
+    ids=lambda value: value.name if isinstance(value, TaskConfig) else "",
+)
+def test_a_dump_of_a_task_holds_only_the_settings_that_task_reads(task, kept):
+    assert set(task.model_dump()) == kept
+    assert set(json.loads(task.model_dump_json())) == kept
+    assert TaskConfig.model_validate(task.model_dump()) == task
+
+
+def test_a_job_dump_drops_other_tasks_settings_inside_it_too():
+    job = Job(task=TaskConfig(name="csv", path=Path("/d.csv"), samples=50))
+    dumped = job.model_dump(mode="json", exclude_none=True)["task"]
+    assert dumped == {
+        "name": "csv",
+        "path": "/d.csv",
+        "label_column": "label",
+        "model": {"hidden": [64], "activation": "tanh"},
+    }
+
+
+def test_a_task_registered_elsewhere_keeps_every_setting_in_its_dump(monkeypatch):
+    from confide.tasks import registry
+
+    own = registry.Task("test-own-task", "its loader may read any setting", lambda c, s: None)
+    monkeypatch.setitem(registry._TASKS, own.name, own)  # registered for this test only
+    task = TaskConfig(name="test-own-task", samples=50)
+    assert task.model_dump()["samples"] == 50 and "label_column" in task.model_dump()
+
+
+def test_a_relative_task_path_is_made_absolute_against_the_files_folder(tmp_path):
+    tree = {"seed": 1, "task": {"name": "csv", "path": "data/x.csv"}}
+    resolved = resolve_task_path(tree, tmp_path)
+    assert resolved["task"]["path"] == str((tmp_path / "data" / "x.csv").resolve())
+    assert tree["task"]["path"] == "data/x.csv"  # the raw tree is left as it was
+    assert resolve_task_path({"task": {"path": "/abs/x.csv"}}, tmp_path)["task"]["path"] == (
+        "/abs/x.csv"
+    )
+    assert resolve_task_path({"seed": 1}, tmp_path) == {"seed": 1}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from confide.tasks.config import PartitionConfig
-from confide.tasks.partition import PartitionError, label_table, partition_indices
+from confide.tasks.partition import PartitionError, Partitions, label_table, partition_indices
 
 CLASSES = 10
 PER_CLASS = 60
@@ -181,18 +181,26 @@ def test_partition_error_is_a_value_error():
 def test_label_table_counts_sum_to_partition_sizes(labels, scheme):
     parts = partition_indices(labels, INSTITUTIONS, _config(scheme), seed=0)
     table = label_table(labels, parts, CLASSES)
-    assert [row["institution"] for row in table] == list(range(INSTITUTIONS))
+    assert [row.institution for row in table] == list(range(INSTITUTIONS))
     for row, part in zip(table, parts, strict=True):
-        assert row["examples"] == len(part)
-        assert len(row["labels"]) == CLASSES
-        assert sum(row["labels"]) == len(part)
-        assert row["labels"] == np.bincount(labels[part], minlength=CLASSES).tolist()
+        assert row.examples == len(part)
+        assert len(row.labels) == CLASSES
+        assert sum(row.labels) == len(part)
+        assert row.labels == np.bincount(labels[part], minlength=CLASSES).tolist()
 
 
 def test_label_table_lists_absent_classes_as_zero():
     labels = np.array([0, 0, 1, 1])
     table = label_table(labels, [np.array([0, 1]), np.array([2, 3])], classes=3)
-    assert table == [
+    assert [row.model_dump() for row in table] == [
         {"institution": 0, "examples": 2, "labels": [2, 0, 0]},
         {"institution": 1, "examples": 2, "labels": [0, 2, 0]},
     ]
+
+
+def test_partitions_json_keeps_its_one_space_layout_and_reads_back():
+    labels = np.array([0, 0, 1, 1])
+    table = Partitions(label_table(labels, [np.array([0, 1]), np.array([2, 3])], classes=2))
+    text = table.to_json()
+    assert text.startswith('[\n {\n  "institution": 0,\n  "examples": 2,\n  "labels": [\n   2,')
+    assert Partitions.model_validate_json(text) == table

@@ -119,8 +119,8 @@ def test_table_matches_each_institution_local_data():
     assert len(split.table) == 4
     for row, institution in zip(split.table, split.institutions, strict=True):
         local_y = np.concatenate([institution.train.y, institution.validation.y])
-        assert row["examples"] == len(local_y)
-        assert row["labels"] == np.bincount(local_y, minlength=TASK.classes).tolist()
+        assert row.examples == len(local_y)
+        assert row.labels == np.bincount(local_y, minlength=TASK.classes).tolist()
 
 
 def test_split_exposes_classes_and_features_of_the_task():
