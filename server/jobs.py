@@ -47,6 +47,7 @@ from confide.server.flower import (
 from confide.server.job import JobFile
 from confide.server.results import RESULTS
 from confide.server.settings import StateDir
+from confide.tasks.config import resolve_task_path
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,7 @@ def load_job(path: Path) -> tuple[JobFile, bool]:
         raise JobError(str(error)) from error
     ignored = raw.pop("simulation", None) is not None
     raw.setdefault("name", path.stem)
-    task = raw.get("task")
-    if isinstance(task, dict) and isinstance(task.get("path"), str):
-        task["path"] = str((path.parent / task["path"]).resolve())
+    raw = resolve_task_path(raw, path.parent)
     try:
         return validate_file(raw, JobFile, path, "job"), ignored
     except ConfigFileError as error:
