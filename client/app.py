@@ -172,7 +172,9 @@ def _model(
     task = instructions.task
     features = instructions.features or local.train.features
     classes = len(instructions.labels) if instructions.labels else local.train.classes
-    model = get_task(task.name).build_model(task, features, classes, instructions.seed)
+    model = get_task(task.name).build_model(
+        task, features=features, classes=classes, seed=instructions.seed
+    )
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     return model
 
@@ -338,8 +340,8 @@ def _train_locally(request: TrainRequest, admitted: Admitted, seed: int) -> Roun
     return train_round(
         model,
         local.train,
-        instructions.train,
-        admitted.privacy,
+        train=instructions.train,
+        privacy=admitted.privacy,
         mechanism=admitted.mechanism,
         history=admitted.books.run,
         seed=seed,
@@ -456,7 +458,7 @@ def _evaluate_handler(resolver: Resolver) -> Handler:
             arrays = message.content.array_records["arrays"]
             model = _model(instructions, local, arrays)
             scores = evaluate_model(
-                model, local.validation.x, local.validation.y, local.validation.classes
+                model, local.validation.x, local.validation.y, classes=local.validation.classes
             )
             metrics |= {k: v for k, v in scores.items() if k != "auroc"}
         reply = RecordDict(

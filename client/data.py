@@ -74,8 +74,8 @@ def _federated(task_json: str, data_json: str, institutions: int, seed: int) -> 
     return federate(
         TaskConfig.model_validate_json(task_json),
         DataConfig.model_validate_json(data_json),
-        institutions,
-        seed,
+        institutions=institutions,
+        seed=seed,
     )
 
 
@@ -175,7 +175,7 @@ def local_data(
         held = np.frombuffer(kept, dtype=np.int64)
         keep = np.setdiff1d(np.arange(len(full)), held)
     else:
-        keep, held = validation_indices(full, validation_fraction, seed)
+        keep, held = validation_indices(full, validation_fraction, seed=seed)
         if state is not None:
             state[SPLIT_KEY] = ConfigRecord(
                 {"key": key, "validation": np.asarray(held, dtype=np.int64).tobytes()}

@@ -145,7 +145,7 @@ def _call(
         channel.close()
 
 
-def register(server: str, ca_pem: bytes, token: JoinToken, public_key: bytes) -> Enrollment:
+def register(server: str, *, ca_pem: bytes, token: JoinToken, public_key: bytes) -> Enrollment:
     request = enrollment_pb2.RegisterRequest(token=str(token), public_key_openssh=public_key)
     try:
         reply = _call(server, ca_pem, lambda stub: stub.Register(request, timeout=TIMEOUT))
@@ -165,7 +165,7 @@ def join(server: str, token_text: str, directory: InstitutionDir) -> Enrollment:
     directory.root.mkdir(parents=True, exist_ok=True)
     directory.root.chmod(0o700)
     public_key = create_key_pair(directory)
-    enrollment = register(server, ca_pem, token, public_key)
+    enrollment = register(server, ca_pem=ca_pem, token=token, public_key=public_key)
     write_atomic(directory.ca_certificate, ca_pem)
     return enrollment
 

@@ -94,7 +94,7 @@ class InstitutionDir:
                 "join first with `confide-client join`"
             )
         try:
-            return validate_file(read_toml(path), InstitutionConfig, path, "settings")
+            return validate_file(read_toml(path), InstitutionConfig, path=path, what="settings")
         except ConfigFileError as error:
             raise InstitutionError(str(error)) from error
 

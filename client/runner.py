@@ -155,18 +155,18 @@ class Runner:
     refused: set[int] = field(default_factory=set)
 
     def decide(
-        self, task_type: str, message: Message, context: Context, run: Run, fab: Fab
+        self, task_type: str, message: Message, *, context: Context, run: Run, fab: Fab
     ) -> Outcome:
         """The outcome of one pulled task (module docstring): a refusal, or what confide's
         ClientApp replies. The folder comes first: a task from elsewhere records nothing."""
         if not self.is_own_folder(context):
             return self.refuse_foreign(message, context, run)
         if task_type != TaskType.CLIENT_APP:
-            return self.refuse(message, run, fab, _not_a_clientapp(task_type))
+            return self.refuse(message, run=run, fab=fab, why=_not_a_clientapp(task_type))
         try:
             check_app(fab, run.fab_hash)
         except AppRefused as refusal:
-            return self.refuse(message, run, fab, str(refusal))
+            return self.refuse(message, run=run, fab=fab, why=str(refusal))
         return self.run_app(message, context)
 
     def is_own_folder(self, context: Context) -> bool:
@@ -199,7 +199,7 @@ class Runner:
         reply = Message(error=Error(code=FOREIGN_TASK, reason=reason), reply_to=message)
         return Outcome(reply, SubStatus.FAILED, reason)
 
-    def refuse(self, message: Message, run: Run, fab: Fab, why: str) -> Outcome:
+    def refuse(self, message: Message, *, run: Run, fab: Fab, why: str) -> Outcome:
         """An APP_REFUSED reply; the refusal is logged and recorded in the ledger (once per
         run in this process: a refused run sends every round's messages)."""
         reason = f"{self.institution} refuses run {run.run_id}: {why}"
@@ -245,7 +245,7 @@ class Runner:
         try:
             heartbeat.start()
             message, context, run, fab = pull_task_input(client)  # data only
-            outcome = self.decide(task.type, message, context, run, fab)
+            outcome = self.decide(task.type, message, context=context, run=run, fab=fab)
             push_message(client, outcome.reply, context)
             push_task_output(client, context, outcome.status, outcome.details)
         except Exception:  # a task that carries no message (no type a SuperNode makes) too

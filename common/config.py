@@ -113,7 +113,7 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigFileError(f"{path}: cannot read the file: {error}") from None
 
 
-def validate_file(tree: dict[str, Any], model: type[ModelT], path: Path, what: str) -> ModelT:
+def validate_file(tree: dict[str, Any], model: type[ModelT], *, path: Path, what: str) -> ModelT:
     """`model` from `tree` (read from `path`), every problem listed with its allowed range."""
     try:
         return model.model_validate(tree)

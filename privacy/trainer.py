@@ -215,9 +215,9 @@ def _no_examples(model: nn.Module) -> None:
 def train_round(
     model: nn.Module,
     data: Dataset,
+    *,
     train: TrainConfig,
     privacy: PrivacyConfig,
-    *,
     mechanism: Mechanism,
     history: list[HistoryEntry],
     seed: int,

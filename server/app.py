@@ -107,7 +107,7 @@ def run(
     returns; `registered` names the enrolled institutions in deployment (see `Roster`)."""
     test = test_set if test_set is not None else coordinator_test_set(job)
     task = get_task(job.task.name)
-    model = task.build_model(job.task, test.features, test.classes, job.seed)
+    model = task.build_model(job.task, features=test.features, classes=test.classes, seed=job.seed)
     strategy = RoundRecorder(
         ConfideStrategy.for_job(job, history, noise_seed=noise_seed, registered=registered)
     )
@@ -154,7 +154,7 @@ class CentralEvaluation:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         test = self.test
-        metrics = evaluate(self.model, test.x, test.y, test.classes)
+        metrics = evaluate(self.model, test.x, test.y, classes=test.classes)
         history = self.history
         if server_round == 0:
             history.initial_metrics = metrics

@@ -276,7 +276,12 @@ def _serve_enrollment(
 ) -> grpc.Server:
     address = f"{settings.bind}:{settings.enrollment_port}"
     try:
-        server, _ = serve(service, address, directory.server_key, directory.server_certificate)
+        server, _ = serve(
+            service,
+            address,
+            server_key=directory.server_key,
+            server_certificate=directory.server_certificate,
+        )
     except OSError as error:
         raise CoordinatorError(f"the enrollment service: {error}") from None
     return server

@@ -410,7 +410,7 @@ class _Refused(Exception):
 
 
 def serve(
-    service: EnrollmentService, address: str, server_key: Path, server_certificate: Path
+    service: EnrollmentService, address: str, *, server_key: Path, server_certificate: Path
 ) -> tuple[grpc.Server, int]:
     """Start the service over TLS on `address` (`HOST:PORT`, port 0 = any); return the port.
 

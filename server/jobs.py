@@ -72,7 +72,7 @@ def load_job(path: Path) -> tuple[JobFile, bool]:
     raw.setdefault("name", path.stem)
     raw = resolve_task_path(raw, path.parent)
     try:
-        return validate_file(raw, JobFile, path, "job"), ignored
+        return validate_file(raw, JobFile, path=path, what="job"), ignored
     except ConfigFileError as error:
         raise JobError(str(error)) from error
 

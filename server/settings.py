@@ -86,6 +86,6 @@ class StateDir:
                 "create one with `confide-server init`"
             )
         try:
-            return validate_file(read_toml(path), ServerSettings, path, "settings")
+            return validate_file(read_toml(path), ServerSettings, path=path, what="settings")
         except ConfigFileError as error:
             raise StateError(str(error)) from error

@@ -100,13 +100,15 @@ def local_training_ms(scenario: ScenarioConfig, repeats: int = 30) -> float:
     )
     timings = []
     for repeat in range(repeats + 1):
-        model = task.build_model(scenario.task, split.features, split.classes, scenario.seed)
+        model = task.build_model(
+            scenario.task, features=split.features, classes=split.classes, seed=scenario.seed
+        )
         started = time.perf_counter()
         train_round(
             model,
             local,
-            scenario.train,
-            scenario.privacy,
+            train=scenario.train,
+            privacy=scenario.privacy,
             mechanism=mechanism,
             history=[],
             seed=repeat,

@@ -127,7 +127,7 @@ def preflight(scenario: ScenarioConfig, split: FederatedSplit) -> None:
     if not privacy.enabled:
         return
     model = get_task(scenario.task.name).build_model(
-        scenario.task, split.features, split.classes, scenario.seed
+        scenario.task, features=split.features, classes=split.classes, seed=scenario.seed
     )
     try:
         check_model(model)

@@ -175,6 +175,6 @@ def load_scenario(
     if fit_minimums:
         tree = _fit_minimums(tree)
     try:
-        return validate_file(tree, ScenarioConfig, path, "scenario")
+        return validate_file(tree, ScenarioConfig, path=path, what="scenario")
     except ConfigFileError as error:
         raise ScenarioError(str(error)) from None

@@ -58,7 +58,7 @@ def binary_auroc(y: np.ndarray, score: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, classes: int) -> dict[str, float]:
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, classes: int) -> dict[str, float]:
     """Return loss, accuracy, macro precision/recall/F1 and (binary) AUROC of `model`."""
     if len(y) == 0:
         raise ValueError("cannot evaluate on an empty set")

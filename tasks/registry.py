@@ -35,7 +35,9 @@ class Task:
     def load(self, config: TaskConfig, seed: int) -> datasets.Dataset:
         return self.loader(config, seed)
 
-    def build_model(self, config: TaskConfig, features: int, classes: int, seed: int) -> nn.Module:
+    def build_model(
+        self, config: TaskConfig, *, features: int, classes: int, seed: int
+    ) -> nn.Module:
         return build_mlp(config.model, features=features, classes=classes, seed=seed)
 
 

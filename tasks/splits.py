@@ -71,7 +71,7 @@ def split_test(task: TaskConfig, data: DataConfig, seed: int) -> tuple[Dataset, 
     return full.subset(pool), full.subset(test)
 
 
-def federate(task: TaskConfig, data: DataConfig, institutions: int, seed: int) -> FederatedSplit:
+def federate(task: TaskConfig, data: DataConfig, *, institutions: int, seed: int) -> FederatedSplit:
     """Split the task's data into a test set and `institutions` local datasets."""
     pool, test = split_test(task, data, seed)
     parts = partition_indices(
@@ -81,8 +81,8 @@ def federate(task: TaskConfig, data: DataConfig, institutions: int, seed: int) -
         split_validation(
             pool.subset(part),
             data.validation_fraction,
-            derive_seed(seed, "validation", index),
-            "data.validation_fraction",
+            seed=derive_seed(seed, "validation", index),
+            what="data.validation_fraction",
         )
         for index, part in enumerate(parts)
     ]
@@ -90,7 +90,7 @@ def federate(task: TaskConfig, data: DataConfig, institutions: int, seed: int) -
 
 
 def validation_indices(
-    shard: Dataset, fraction: float, seed: int, what: str = "validation_fraction"
+    shard: Dataset, fraction: float, *, seed: int, what: str = "validation_fraction"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(training, validation) indices of one institution's data: none held out if `fraction`
     is 0 or the shard has fewer than two examples; `what` names the setting in errors."""
@@ -108,8 +108,8 @@ def training_size(examples: int, fraction: float) -> int:
 
 
 def split_validation(
-    shard: Dataset, fraction: float, seed: int, what: str = "validation_fraction"
+    shard: Dataset, fraction: float, *, seed: int, what: str = "validation_fraction"
 ) -> InstitutionData:
     """One institution's data cut into training and local validation."""
-    train, validation = validation_indices(shard, fraction, seed, what)
+    train, validation = validation_indices(shard, fraction, seed=seed, what=what)
     return InstitutionData(shard.subset(train), shard.subset(validation))

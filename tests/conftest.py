@@ -160,7 +160,12 @@ def enrollment_coordinator(tmp_path: Path):
     engine = open_database(f"sqlite:///{state}/confide.db")
     registrar = RecordingRegistrar()
     service = EnrollmentService(state / "ca.pem", engine, registrar, "127.0.0.1:9091")
-    server_handle, port = serve(service, "127.0.0.1:0", state / "server.key", state / "server.pem")
+    server_handle, port = serve(
+        service,
+        "127.0.0.1:0",
+        server_key=state / "server.key",
+        server_certificate=state / "server.pem",
+    )
     yield {
         "port": port,
         "ca": ca,

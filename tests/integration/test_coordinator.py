@@ -216,7 +216,9 @@ def digits_files(tmp_path_factory) -> list[Path]:
     from confide.tasks.splits import federate
 
     folder = tmp_path_factory.mktemp("digits")
-    split = federate(TaskConfig(name="digits"), DataConfig(validation_fraction=0.0), 2, 0)
+    split = federate(
+        TaskConfig(name="digits"), DataConfig(validation_fraction=0.0), institutions=2, seed=0
+    )
     paths = []
     for index, local in enumerate(split.institutions):
         keep = local.train.y != 9 if index == 1 else local.train.y >= 0

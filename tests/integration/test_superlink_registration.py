@@ -52,7 +52,12 @@ def enrollment(superlink, tmp_path):
     state = superlink.flwr_home.parent  # the SuperLink fixture's folder: its CA and certificate
     engine = open_database(f"sqlite:///{tmp_path}/confide.db")
     service = EnrollmentService(state / "ca.pem", engine, superlink, "127.0.0.1:9091")
-    server, port = serve(service, "127.0.0.1:0", state / "server.key", state / "server.pem")
+    server, port = serve(
+        service,
+        "127.0.0.1:0",
+        server_key=state / "server.key",
+        server_certificate=state / "server.pem",
+    )
     yield {"engine": engine, "port": port, "ca": pki.load_certificate(state / "ca.pem")}
     server.stop(0)
     engine.dispose()

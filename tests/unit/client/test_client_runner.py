@@ -209,7 +209,9 @@ def test_a_refused_app_gets_an_app_refused_reply_and_is_recorded_in_the_ledger(i
     fab = built({"pyproject.toml": pyproject("evil.app:app")})
     message, context, run = task_input(institution, fab)
     with caplog.at_level(logging.WARNING, logger="confide.client.runner"):
-        outcome = runner(institution).decide(CLIENT_TASK, message, context, run, fab)
+        outcome = runner(institution).decide(
+            CLIENT_TASK, message, context=context, run=run, fab=fab
+        )
     reason = (
         f"hospital-a refuses run {RUN_ID}: its app names ClientApp 'evil.app:app'; this "
         "institution runs only confide.client.app:app"
@@ -235,7 +237,9 @@ def test_a_refused_run_is_recorded_once_however_many_messages_it_sends(instituti
     for _ in range(3):
         message, context, run = task_input(institution, fab)
         assert (
-            the_runner.decide(CLIENT_TASK, message, context, run, fab).reply.error.code
+            the_runner.decide(
+                CLIENT_TASK, message, context=context, run=run, fab=fab
+            ).reply.error.code
             == APP_REFUSED
         )
     assert [e.kind for e in Ledger(institution).entries()] == ["refused-app"]
@@ -243,7 +247,8 @@ def test_a_refused_run_is_recorded_once_however_many_messages_it_sends(instituti
 
 def test_budget_verify_lists_the_refusal_and_passes(institution):
     fab = built({"pyproject.toml": pyproject("evil.app:app")})
-    runner(institution).decide(CLIENT_TASK, *task_input(institution, fab), fab)
+    message, context, run = task_input(institution, fab)
+    runner(institution).decide(CLIENT_TASK, message, context=context, run=run, fab=fab)
     result = CliRunner().invoke(client_cli, ["budget", "verify", "--dir", str(institution)])
     assert result.exit_code == 0, result.output
     assert "ledger intact: 1 entries" in result.output
@@ -263,7 +268,7 @@ def test_a_refusal_recorded_after_a_move_leaves_the_ledger_moved(institution, tm
 def test_confides_app_is_run_in_process_and_replies(institution):
     fab = built({"pyproject.toml": pyproject()})
     message, context, run = task_input(institution, fab)
-    outcome = runner(institution).decide(CLIENT_TASK, message, context, run, fab)
+    outcome = runner(institution).decide(CLIENT_TASK, message, context=context, run=run, fab=fab)
     assert not outcome.reply.has_error()
     assert outcome.reply.content["identity"]["institution"] == "hospital-a"
     assert (outcome.status, outcome.details) == (SubStatus.COMPLETED, "")
@@ -280,7 +285,9 @@ def test_a_failing_app_replies_without_its_detail_which_is_logged_here(instituti
     fab = built({"pyproject.toml": pyproject()})
     message, context, run = task_input(institution, fab)
     with caplog.at_level(logging.ERROR, logger="confide.client.runner"):
-        outcome = runner(institution, failing).decide(CLIENT_TASK, message, context, run, fab)
+        outcome = runner(institution, failing).decide(
+            CLIENT_TASK, message, context=context, run=run, fab=fab
+        )
     assert outcome.reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     reason = outcome.reply.error.reason
     assert reason == (
@@ -338,7 +345,9 @@ def test_a_task_naming_another_folder_is_refused_unrun_and_unrecorded(
     fab = built({"pyproject.toml": pyproject()})  # confide's own app: refused all the same
     message, context, run = task_input(other, fab)
     with caplog.at_level(logging.ERROR, logger="confide.client.runner"):
-        outcome = runner(institution, app).decide(CLIENT_TASK, message, context, run, fab)
+        outcome = runner(institution, app).decide(
+            CLIENT_TASK, message, context=context, run=run, fab=fab
+        )
     assert outcome.reply.error.code == FOREIGN_TASK and outcome.status == SubStatus.FAILED
     reason = outcome.reply.error.reason
     assert reason == (
@@ -356,7 +365,7 @@ def test_a_foreign_task_is_refused_before_its_app_or_type_can_write_a_ledger(
 ):
     fab = built({"pyproject.toml": pyproject("evil.app:app")})
     message, context, run = task_input(other_institution(tmp_path), fab)
-    outcome = runner(institution).decide(task_type, message, context, run, fab)
+    outcome = runner(institution).decide(task_type, message, context=context, run=run, fab=fab)
     assert outcome.reply.error.code == FOREIGN_TASK
     assert not Ledger(institution).exists()
 
@@ -367,7 +376,9 @@ def test_a_task_naming_no_folder_is_refused(institution, config):
     fab = built({"pyproject.toml": pyproject()})
     message, context, run = task_input(institution, fab)
     context.node_config = config
-    outcome = runner(institution, app).decide(CLIENT_TASK, message, context, run, fab)
+    outcome = runner(institution, app).decide(
+        CLIENT_TASK, message, context=context, run=run, fab=fab
+    )
     assert outcome.reply.error.code == FOREIGN_TASK and seen == []
 
 
@@ -375,7 +386,7 @@ def test_the_own_folder_by_another_path_is_the_own_folder(institution, tmp_path)
     (tmp_path / "link").symlink_to(institution)
     fab = built({"pyproject.toml": pyproject()})
     message, context, run = task_input(tmp_path / "link" / ".." / "link", fab)
-    outcome = runner(institution).decide(CLIENT_TASK, message, context, run, fab)
+    outcome = runner(institution).decide(CLIENT_TASK, message, context=context, run=run, fab=fab)
     assert outcome.status == SubStatus.COMPLETED, outcome.details
 
 
@@ -389,7 +400,9 @@ def test_an_agentapp_task_is_refused_and_recorded_even_with_confides_pyproject(i
     app, seen = spy_app()
     fab = built({"pyproject.toml": pyproject()})
     message, context, run = task_input(institution, fab)
-    outcome = runner(institution, app).decide(TaskType.AGENT_APP.value, message, context, run, fab)
+    outcome = runner(institution, app).decide(
+        TaskType.AGENT_APP.value, message, context=context, run=run, fab=fab
+    )
     reason = (
         f"hospital-a refuses run {RUN_ID}: its app runs here as an AgentApp, not a ClientApp; "
         "this institution runs only confide.client.app:app"
@@ -551,7 +564,7 @@ def train_message(server_round: int = 1) -> Message:
         features=1,
         labels=["0", "1"],
     )
-    model = get_task("digits").build_model(instructions.task, 1, 2, 0)
+    model = get_task("digits").build_model(instructions.task, features=1, classes=2, seed=0)
     from flwr.app import ArrayRecord
 
     config = ConfigRecord(instructions.to_config() | {"server-round": server_round})

@@ -27,4 +27,6 @@ def train_round(
     mechanism = plan_round(
         privacy, train, declared_examples=declared or len(data), planned_rounds=planned_rounds
     )
-    return trainer.train_round(model, data, train, privacy, mechanism=mechanism, **options)
+    return trainer.train_round(
+        model, data, train=train, privacy=privacy, mechanism=mechanism, **options
+    )

@@ -54,7 +54,9 @@ def per_sample_gradients(model: nn.Module, data: Dataset) -> torch.Tensor:
 
 def one_step(model: nn.Module, data: Dataset, max_grad_norm: float) -> RoundResult:
     privacy = PrivacyConfig(noise_multiplier=SIGMA, max_grad_norm=max_grad_norm)
-    return train_round(model, data, FULL_BATCH_SGD, privacy, history=[], planned_rounds=1, seed=0)
+    return train_round(
+        model, data, train=FULL_BATCH_SGD, privacy=privacy, history=[], planned_rounds=1, seed=0
+    )
 
 
 def parameter_change(model: nn.Module, data: Dataset, max_grad_norm: float) -> torch.Tensor:

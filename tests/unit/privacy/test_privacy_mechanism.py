@@ -36,7 +36,7 @@ def update_norms(data: Dataset, declared: int, trials: int, start: int) -> np.nd
         model = nn.Linear(data.features, data.classes)
         model.load_state_dict(base.state_dict())
         result = train_round(
-            model, data, TRAIN, PRIVACY, mechanism=mechanism, history=[], seed=seed
+            model, data, train=TRAIN, privacy=PRIVACY, mechanism=mechanism, history=[], seed=seed
         )
         change = [result.state[name] - value for name, value in base.state_dict().items()]
         norms.append(float(torch.sqrt(sum((c**2).sum() for c in change))))
@@ -67,7 +67,13 @@ def test_n_and_n_plus_one_examples_train_with_identical_parameters_and_divisor(n
     mechanism = plan_round(PRIVACY, TRAIN, declared_examples=DECLARED, planned_rounds=ROUNDS)
     results = [
         train_round(
-            nn.Linear(64, 10), data, TRAIN, PRIVACY, mechanism=mechanism, history=[], seed=0
+            nn.Linear(64, 10),
+            data,
+            train=TRAIN,
+            privacy=PRIVACY,
+            mechanism=mechanism,
+            history=[],
+            seed=0,
         )
         for data in neighbours
     ]

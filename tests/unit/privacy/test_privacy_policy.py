@@ -30,8 +30,8 @@ def test_projection_equals_the_epsilon_the_trainer_then_reports(small_digits, ma
     result = train_round(
         make_model(),
         small_digits,
-        TRAIN,
-        PRIVACY,
+        train=TRAIN,
+        privacy=PRIVACY,
         mechanism=mechanism,
         history=history,
         seed=0,

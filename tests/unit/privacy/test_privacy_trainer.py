@@ -35,7 +35,13 @@ def run_rounds(
     results = []
     for round_ in range(rounds):
         result = train_round(
-            model, data, TRAIN, privacy, history=history, planned_rounds=rounds, seed=round_
+            model,
+            data,
+            train=TRAIN,
+            privacy=privacy,
+            history=history,
+            planned_rounds=rounds,
+            seed=round_,
         )
         if carry_history:
             history = result.history
@@ -159,7 +165,13 @@ def test_target_epsilon_noise_keeps_epsilon_within_target_after_planned_rounds(
 def test_same_seed_gives_bit_identical_state_and_different_seeds_differ(small_digits, make_model):
     def one_round(seed: int) -> RoundResult:
         return train_round(
-            make_model(), small_digits, TRAIN, DP, history=[], planned_rounds=1, seed=seed
+            make_model(),
+            small_digits,
+            train=TRAIN,
+            privacy=DP,
+            history=[],
+            planned_rounds=1,
+            seed=seed,
         )
 
     first, again, other = one_round(7), one_round(7), one_round(8)
@@ -179,8 +191,8 @@ def test_dp_off_reports_no_epsilon_and_returns_the_history_unchanged(small_digit
     result = train_round(
         model,
         small_digits,
-        train,
-        PrivacyConfig(enabled=False),
+        train=train,
+        privacy=PrivacyConfig(enabled=False),
         history=history,
         planned_rounds=5,
         seed=0,
@@ -198,7 +210,13 @@ def test_dp_off_is_deterministic_for_a_seed(small_digits, make_model):
     off = PrivacyConfig(enabled=False)
     states = [
         train_round(
-            make_model(), small_digits, TRAIN, off, history=[], planned_rounds=1, seed=3
+            make_model(),
+            small_digits,
+            train=TRAIN,
+            privacy=off,
+            history=[],
+            planned_rounds=1,
+            seed=3,
         ).state
         for _ in range(2)
     ]
@@ -224,8 +242,8 @@ def test_empty_poisson_batches_take_a_step_and_are_counted(digits):
     result = train_round(
         model,
         tiny,
-        TrainConfig(local_epochs=epochs, batch_size=1, lr=0.1),
-        DP,
+        train=TrainConfig(local_epochs=epochs, batch_size=1, lr=0.1),
+        privacy=DP,
         history=[],
         planned_rounds=1,
         seed=0,
@@ -244,7 +262,9 @@ def test_empty_poisson_batches_take_a_step_and_are_counted(digits):
 def test_returned_state_has_plain_keys_and_no_hooks_are_left_behind(small_digits, make_model):
     model = make_model()
     plain_keys = set(model.state_dict())
-    result = train_round(model, small_digits, TRAIN, DP, history=[], planned_rounds=2, seed=0)
+    result = train_round(
+        model, small_digits, train=TRAIN, privacy=DP, history=[], planned_rounds=2, seed=0
+    )
     assert set(result.state) == plain_keys
     assert not any(key.startswith("_module.") for key in result.state)
     for key, value in model.state_dict().items():
@@ -255,10 +275,18 @@ def test_returned_state_has_plain_keys_and_no_hooks_are_left_behind(small_digits
 
 def test_the_same_model_can_be_trained_again_with_dp(small_digits, make_model):
     model = make_model()
-    first = train_round(model, small_digits, TRAIN, DP, history=[], planned_rounds=2, seed=0)
+    first = train_round(
+        model, small_digits, train=TRAIN, privacy=DP, history=[], planned_rounds=2, seed=0
+    )
     after_first = snapshot(model)
     second = train_round(
-        model, small_digits, TRAIN, DP, history=first.history, planned_rounds=2, seed=1
+        model,
+        small_digits,
+        train=TRAIN,
+        privacy=DP,
+        history=first.history,
+        planned_rounds=2,
+        seed=1,
     )
     assert second.steps == 10
     assert second.history == [(1.0, second.sample_rate, 20)]
@@ -268,8 +296,8 @@ def test_the_same_model_can_be_trained_again_with_dp(small_digits, make_model):
     third = train_round(
         model,
         small_digits,
-        TRAIN,
-        PrivacyConfig(enabled=False),
+        train=TRAIN,
+        privacy=PrivacyConfig(enabled=False),
         history=[],
         planned_rounds=1,
         seed=2,
@@ -299,7 +327,9 @@ def test_dp_round_refuses_a_batchnorm_model_before_training(small_digits):
     model = batchnorm_model(small_digits.features, small_digits.classes)
     before = snapshot(model)
     with pytest.raises(PrivacyError, match="BatchNorm"):
-        train_round(model, small_digits, TRAIN, DP, history=[], planned_rounds=1, seed=0)
+        train_round(
+            model, small_digits, train=TRAIN, privacy=DP, history=[], planned_rounds=1, seed=0
+        )
     assert all(torch.equal(before[key], model.state_dict()[key]) for key in before)
 
 
@@ -308,8 +338,8 @@ def test_dp_off_trains_a_batchnorm_model(small_digits):
     result = train_round(
         model,
         small_digits,
-        TRAIN,
-        PrivacyConfig(enabled=False),
+        train=TRAIN,
+        privacy=PrivacyConfig(enabled=False),
         history=[],
         planned_rounds=1,
         seed=0,
@@ -325,11 +355,20 @@ def test_an_empty_dataset_is_refused_without_dp_and_takes_noise_only_steps_with_
     with pytest.raises(ValueError, match="empty dataset"):
         off = PrivacyConfig(enabled=False)
         train_round(
-            make_model(), empty, TRAIN, off, history=[], planned_rounds=1, seed=0, declared=10
+            make_model(),
+            empty,
+            train=TRAIN,
+            privacy=off,
+            history=[],
+            planned_rounds=1,
+            seed=0,
+            declared=10,
         )
     model = make_model()
     before = snapshot(model)
-    result = train_round(model, empty, TRAIN, DP, history=[], planned_rounds=1, seed=0, declared=10)
+    result = train_round(
+        model, empty, train=TRAIN, privacy=DP, history=[], planned_rounds=1, seed=0, declared=10
+    )
     assert result.steps == 1 and result.examples == 0
     assert any(not torch.equal(before[k], result.state[k]) for k in before)  # the noise moved it
 
@@ -345,8 +384,8 @@ def test_every_grad_sample_mode_takes_empty_poisson_batches_as_noise_only_steps(
     result = train_round(
         make_model(),
         digits.subset(np.arange(5)),
-        TrainConfig(batch_size=10),
-        privacy,
+        train=TrainConfig(batch_size=10),
+        privacy=privacy,
         history=[],
         planned_rounds=1,
         seed=3,
@@ -363,8 +402,8 @@ def test_batch_size_one_never_divides_the_update_by_zero(digits, make_model, exa
     result = train_round(
         make_model(hidden=()),
         digits.subset(np.arange(examples)),
-        TrainConfig(batch_size=1),
-        PrivacyConfig(noise_multiplier=1.0),
+        train=TrainConfig(batch_size=1),
+        privacy=PrivacyConfig(noise_multiplier=1.0),
         history=[],
         planned_rounds=1,
         seed=0,
@@ -383,8 +422,8 @@ def test_a_round_takes_the_declared_sizes_rate_and_steps_whatever_the_data_holds
     result = train_round(
         make_model(hidden=()),
         digits.subset(np.arange(examples)),
-        TrainConfig(batch_size=batch),
-        PrivacyConfig(noise_multiplier=1.0),
+        train=TrainConfig(batch_size=batch),
+        privacy=PrivacyConfig(noise_multiplier=1.0),
         history=[],
         planned_rounds=1,
         seed=0,
@@ -396,8 +435,8 @@ def test_a_round_takes_the_declared_sizes_rate_and_steps_whatever_the_data_holds
 
 def test_returned_state_is_a_copy_not_the_live_parameters(small_digits, make_model):
     model = make_model()
-    config = (TrainConfig(), PrivacyConfig(noise_multiplier=1.0))
-    first = train_round(model, small_digits, *config, history=[], planned_rounds=2, seed=0)
+    config = {"train": TrainConfig(), "privacy": PrivacyConfig(noise_multiplier=1.0)}
+    first = train_round(model, small_digits, **config, history=[], planned_rounds=2, seed=0)
     frozen = {k: v.clone() for k, v in first.state.items()}
-    train_round(model, small_digits, *config, history=first.history, planned_rounds=2, seed=1)
+    train_round(model, small_digits, **config, history=first.history, planned_rounds=2, seed=1)
     assert all(torch.equal(frozen[k], first.state[k]) for k in frozen)

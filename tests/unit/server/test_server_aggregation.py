@@ -57,7 +57,9 @@ def test_the_registry_names_its_rules_and_refuses_an_unknown_one():
 def test_a_job_file_with_an_unknown_rule_is_refused_with_the_allowed_names():
     assert JobConfig().aggregation.rule == "fedavg"
     with pytest.raises(ConfigFileError) as refused:
-        validate_file({"aggregation": {"rule": "median"}}, JobFile, Path("job.toml"), "job")
+        validate_file(
+            {"aggregation": {"rule": "median"}}, JobFile, path=Path("job.toml"), what="job"
+        )
     assert "aggregation.rule: Value error, unknown aggregation rule 'median'" in str(refused.value)
     assert "allowed: fedavg" in str(refused.value)
 

@@ -79,7 +79,12 @@ def enrollment(tmp_path: Path):
         audit=audit,
         limiter=RedemptionLimiter(clock=clock),
     )
-    server, port = serve(service, "127.0.0.1:0", directory.server_key, directory.server_certificate)
+    server, port = serve(
+        service,
+        "127.0.0.1:0",
+        server_key=directory.server_key,
+        server_certificate=directory.server_certificate,
+    )
     channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(pki.pem(ca)))
     yield {
         "stub": enrollment_pb2_grpc.EnrollmentStub(channel),

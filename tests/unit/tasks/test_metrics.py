@@ -32,7 +32,7 @@ def _labels(classes: int, per_class: int = 5) -> np.ndarray:
 @pytest.mark.parametrize("classes", [2, 3, 10])
 def test_perfect_model_scores_accuracy_one_and_f1_one(classes):
     y = _labels(classes)
-    metrics = evaluate(_oracle(classes), _one_hot(y, classes), y, classes)
+    metrics = evaluate(_oracle(classes), _one_hot(y, classes), y, classes=classes)
     assert metrics["accuracy"] == 1.0
     assert metrics["f1_macro"] == pytest.approx(1.0)
     assert metrics["precision_macro"] == pytest.approx(1.0)
@@ -43,7 +43,7 @@ def test_perfect_model_scores_accuracy_one_and_f1_one(classes):
 def test_always_wrong_model_scores_accuracy_zero():
     y = _labels(3)
     wrong = (y + 1) % 3
-    metrics = evaluate(_oracle(3), _one_hot(wrong, 3), y, 3)
+    metrics = evaluate(_oracle(3), _one_hot(wrong, 3), y, classes=3)
     assert metrics["accuracy"] == 0.0
     assert metrics["f1_macro"] == 0.0
     assert metrics["loss"] > 5.0
@@ -51,26 +51,26 @@ def test_always_wrong_model_scores_accuracy_zero():
 
 def test_metrics_are_floats_with_the_expected_keys_for_multiclass():
     y = _labels(4)
-    metrics = evaluate(_oracle(4), _one_hot(y, 4), y, 4)
+    metrics = evaluate(_oracle(4), _one_hot(y, 4), y, classes=4)
     assert set(metrics) == BASE_KEYS
     assert all(isinstance(value, float) for value in metrics.values())
 
 
 def test_binary_task_also_reports_auroc():
     y = _labels(2)
-    metrics = evaluate(_oracle(2), _one_hot(y, 2), y, 2)
+    metrics = evaluate(_oracle(2), _one_hot(y, 2), y, classes=2)
     assert set(metrics) == BASE_KEYS | {"auroc"}
     assert metrics["auroc"] == pytest.approx(1.0)
 
 
 def test_auroc_is_not_reported_for_a_multiclass_task():
     y = _labels(3)
-    assert "auroc" not in evaluate(_oracle(3), _one_hot(y, 3), y, 3)
+    assert "auroc" not in evaluate(_oracle(3), _one_hot(y, 3), y, classes=3)
 
 
 def test_auroc_is_not_reported_when_a_binary_set_holds_one_class_only():
     y = np.zeros(6, dtype=np.int64)
-    metrics = evaluate(_oracle(2), _one_hot(y, 2), y, 2)
+    metrics = evaluate(_oracle(2), _one_hot(y, 2), y, classes=2)
     assert "auroc" not in metrics
     assert metrics["accuracy"] == 1.0
 
@@ -78,7 +78,7 @@ def test_auroc_is_not_reported_when_a_binary_set_holds_one_class_only():
 def test_accuracy_counts_the_fraction_of_correct_predictions():
     y = np.array([0, 1, 0, 1])
     predicted_as = np.array([0, 1, 1, 1])  # one mistake in four
-    metrics = evaluate(_oracle(2), _one_hot(predicted_as, 2), y, 2)
+    metrics = evaluate(_oracle(2), _one_hot(predicted_as, 2), y, classes=2)
     assert metrics["accuracy"] == pytest.approx(0.75)
 
 
@@ -86,13 +86,13 @@ def test_evaluate_leaves_the_model_in_eval_mode():
     model = _oracle(2)
     model.train()
     y = _labels(2)
-    evaluate(model, _one_hot(y, 2), y, 2)
+    evaluate(model, _one_hot(y, 2), y, classes=2)
     assert model.training is False
 
 
 def test_empty_set_raises_value_error():
     with pytest.raises(ValueError, match="empty"):
-        evaluate(_oracle(2), np.zeros((0, 2), np.float32), np.zeros(0, np.int64), 2)
+        evaluate(_oracle(2), np.zeros((0, 2), np.float32), np.zeros(0, np.int64), classes=2)
 
 
 @pytest.mark.parametrize("seed", range(8))

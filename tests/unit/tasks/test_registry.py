@@ -153,8 +153,8 @@ def test_binary_task_model_has_two_logits():
 def test_same_seed_builds_identical_weights():
     config = TaskConfig(name="digits", model=ModelConfig(hidden=[8, 4]))
     task = get_task("digits")
-    first = task.build_model(config, 12, 3, seed=42).state_dict()
-    second = task.build_model(config, 12, 3, seed=42).state_dict()
+    first = task.build_model(config, features=12, classes=3, seed=42).state_dict()
+    second = task.build_model(config, features=12, classes=3, seed=42).state_dict()
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
@@ -163,8 +163,8 @@ def test_same_seed_builds_identical_weights():
 def test_different_seeds_build_different_weights():
     config = TaskConfig(name="digits", model=ModelConfig(hidden=[8, 4]))
     task = get_task("digits")
-    first = task.build_model(config, 12, 3, seed=1).state_dict()
-    second = task.build_model(config, 12, 3, seed=2).state_dict()
+    first = task.build_model(config, features=12, classes=3, seed=1).state_dict()
+    second = task.build_model(config, features=12, classes=3, seed=2).state_dict()
     assert all(not torch.equal(first[key], second[key]) for key in first)
 
 

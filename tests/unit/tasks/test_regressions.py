@@ -14,14 +14,19 @@ from confide.tasks.splits import federate
 
 
 def test_validation_split_smaller_than_class_count_falls_back_to_a_plain_shuffle():
-    split = federate(TaskConfig(name="digits"), DataConfig(validation_fraction=0.05), 10, 0)
+    split = federate(
+        TaskConfig(name="digits"), DataConfig(validation_fraction=0.05), institutions=10, seed=0
+    )
     assert all(len(local.validation) >= 1 for local in split.institutions)
 
 
 def test_split_that_keeps_nothing_is_a_partition_error():
     with pytest.raises(PartitionError, match=r"data\.validation_fraction"):
         federate(
-            TaskConfig(name="synthetic", samples=10), DataConfig(validation_fraction=0.9), 4, 0
+            TaskConfig(name="synthetic", samples=10),
+            DataConfig(validation_fraction=0.9),
+            institutions=4,
+            seed=0,
         )
 
 

@@ -130,7 +130,9 @@ def test_split_exposes_classes_and_features_of_the_task():
 
 
 def test_test_set_is_stratified_by_label():
-    split = federate(TaskConfig(name="digits"), DataConfig(test_fraction=0.2), 2, seed=0)
+    split = federate(
+        TaskConfig(name="digits"), DataConfig(test_fraction=0.2), institutions=2, seed=0
+    )
     counts = np.bincount(split.test.y, minlength=10)
     assert counts.min() >= 35
     assert counts.max() <= 37
