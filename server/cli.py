@@ -187,9 +187,9 @@ def _issue_token(state: Path, institution: str, ttl: str) -> JoinToken:
 
     from confide.server import pki
     from confide.server.audit import AuditError, AuditLog, operator_actor
-    from confide.server.settings import StateDir, StateError
+    from confide.server.settings import StateDir
     from confide.server.state import open_database
-    from confide.server.tokens import TokenError, create_token, parse_ttl
+    from confide.server.tokens import create_token, parse_ttl
 
     directory = StateDir(state)
     try:
@@ -212,8 +212,6 @@ def _issue_token(state: Path, institution: str, ttl: str) -> JoinToken:
             engine.dispose()
     except AuditError as error:
         raise fail(f"{error}; the token was not issued") from None
-    except (StateError, TokenError, pki.PKIError) as error:
-        raise fail(str(error)) from None
     except SQLAlchemyError as error:
         cause = getattr(error, "orig", None) or error
         raise fail(f"the database: {cause}; the token was not issued") from None
