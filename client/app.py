@@ -27,7 +27,7 @@ from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.app.typing import MetricRecordValues
+from flwr.app.typing import ConfigRecordValues, MetricRecordValues
 from flwr.clientapp import ClientApp
 from flwr.common import Error
 from flwr.common.constant import ErrorCode
@@ -170,10 +170,10 @@ def _model(
 ) -> torch.nn.Module:
     """The task's model with the coordinator's weights loaded (names and shapes must match)."""
     task = instructions.task
-    features = instructions.features or local.train.features
+    shape = instructions.input_shape() or local.train.shape
     classes = len(instructions.labels) if instructions.labels else local.train.classes
     model = get_task(task.name).build_model(
-        task, features=features, classes=classes, seed=instructions.seed
+        task, shape=shape, classes=classes, seed=instructions.seed
     )
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     return model
@@ -212,14 +212,18 @@ def _reply(
             keys.SAMPLE_RATE: result.sample_rate,
             keys.TOTAL_STEPS: sum(n for _, _, n in result.history),
         }
+    how: dict[str, ConfigRecordValues] = {
+        keys.NOISE_GENERATOR: generator,
+        keys.DATASET_ACCOUNTANT: budget_accountant,
+    }
+    if me.ledger is not None:  # read back by the coordinator into the model's card
+        how[keys.DATA_COMMITMENT] = Ledger(me.ledger).commitment(me.fingerprint())
     return RecordDict(
         {
             "arrays": ArrayRecord(result.state),
             "metrics": MetricRecord(metrics),
             "identity": ConfigRecord({"institution": me.name}),
-            keys.MECHANISM: ConfigRecord(
-                {keys.NOISE_GENERATOR: generator, keys.DATASET_ACCOUNTANT: budget_accountant}
-            ),
+            keys.MECHANISM: ConfigRecord(how),
         }
     )
 
@@ -456,9 +460,13 @@ def _evaluate_handler(resolver: Resolver) -> Handler:
         metrics: dict[str, MetricRecordValues] = {"num-examples": len(local.validation)}
         if len(local.validation):
             arrays = message.content.array_records["arrays"]
-            model = _model(instructions, local, arrays)
+            model = _model(instructions, local, arrays).to(resolve_device(me.device))
             scores = evaluate_model(
-                model, local.validation.x, local.validation.y, classes=local.validation.classes
+                model,
+                local.validation.x,
+                local.validation.y,
+                classes=local.validation.classes,
+                extra=get_task(instructions.task.name).metrics,
             )
             metrics |= {k: v for k, v in scores.items() if k != "auroc"}
         reply = RecordDict(

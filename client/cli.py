@@ -230,7 +230,11 @@ def _joined(directory: InstitutionDir, config: InstitutionConfig, plan: LedgerPl
 
 ServerOption = Annotated[str, typer.Option(help="the coordinator's enrollment service, HOST:PORT")]
 DataOption = Annotated[
-    Path, typer.Option(help="local training data: CSV (with a label column) or NPZ")
+    Path,
+    typer.Option(
+        help="local training data: CSV (with a label column), NPZ, or a folder of PNG images "
+        "with one sub-folder per class"
+    ),
 ]
 TokenOption = Annotated[
     str | None, typer.Option(help="the join token from `confide-server token create`")

@@ -14,6 +14,7 @@ Flower `Context` to it:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,7 +31,7 @@ from confide.privacy.mechanism import default_declared_size
 from confide.privacy.policy import PrivacyPolicy
 from confide.privacy.trainer import NoiseSource
 from confide.tasks.config import DataConfig, TaskConfig
-from confide.tasks.datasets import DatasetError, load_file
+from confide.tasks.datasets import DatasetError, describe_shape, load_file
 from confide.tasks.splits import FederatedSplit, InstitutionData, federate, validation_indices
 
 # The node config key a deployed SuperNode is started with (see `confide-client start`).
@@ -154,18 +155,16 @@ def local_data(
     The cut is kept in the node's `state` for the rest of the job: computing it imports
     scikit-learn (seconds), and a deployed ClientApp is a new process for every message.
     """
-    if instructions.labels is None or instructions.features is None:
-        raise DatasetError("the job does not name the model's features and classes")
+    expected = instructions.input_shape()
+    if instructions.labels is None or expected is None:
+        raise DatasetError("the job does not name the model's input shape and classes")
     path = Path(path)
-    try:
-        mtime = path.stat().st_mtime_ns
-    except OSError as error:
-        raise DatasetError(f"{path}: cannot read the institution's data: {error}") from None
+    mtime = _modified(path)
     full = load_file(path, label_column, tuple(instructions.labels))
-    if full.features != instructions.features:
+    if full.shape != expected:
         raise DatasetError(
-            f"{path}: {full.features} feature columns, the job's model takes "
-            f"{instructions.features}"
+            f"{path}: {describe_shape(full.shape)}, the job's model takes "
+            f"{describe_shape(expected)}"
         )
     seed = derive_seed(instructions.seed, "validation", institution)
     key = f"{path}|{mtime}|{len(full)}|{validation_fraction}|{seed}"
@@ -215,14 +214,28 @@ def deployed_institution(context: Context) -> LocalInstitution:
     )
 
 
-def file_fingerprint(path: Path, state: RecordDict) -> str:
-    """The data file's content hash, kept in the node's state while the file is unchanged
-    (size and modification time): hashing a large file every round would cost seconds."""
+def _modified(path: Path) -> str:
+    """When and how big the data was last changed: the file's size and modification time, or
+    for a folder of images every file's name, size and time (a folder's own time changes
+    only when an entry is added or removed)."""
     try:
-        status = Path(path).stat()
+        if not path.is_dir():
+            status = path.stat()
+            return f"{status.st_size}|{status.st_mtime_ns}"
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            status = file.stat()
+            name = file.relative_to(path).as_posix()
+            digest.update(f"{name}|{status.st_size}|{status.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
     except OSError as error:
         raise DatasetError(f"{path}: cannot read the institution's data: {error}") from None
-    key = f"{path}|{status.st_size}|{status.st_mtime_ns}"
+
+
+def file_fingerprint(path: Path, state: RecordDict) -> str:
+    """The data's content hash, kept in the node's state while the data is unchanged
+    (size and modification time): hashing a large file every round would cost seconds."""
+    key = f"{path}|{_modified(Path(path))}"
     cached = state.get(FINGERPRINT_KEY)
     if isinstance(cached, ConfigRecord) and cached.get("key") == key:
         return str(cached["fingerprint"])

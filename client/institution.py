@@ -29,7 +29,10 @@ class InstitutionConfig(StrictModel):
     node_id: int = Field(ge=0, description="the SuperLink's id for this institution")
     superlink: str = Field(description="HOST:PORT the SuperNode connects to")
     enrollment: str = Field(description="HOST:PORT of the coordinator's enrollment service")
-    data: Path = Field(description="the local data file (CSV or NPZ); never leaves this host")
+    data: Path = Field(
+        description="the local data (a CSV or NPZ file, or a folder of PNG images with one "
+        "sub-folder per class); never leaves this host"
+    )
     dataset: str = Field(
         default=DEFAULT_DATASET,
         pattern=f"^{DATASET_NAME.pattern}$",

@@ -14,11 +14,14 @@ to do. Each class also keeps the standard base it always had (`ValueError`, `Run
     │   ├── StateError              a coordinator state directory
     │   ├── InstitutionError        an institution's folder
     │   ├── DatasetError            a data file or dataset
+    │   ├── TaskError               a task that cannot be found or used (an installed one)
     │   ├── PartitionError          data that cannot be split as asked
     │   ├── PKIError                a certificate or key
     │   ├── TokenError              a join token
     │   ├── DeltaTooLarge           a job's delta not below 1/N for an institution's N
-    │   └── PrivacyError            DP-SGD that cannot run as configured
+    │   ├── PrivacyError            DP-SGD that cannot run as configured
+    │   ├── ModelFileError          a saved model (weights and card) that cannot be used
+    │   └── RegistryError           a model version the coordinator's registry does not hold
     ├── Refusal                     a request refused by a rule, on purpose (ValueError)
     │   ├── PolicyRefusal           a round that would break an institution's limits
     │   ├── AppRefused              a run's app that is not confide's own
@@ -91,6 +94,12 @@ class DatasetError(InputError):
     """A data file or dataset that cannot be used, with what and where in the message."""
 
 
+class TaskError(InputError):
+    """A task that cannot be found or used: an unknown name, or an installed task package
+    (entry-point group `confide.tasks`) that is refused; the message names the entry point,
+    its distribution and what to do."""
+
+
 class PartitionError(InputError):
     """The data cannot be split as asked (too few examples, too many institutions...)."""
 
@@ -109,6 +118,15 @@ class DeltaTooLarge(InputError):
 
 class PrivacyError(InputError):
     """DP-SGD cannot run as configured (e.g. a model layer Opacus cannot make private)."""
+
+
+class ModelFileError(InputError):
+    """A saved model that cannot be used: no card, a hash that does not match, weights that
+    do not fit the architecture its card describes."""
+
+
+class RegistryError(InputError):
+    """A model version that is not in the coordinator's registry, or a malformed reference."""
 
 
 # -- refusals ----------------------------------------------------------------------------------

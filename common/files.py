@@ -1,6 +1,6 @@
 """Crash-safe file writes, shared by every package that keeps state on disk.
 
-It lives in `tasks` because that is the one package all others may import.
+It lives in `common` because that is the one package all others may import.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ at the institution with the field name, never silently coerced.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from confide.common.config import StrictModel, flatten, unflatten
 from confide.privacy.config import PrivacyConfig, TrainConfig
@@ -29,8 +30,29 @@ class RoundInstructions(StrictModel):
     # The global model's shape, from the coordinator's test set: a deployed institution
     # encodes its labels with these names, so every institution maps class k to the same
     # output even when it holds only some classes.
+    # `shape` is one example's, (d,) or images' (C, H, W): an institution refuses data of any
+    # other shape. `features` is its flat size; a coordinator from before images sends only
+    # `features`, which then stands for the shape (features,).
     features: int | None = Field(default=None, ge=1, le=1_000_000)
+    shape: list[Annotated[int, Field(ge=1, le=100_000)]] | None = Field(
+        default=None, min_length=1, max_length=3
+    )
     labels: list[str] | None = Field(default=None, min_length=2, max_length=100_000)
+
+    @model_validator(mode="after")
+    def _shape_matches_features(self) -> RoundInstructions:
+        size = None if self.shape is None else math.prod(self.shape)
+        if size is not None and self.features is not None and size != self.features:
+            raise ValueError(
+                f"shape {self.shape} holds {size} values, but features is {self.features}"
+            )
+        return self
+
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The shape of one example the job's model takes (None: the job does not say)."""
+        if self.shape is not None:
+            return tuple(self.shape)
+        return None if self.features is None else (self.features,)
 
     def to_config(self) -> dict[str, Any]:
         """Flat, ConfigRecord-ready dict (None values omitted, paths as strings)."""
@@ -61,3 +83,6 @@ DATASET_DELTA = "dataset-delta"
 MECHANISM = "mechanism"
 NOISE_GENERATOR = "noise-generator"
 DATASET_ACCOUNTANT = "dataset-accountant"
+# The institution's commitment to the data it trained on (`Ledger.commitment`; absent without a
+# ledger), recorded in the model's card.
+DATA_COMMITMENT = "data-commitment"

@@ -48,7 +48,9 @@ and its recovery (`_ledger_create`), verification (`_ledger_verify`), import
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -116,12 +118,32 @@ def fingerprint_bytes(*parts: bytes) -> str:
 
 
 def fingerprint_file(path: Path) -> str:
-    """Content hash of a data file (read in 1 MiB blocks)."""
+    """Content hash of a data file (read in 1 MiB blocks), or of a folder of data files (an
+    image folder): every file's relative name, size and bytes in name order, hidden entries
+    (names starting with ".", which the loaders skip) left out."""
     digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(1 << 20):
+    path = Path(path)
+    if not path.is_dir():
+        for block in _blocks(path):
+            digest.update(block)
+        return "sha256:" + digest.hexdigest()
+    files = sorted(
+        file.relative_to(path).as_posix()
+        for file in path.rglob("*")
+        if file.is_file() and not any(p.startswith(".") for p in file.relative_to(path).parts)
+    )
+    for name in files:
+        digest.update(name.encode() + b"\0")
+        digest.update((path / name).stat().st_size.to_bytes(8, "big"))
+        for block in _blocks(path / name):
             digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def _blocks(file: Path) -> Iterator[bytes]:
+    with open(file, "rb") as stream:
+        while block := stream.read(1 << 20):
+            yield block
 
 
 class Ledger:
@@ -145,6 +167,19 @@ class Ledger:
     # -- files ---------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.path.is_file()
+
+    def commitment(self, fingerprint: str) -> str:
+        """HMAC-SHA256 of a dataset's fingerprint under this ledger's key: what the institution
+        publishes about the data behind a model (its card, confide.server.model_file).
+
+        A fingerprint itself (a hash of the whole dataset) is not published: anyone holding
+        all but one record could test candidates for the last one against it. Without the key
+        the commitment is indistinguishable from random; with it, the institution (or an
+        auditor it gives the key to) matches a model's card to the dataset its ledger records.
+        """
+        key = self._files.read_key()
+        message = b"confide.data-commitment\0" + fingerprint.encode()
+        return "hmac-sha256:" + hmac.new(key, message, hashlib.sha256).hexdigest()
 
     def create(self) -> None:
         """Make a new, empty ledger, its mark and its key. All three are staged first, then

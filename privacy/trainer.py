@@ -15,6 +15,7 @@ UniformWithReplacementSampler does), with q and the step count fixed in advance.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -56,13 +57,52 @@ class RoundResult:
 
 
 def check_model(model: nn.Module) -> None:
-    """Refuse a model Opacus cannot compute per-sample gradients for, naming the layers."""
+    """Refuse a model Opacus cannot compute per-sample gradients for.
+
+    Where Opacus's fixers repair it (BatchNorm -> GroupNorm), the message names the layers,
+    the replacement and the opt-in (`task.fix_model`): the repair changes the architecture,
+    so it is the job's choice, made once and built the same everywhere
+    (`confide.tasks.dp_fix`), never done silently here.
+    """
     from opacus.validators import ModuleValidator
 
     errors = ModuleValidator.validate(model, strict=False)
-    if errors:
+    if not errors:
+        return
+    replaced = _repairs(model)
+    if not replaced:
         details = "; ".join(str(error) for error in errors[:5])
         raise PrivacyError(f"model is not compatible with DP-SGD (Opacus): {details}")
+    reasons = "; ".join(dict.fromkeys(str(error).split(". ")[0] for error in errors))
+    layers = ", ".join(f"'{name}': {old}" for name, old, _ in replaced)
+    changes = ", ".join(dict.fromkeys(f"{old} -> {new}" for _, old, new in replaced))
+    which, them = ("layer", "it") if len(replaced) == 1 else ("layers", "them")
+    raise PrivacyError(
+        f"model is not compatible with DP-SGD (Opacus): {reasons} ({which} {layers}). Opacus "
+        f"can replace {them} ({changes}): set task.fix_model = true, and the coordinator and "
+        "every institution build the replaced model"
+    )
+
+
+def _repairs(model: nn.Module) -> list[tuple[str, str, str]]:
+    """(layer, its type, the replacement's type) for each layer Opacus's fixers replace, if
+    the repaired model then passes validation; empty if it cannot be repaired."""
+    from opacus.validators import ModuleValidator
+
+    try:
+        fixed = ModuleValidator.fix(copy.deepcopy(model))
+        if ModuleValidator.validate(fixed, strict=False):
+            return []
+    except Exception:  # a fixer that cannot handle this layer: not repairable, say why above
+        return []
+    new = dict(fixed.named_modules())
+    replaced: list[tuple[str, str, str]] = []
+    for name, module in model.named_modules():
+        if any(outer == "" or name.startswith(f"{outer}.") for outer, _, _ in replaced):
+            continue  # inside a layer already replaced whole
+        if name in new and type(new[name]) is not type(module):
+            replaced.append((name, type(module).__name__, type(new[name]).__name__))
+    return [(name or "the model", old, new) for name, old, new in replaced]
 
 
 def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:

@@ -26,12 +26,20 @@ from flwr.serverapp import Grid, ServerApp
 from pydantic import ValidationError
 
 from confide.common.config import describe_errors, unflatten
-from confide.common.errors import JobFailed, JobStopped, TooFewInstitutions
+from confide.common.errors import (
+    JobFailed,
+    JobStopped,
+    ModelFileError,
+    RegistryError,
+    TooFewInstitutions,
+)
 from confide.server.flower import RESULTS_ENV, STATE_ENV
-from confide.server.history import JobHistory, RoundObserver, RoundRecord
-from confide.server.job import JobConfig
+from confide.server.history import GlobalModel, JobHistory, RoundObserver, RoundRecord
+from confide.server.job import JobConfig, model_name
+from confide.server.model_file import Ancestor, ModelCard, load_into, model_for_run
 from confide.server.polling import PromptGrid
 from confide.server.results import (
+    Results,
     build_results,
     institution_row,
     privacy_document,
@@ -40,15 +48,17 @@ from confide.server.results import (
 from confide.server.rounds import RoundRecorder, central_asked
 from confide.server.strategy import ConfideStrategy
 from confide.tasks.datasets import Dataset
-from confide.tasks.metrics import evaluate
+from confide.tasks.metrics import MetricsFn, evaluate
 from confide.tasks.registry import get_task
 from confide.tasks.splits import split_test
 
 if TYPE_CHECKING:
+    import torch
     from sqlalchemy import Engine
     from torch import nn
 
     from confide.server.audit import AuditLog, Detail
+    from confide.server.model_registry import ModelRegistry
 
 # Run config keys `confide-server submit` sets.
 JOB_KEY = "confide-job"
@@ -67,12 +77,14 @@ def build_server_app(
     observer: RoundObserver | None = None,
     test_set: Dataset | None = None,
     noise_seed: int | None = None,
+    initial: Mapping[str, torch.Tensor] | None = None,
 ) -> ServerApp:
     """A ServerApp running `job`; results accumulate in `history`, `observer` sees each round.
 
     `test_set` is the coordinator's held-out data for central evaluation; by default it is the
     task's held-out split (the same split simulated institutions exclude from training).
     `noise_seed` seeds central DP noise (a simulation's seed; None: the OS CSPRNG).
+    `initial`: the weights to start from (`[model] init`), else the task's seeded model.
     """
     app = ServerApp()
     kept = history if history is not None else JobHistory()
@@ -87,6 +99,7 @@ def build_server_app(
             test_set=test_set,
             name=name,
             noise_seed=noise_seed,
+            initial=initial,
         )
 
     return app
@@ -102,17 +115,26 @@ def run(
     name: str = "job",
     noise_seed: int | None = None,
     registered: Callable[[], dict[int, str]] | None = None,
+    initial: Mapping[str, torch.Tensor] | None = None,
 ) -> JobHistory:
     """Run `job` on `grid`, recording every round in `history` from the records the strategy
-    returns; `registered` names the enrolled institutions in deployment (see `Roster`)."""
+    returns; `registered` names the enrolled institutions in deployment (see `Roster`).
+
+    The job starts from `initial` (a saved model's weights, `[model] init`) if given, else
+    from the task's model initialised by the job's seed. After each round `history.model`
+    holds the global model, which the run's model file is written from."""
     test = test_set if test_set is not None else coordinator_test_set(job)
     task = get_task(job.task.name)
-    model = task.build_model(job.task, features=test.features, classes=test.classes, seed=job.seed)
+    model = task.build_model(job.task, shape=test.shape, classes=test.classes, seed=job.seed)
+    if initial is not None:
+        load_into(model, initial, what=f"the starting model ({job.model.init})")
     strategy = RoundRecorder(
         ConfideStrategy.for_job(job, history, noise_seed=noise_seed, registered=registered)
     )
     labels = list(test.label_names) or [str(k) for k in range(test.classes)]
-    config = ConfigRecord(job.instructions(test.features, labels, name).to_config())
+    config = ConfigRecord(
+        job.instructions(test.features, labels, name, shape=test.shape).to_config()
+    )
     try:
         strategy.start(
             grid=grid,
@@ -122,7 +144,12 @@ def run(
             train_config=config,
             evaluate_config=ConfigRecord(dict(config)),
             evaluate_fn=CentralEvaluation(
-                model, test, history=history, recorder=strategy, observer=observer
+                model,
+                test,
+                history=history,
+                recorder=strategy,
+                observer=observer,
+                extra=task.metrics,
             ),
         )
     except JobStopped as stop:
@@ -144,9 +171,11 @@ class CentralEvaluation:
         history: JobHistory,
         recorder: RoundRecorder,
         observer: RoundObserver | None,
+        extra: MetricsFn | None = None,
     ) -> None:
         self.model = model
         self.test = test
+        self.extra = extra  # the task's own metrics, added to each evaluation
         self.history = history
         self.recorder = recorder
         self.observer = observer
@@ -154,8 +183,10 @@ class CentralEvaluation:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         test = self.test
-        metrics = evaluate(self.model, test.x, test.y, classes=test.classes)
+        metrics = evaluate(self.model, test.x, test.y, classes=test.classes, extra=self.extra)
         history = self.history
+        labels = list(test.label_names) or [str(k) for k in range(test.classes)]
+        history.model = GlobalModel(server_round, arrays, tuple(test.x.shape[1:]), labels)
         if server_round == 0:
             history.initial_metrics = metrics
             return _metric_record(metrics)
@@ -207,9 +238,19 @@ def job_from_run_config(run_config: Mapping[str, object]) -> tuple[str, JobConfi
 
 
 def write_deployed_results(
-    directory: Path, *, name: str, job: JobConfig, history: JobHistory, seconds: float
-) -> None:
-    """results.json, job.toml and plots of a finished deployed run."""
+    directory: Path,
+    *,
+    name: str,
+    job: JobConfig,
+    history: JobHistory,
+    seconds: float,
+    run: str,
+    lineage: list[Ancestor] | None = None,
+    register: Callable[[str, ModelCard, bytes], ModelCard] | None = None,
+) -> Results:
+    """results.json, job.toml, plots and the model of a finished deployed run (`run`: its
+    id); `register` (the coordinator's registry) registers the model first, so the files
+    written here name its version."""
     rows = [
         institution_row(
             key,
@@ -227,7 +268,20 @@ def write_deployed_results(
         name, job, history, institutions=rows, report=report, total_seconds=seconds
     )
     resolved = job.model_dump(mode="json", exclude_none=True)
-    write_results(directory, document, history, config=("job.toml", resolved), privacy=report)
+    model = model_for_run(
+        history, document, job=job, kind="deployment", run=run, lineage=lineage or []
+    )
+    if model is not None and register is not None:
+        card, weights = model
+        model = register(model_name(job), card, weights), weights
+    return write_results(
+        directory,
+        document,
+        history,
+        config=("job.toml", resolved),
+        privacy=report,
+        model=model,
+    )
 
 
 class Deployment:
@@ -281,6 +335,57 @@ class Deployment:
         from confide.server.settings import StateDir
 
         return StateDir(self.state).runs
+
+    def starting_model(
+        self, job: JobConfig
+    ) -> tuple[dict[str, torch.Tensor] | None, list[Ancestor]]:
+        """The weights `[model] init` names (a registered version) and the lineage they bring;
+        (None, []) without one. RegistryError if it cannot be used: a deployed job continues
+        only a version of the coordinator's registry, never a file on some host."""
+        from confide.common.errors import RegistryError
+        from confide.server.model_file import check_continues, lineage_of
+
+        reference = job.model.init
+        if reference is None:
+            return None, []
+        if job.model.registered_init() is None:
+            raise RegistryError(
+                f"[model] init = {reference!r}: a deployed job starts from a registered "
+                "version, NAME:VERSION (`confide-server models list`)"
+            )
+        registry = self.registry()
+        if registry is None:
+            raise RegistryError(
+                f"[model] init = {reference!r} needs the coordinator's registry; this "
+                "SuperLink was not started by `confide-server start`"
+            )
+        model, state = registry.load(reference)
+        check_continues(model.card, job, what=reference)
+        return state, lineage_of(model.card, reference)
+
+    def registry(self) -> ModelRegistry | None:
+        """The coordinator's model registry (None without a state folder)."""
+        if self.state is None or self._engine is None:
+            return None
+        from confide.server.model_registry import ModelRegistry
+        from confide.server.settings import StateDir
+
+        return ModelRegistry(StateDir(self.state), self._engine)
+
+    def register(self, name: str, card: ModelCard, weights: bytes) -> ModelCard:
+        """Register a run's model (audited); the card as registered."""
+        registry = self.registry()
+        assert registry is not None  # only called with one (`_deployed_run`)
+        registered = registry.register(name, card, weights)
+        entry = registered.registry
+        assert entry is not None
+        self.audit(
+            "model.registered",
+            model=f"{entry.name}:{entry.version}",
+            run=card.run.run,
+            sha256=card.weights.sha256,
+        )
+        return registered
 
     def roster(self) -> Callable[[], dict[int, str]] | None:
         """Reads node id -> enrolled institution from the coordinator's database (None
@@ -351,15 +456,29 @@ def _deployed_run(deployment: Deployment, grid: Grid, context: Context) -> None:
     run_id = int(context.run_id)
     run_config = dict(context.run_config)
     name, job = _deployed_job(deployment, run_id, run_config)
+    try:
+        initial, lineage = deployment.starting_model(job)
+    except (RegistryError, ModelFileError) as error:
+        deployment.audit("run.failed", run=run_id, job=name, reason=str(error))
+        raise JobFailed(f"job {name} failed: {error}") from None
     directory = deployment.results_directory(run_id, run_config)
     history = JobHistory()
     started = time.perf_counter()
-    _audited_run(deployment, run_id, grid, name=name, job=job, history=history)
+    _audited_run(deployment, run_id, grid, name=name, job=job, history=history, initial=initial)
     if history.rounds:
-        write_deployed_results(
-            directory, name=name, job=job, history=history, seconds=time.perf_counter() - started
+        written = write_deployed_results(
+            directory,
+            name=name,
+            job=job,
+            history=history,
+            seconds=time.perf_counter() - started,
+            run=str(run_id),
+            lineage=lineage,
+            register=deployment.register if deployment.registry() is not None else None,
         )
         log(INFO, "results written to %s", directory)
+        if written.model is not None:
+            log(INFO, "model %s", written.model.registered or directory / written.model.file)
     ending = "run.stopped" if history.stopped else "run.finished"
     deployment.audit(
         ending,
@@ -397,6 +516,7 @@ def _audited_run(
     name: str,
     job: JobConfig,
     history: JobHistory,
+    initial: Mapping[str, torch.Tensor] | None,
 ) -> None:
     """`run` with the deployment's roster; refusals audited as rounds end, failures audited
     and re-raised (TooFewInstitutions as one JobFailed line)."""
@@ -413,6 +533,7 @@ def _audited_run(
             observer=observe,
             name=name,
             registered=deployment.roster(),
+            initial=initial,
         )
     except TooFewInstitutions as error:
         deployment.audit_refusals(run_id, history)

@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from confide.common.terminal import RefusingGroup, errors, fail, output_console
+from confide.server.cli_models import models_app
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -40,6 +41,7 @@ audit_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(audit_app, name="audit")
+app.add_typer(models_app, name="models")
 
 
 console = output_console()

@@ -10,8 +10,10 @@ confide.server.results.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
+from flwr.app import ArrayRecord
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -37,6 +39,8 @@ class InstitutionSpend(_Record):
     dataset_epsilon: float | None = None
     dataset_delta: float | None = None
     dataset_accountant: str | None = None
+    # Its commitment to the data it trained on (privacy.ledger.Ledger.commitment), if reported.
+    data_commitment: str | None = None
 
 
 class RoundRecord(_Record):
@@ -68,8 +72,21 @@ class RoundObserver(Protocol):
     def __call__(self, record: RoundRecord, history: JobHistory) -> None: ...
 
 
+@dataclass(frozen=True)
+class GlobalModel:
+    """The global model after a round (`round` 0: the job's starting point), with the input
+    shape and class names of the coordinator's test set, which define its inputs and outputs."""
+
+    round: int
+    arrays: ArrayRecord
+    input_shape: tuple[int, ...]
+    labels: list[str]
+
+
 class JobHistory(_Record):
     """Filled in by the strategy as rounds complete; read by reports and progress displays."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     initial_metrics: dict[str, float] = Field(default_factory=dict)
     rounds: list[RoundRecord] = Field(default_factory=list)
@@ -78,6 +95,8 @@ class JobHistory(_Record):
     rejected: list[dict[str, str | int]] = Field(default_factory=list)
     stopped: str | None = None  # why the job ended before its last round, if it did
     central_releases: list[int] = Field(default_factory=list)  # institutions asked, per release
+    # The global model after the last recorded round (the model file is written from it).
+    model: GlobalModel | None = Field(default=None, exclude=True)
 
     def spend(self, institution: str) -> InstitutionSpend:
         if institution not in self.institutions:

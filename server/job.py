@@ -10,6 +10,7 @@ from confide.common.config import StrictModel
 from confide.privacy.config import CentralPrivacyConfig, PrivacyConfig, TrainConfig
 from confide.privacy.instructions import RoundInstructions
 from confide.server.aggregation import RULES, rule_names
+from confide.server.model_file import MODEL_NAME, VERSION_REFERENCE
 from confide.tasks.config import DataConfig, TaskConfig
 
 
@@ -40,6 +41,49 @@ class AggregationConfig(StrictModel):
         return value
 
 
+class ModelSettings(StrictModel):
+    """The model a job starts from, and the name its model is registered under.
+
+    `init`: a registered version, `name:version` (deployment: the coordinator's registry), or
+    a model file written by an earlier run (simulation: its `model.safetensors`, with its
+    `model.json` beside it). Continuing a model never resets anyone's epsilon: each
+    institution's ledger keeps counting, and the new model's card lists the runs it continues.
+    """
+
+    name: str | None = Field(
+        default=None,
+        pattern=rf"^{MODEL_NAME}$",
+        description="the registry name of the model this job produces; default <task>-<model kind>",
+    )
+    init: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="start from a registered version (name:version) or a model file (simulation)",
+    )
+
+    def registered_init(self) -> tuple[str, int] | None:
+        """(name, version) when `init` names a registered version, else None."""
+        import re
+
+        match = re.match(VERSION_REFERENCE, self.init or "")
+        return (match["name"], int(match["version"])) if match else None
+
+
+def model_name(job: JobConfig) -> str:
+    """The registry name of the model `job` produces: `[model] name`, by default the task's
+    name and its model's kind (`digits-mlp`), or the task's name for a task that builds its
+    own model (an installed task package)."""
+    if job.model.name is not None:
+        return job.model.name
+    from confide.tasks.registry import get_task
+
+    task = job.task
+    if getattr(get_task(task.name), "builder", None) is not None:
+        return task.name
+    return f"{task.name}-{getattr(task.model, 'kind', 'mlp')}"
+
+
 class JobConfig(StrictModel):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     task: TaskConfig = TaskConfig()
@@ -49,6 +93,7 @@ class JobConfig(StrictModel):
     central_privacy: CentralPrivacyConfig = CentralPrivacyConfig()
     federation: FederationConfig = FederationConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    model: ModelSettings = ModelSettings()
 
     @model_validator(mode="after")
     def _consistent_minimums(self) -> JobConfig:
@@ -76,10 +121,16 @@ class JobConfig(StrictModel):
         return self
 
     def instructions(
-        self, features: int | None = None, labels: list[str] | None = None, name: str = "job"
+        self,
+        features: int | None = None,
+        labels: list[str] | None = None,
+        name: str = "job",
+        *,
+        shape: tuple[int, ...] | None = None,
     ) -> RoundInstructions:
-        """What every institution is asked to do; `features` and `labels` (the global model's
-        input width and class names) are known once the coordinator has its test set."""
+        """What every institution is asked to do; `features`, `shape` and `labels` (the global
+        model's input width, one example's shape and the class names) are known once the
+        coordinator has its test set; institutions refuse data of another shape."""
         # The coordinator's own file path (csv/npz tasks) is its business: send the name only.
         task = self.task
         if task.path is not None:
@@ -92,6 +143,7 @@ class JobConfig(StrictModel):
             rounds=self.federation.rounds,
             seed=self.seed,
             features=features,
+            shape=None if shape is None else list(shape),
             labels=labels,
         )
 

@@ -33,7 +33,7 @@ from typing import Any
 import tomli_w
 
 from confide.common.config import ConfigFileError, read_toml, validate_file
-from confide.common.errors import JobError
+from confide.common.errors import JobError, ModelFileError, RegistryError
 from confide.common.files import write_atomic
 from confide.server.app import JOB_KEY, NAME_KEY
 from confide.server.audit import AuditError, AuditLog, operator_actor
@@ -167,6 +167,30 @@ def wait_for_institutions(
         time.sleep(min(5.0, max(left, 0.1)))
 
 
+def check_starting_model(directory: StateDir, job: JobFile) -> None:
+    """Refuse, before anything starts, a `[model] init` that is not a registered version of
+    this coordinator fitting the job (the ServerApp checks it again when the run starts)."""
+    from confide.server.model_file import check_continues
+    from confide.server.model_registry import ModelRegistry, parse_reference
+    from confide.server.state import open_database
+
+    reference = job.model.init
+    if reference is None:
+        return
+    try:
+        parse_reference(reference)
+    except RegistryError as error:
+        raise JobError(f"{job.name}: [model] init: {error}") from None
+    engine = open_database(directory.database_url(directory.load_settings()))
+    try:
+        model = ModelRegistry(directory, engine).get(reference)
+        check_continues(model.card, job, what=reference)
+    except (RegistryError, ModelFileError) as error:
+        raise JobError(f"{job.name}: [model] init: {error}") from None
+    finally:
+        engine.dispose()
+
+
 def submit(
     directory: StateDir,
     path: Path,
@@ -177,6 +201,7 @@ def submit(
     """Validate the job in `path`, check (or wait `wait` seconds) that enough institutions are
     online, start it on the coordinator's SuperLink and record it in the audit log."""
     job, ignored = load_job(path)
+    check_starting_model(directory, job)
     wait_for_institutions(directory, job, wait=wait, say=say)
     app = write_app(directory, job)
     try:

@@ -10,6 +10,7 @@ institution order, so that aggregation sums in the same order on every run.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import WARNING
@@ -28,6 +29,9 @@ from confide.server.sampling import Roster
 
 # Refusals an institution repeats for every later round of the same job: its spend only
 # grows and the job's sigma is fixed (its limits); the job's app does not change (app check).
+# What an institution's data commitment looks like (privacy.ledger.Ledger.commitment); anything
+# else it sends in that field is not recorded.
+COMMITMENT = re.compile(r"hmac-sha256:[0-9a-f]{64}")
 FINAL_REFUSALS = {REFUSED_BY_POLICY: "its privacy limits", APP_REFUSED: "its app check"}
 # ... of which these refuse evaluation too (an app refused runs nothing).
 REFUSING_EVALUATION = {APP_REFUSED}
@@ -162,6 +166,8 @@ def record_spend(spend: InstitutionSpend, metrics: MetricRecord, content: Record
     if (mechanism := content.config_records.get(keys.MECHANISM)) is not None:
         spend.noise_generator = str(mechanism.get(keys.NOISE_GENERATOR, "")) or None
         spend.dataset_accountant = str(mechanism.get(keys.DATASET_ACCOUNTANT, "")) or None
+        commitment = str(mechanism.get(keys.DATA_COMMITMENT, ""))
+        spend.data_commitment = commitment if COMMITMENT.fullmatch(commitment) else None
     if _int(metrics[keys.DP_ENABLED]):
         reported = _float(metrics[keys.EPSILON])
         if reported < spend.epsilon:

@@ -37,6 +37,7 @@ from confide.privacy.report import (
 )
 from confide.server.history import JobHistory, RoundRecord
 from confide.server.job import JobConfig
+from confide.server.model_file import CARD, ModelCard
 from confide.tasks.partition import Partitions
 
 RESULTS = "results.json"
@@ -158,6 +159,21 @@ class Timing(_Document):
     """Peak resident memory of the driver plus Ray's processes (simulation only)."""
 
 
+class ModelReference(_Document):
+    """The run's final global model (confide.server.model_file)."""
+
+    file: str
+    """The weights (safetensors), beside results.json."""
+    card: str
+    """Its card: architecture, metrics, privacy provenance, lineage."""
+    sha256: str
+    """SHA-256 of the weights file."""
+    round: int
+    """The round after which the model was taken (the last completed one)."""
+    registered: str | None
+    """Its version in the coordinator's registry (`name:version`), else null."""
+
+
 class Results(_Document):
     """results.json: a finished job's rounds, final metrics, privacy spend and refusals."""
 
@@ -178,6 +194,8 @@ class Results(_Document):
     timing: Timing
     ledgers: str | None = Field(default=None, exclude_if=_is_none)
     """Where the virtual institutions' ledgers are (simulation only)."""
+    model: ModelReference | None = None
+    """The final model's files (null only in results written before models were saved)."""
 
 
 def median_after_first(seconds: list[float]) -> float:
@@ -347,13 +365,31 @@ def write_results(
     *,
     config: tuple[str, dict[str, Any]],
     privacy: PrivacyReport,
-) -> None:
-    """Write `results`, the `privacy` report and the plots into `directory`; `config` is
-    (file name, resolved config) saved as TOML next to them. results.json is written last:
-    its presence means the run's folder is complete."""
+    model: tuple[ModelCard, bytes] | None = None,
+) -> Results:
+    """Write `results`, the `privacy` report, the plots and the `model` (card, weights) into
+    `directory`; `config` is (file name, resolved config) saved as TOML next to them.
+    results.json is written last, naming the model: its presence means the run's folder is
+    complete. Returns the results as written."""
+    from confide.server.model_file import card_path, save_model
     from confide.server.plots import plot_epsilon, plot_metrics
 
     directory.mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        card, weights = model
+        weights_file = save_model(directory, card, weights)
+        registry = card.registry
+        results = results.model_copy(
+            update={
+                "model": ModelReference(
+                    file=weights_file.name,
+                    card=card_path(weights_file).name,
+                    sha256=card.weights.sha256,
+                    round=card.run.round,
+                    registered=f"{registry.name}:{registry.version}" if registry else None,
+                )
+            }
+        )
     file_name, resolved = config
     write_atomic(directory / file_name, tomli_w.dumps(resolved))
     title = results.scenario
@@ -362,6 +398,7 @@ def write_results(
         plot_epsilon(history, directory / "epsilon.png", title, sample_level=results.dp)
     write_atomic(directory / PRIVACY, document_json(privacy))
     write_atomic(directory / RESULTS, document_json(results))
+    return results
 
 
 # The documents a run writes, by file name, with the model that defines each.
@@ -369,6 +406,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     RESULTS: Results,
     PRIVACY: PrivacyReport,
     PARTITIONS: Partitions,
+    CARD: ModelCard,
 }
 SCHEMA_COMMAND = "python -m confide.server.results --write-schemas docs/schemas"
 

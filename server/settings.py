@@ -71,6 +71,7 @@ class StateDir:
     logs = property(lambda self: self.root / "logs")
     jobs = property(lambda self: self.root / "jobs")  # the Flower app of each submitted job
     runs = property(lambda self: self.root / "runs")  # results, one folder per run
+    models = property(lambda self: self.root / "models")  # the registry's files, NAME/VERSION
 
     def database_url(self, settings: ServerSettings) -> str:
         return settings.database.replace("{state}", str(self.root.resolve()))

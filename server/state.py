@@ -1,5 +1,5 @@
-"""The coordinator's database: enrolled institutions, join tokens and the audit log
-(SQLAlchemy).
+"""The coordinator's database: enrolled institutions, join tokens, the audit log and the
+registered model versions (SQLAlchemy).
 
 SQLite in the state directory by default; any SQLAlchemy URL (PostgreSQL) works. Secrets are
 never stored: a join token is kept as the SHA-256 of its secret part.
@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import datetime
 
-from sqlalchemy import DateTime, Engine, Integer, LargeBinary, String, Text, create_engine
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -68,6 +77,23 @@ class AuditRow(Base):
     action: Mapped[str] = mapped_column(String(64), index=True)
     details: Mapped[str] = mapped_column(Text)  # canonical JSON
     mac: Mapped[str] = mapped_column(String(64))
+
+
+class ModelVersionRow(Base):
+    """A registered model version (`confide.server.model_registry`): immutable once written.
+    The files are in the state directory (models/NAME/VERSION); the row keeps their hash and
+    the card, so that a changed file is detected."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    run: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
+    card: Mapped[str] = mapped_column(Text)  # model.json as registered
 
 
 def open_database(url: str) -> Engine:

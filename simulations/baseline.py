@@ -37,7 +37,7 @@ def plain_apps(
 
     def new_model(split: FederatedSplit) -> nn.Module:
         return task.build_model(
-            scenario.task, features=split.features, classes=split.classes, seed=scenario.seed
+            scenario.task, shape=split.shape, classes=split.classes, seed=scenario.seed
         )
 
     server = _plain_server(scenario, source, new_model, (round_seconds, accuracy))
@@ -84,7 +84,8 @@ def _plain_client(
         local = split.institutions[int(context.node_config["partition-id"])].validation
         model = new_model(split)
         model.load_state_dict(message.content.array_records["arrays"].to_torch_state_dict())
-        metrics = evaluate(model, local.x, local.y, classes=local.classes)
+        extra = get_task(source.task.name).metrics
+        metrics = evaluate(model, local.x, local.y, classes=local.classes, extra=extra)
         metrics.pop("auroc", None)
         content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local)})})
         return Message(content, reply_to=message)
@@ -119,7 +120,13 @@ def _plain_server(
 
         def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
-            metrics = evaluate(model, split.test.x, split.test.y, classes=split.classes)
+            metrics = evaluate(
+                model,
+                split.test.x,
+                split.test.y,
+                classes=split.classes,
+                extra=get_task(scenario.task.name).metrics,
+            )
             now = time.perf_counter()
             if server_round > 0:
                 round_seconds.append(now - last[0])

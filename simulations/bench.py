@@ -101,7 +101,7 @@ def local_training_ms(scenario: ScenarioConfig, repeats: int = 30) -> float:
     timings = []
     for repeat in range(repeats + 1):
         model = task.build_model(
-            scenario.task, features=split.features, classes=split.classes, seed=scenario.seed
+            scenario.task, shape=split.shape, classes=split.classes, seed=scenario.seed
         )
         started = time.perf_counter()
         train_round(

@@ -26,10 +26,17 @@ console = Console()
 
 
 def overrides(
-    *, rounds: int | None, institutions: int | None, seed: int | None, device: str | None
+    *,
+    rounds: int | None,
+    institutions: int | None,
+    seed: int | None,
+    device: str | None,
+    init_model: Path | None = None,
 ) -> dict[str, Any]:
     """CLI flags as a partial scenario; they win over the file's values."""
     tree: dict[str, Any] = {}
+    if init_model is not None:
+        tree["model"] = {"init": str(init_model)}
     if rounds is not None:
         tree.setdefault("federation", {})["rounds"] = rounds
     if institutions is not None:
@@ -62,15 +69,29 @@ def run(
             "previous run's OUT/<run>/state to continue its spend [default: OUT/<run>/state]"
         ),
     ] = None,
+    init_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="start from a saved model (an earlier run's model.safetensors, its model.json "
+            "beside it); its run's ledgers are continued unless --state says otherwise"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress display")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
-    """Run a scenario and write results.json, privacy.json, plots and the resolved config."""
+    """Run a scenario and write results.json, privacy.json, plots, the resolved config and the
+    trained model (model.safetensors and its card, model.json)."""
     from confide.simulations.runner import run_and_report
 
     run_and_report(
         scenario,
-        overrides(rounds=rounds, institutions=institutions, seed=seed, device=device),
+        overrides(
+            rounds=rounds,
+            institutions=institutions,
+            seed=seed,
+            device=device,
+            init_model=init_model,
+        ),
         out,
         console=console,
         quiet=quiet,
@@ -82,8 +103,9 @@ def run(
 
 @app.command("list")
 def list_scenarios() -> None:
-    """List the bundled scenarios."""
+    """List the bundled scenarios and the tasks a scenario can name (built-in and installed)."""
     from confide.simulations.scenario import bundled_scenarios, load_scenario
+    from confide.tasks.registry import list_tasks, refused_tasks
 
     table = Table(title="Bundled scenarios (confide-simulate run NAME)")
     for column in ("name", "institutions", "rounds", "DP", "description"):
@@ -98,6 +120,14 @@ def list_scenarios() -> None:
             scenario.description,
         )
     console.print(table)
+    tasks = Table(title="Tasks (scenario: \\[task] name = NAME)")
+    for column in ("name", "from", "description"):
+        tasks.add_column(column)
+    for task in list_tasks():
+        tasks.add_row(task.name, task.source, task.description)
+    console.print(tasks)
+    for refusal in refused_tasks():  # an installed task that cannot be used, and why
+        console.print(f"refused: {refusal}", highlight=False)
 
 
 @app.command()
@@ -145,13 +175,16 @@ def bench(
 def export(
     *,
     scenario: Annotated[str, typer.Argument(help="a scenario file, or a bundled name")],
-    out: Annotated[Path, typer.Option(help="folder for institution-<i>.csv")] = Path("data"),
+    out: Annotated[
+        Path, typer.Option(help="folder for institution-<i>.csv (.npz for images)")
+    ] = Path("data"),
     institutions: Annotated[
         int | None, typer.Option(help="override simulation.institutions")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="override the seed")] = None,
 ) -> None:
-    """Write each virtual institution's data as a CSV file (to try a deployment locally)."""
+    """Write each virtual institution's data as a CSV (images: NPZ) file, to try a
+    deployment locally."""
     from confide.simulations.export import export_institutions
     from confide.simulations.runner import prepare
 
@@ -162,7 +195,47 @@ def export(
     except OSError as error:
         raise fail(str(error)) from None
     for path in paths:
-        console.print(f"{path}  (label column: label)", highlight=False)
+        note = "  (label column: label)" if path.suffix == ".csv" else ""
+        console.print(f"{path}{note}", highlight=False)
+
+
+@app.command()
+def predict(
+    *,
+    model: Annotated[Path, typer.Argument(help="a saved model.safetensors (model.json beside it)")],
+    data: Annotated[
+        Path | None,
+        typer.Argument(help="a CSV or NPZ file in the task's format [default: the run's test set]"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="write one row per example: prediction, probabilities")
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="the CSV's label column [default: the task's]")
+    ] = None,
+) -> None:
+    """Score data with a saved model; print the metrics when the data has labels."""
+    from confide.simulations.predict import predict as score
+    from confide.simulations.predict import write_predictions
+
+    predictions = score(model, data, label_column=label_column)
+    console.print(f"model: {predictions.card.describe()}", highlight=False)
+    console.print(
+        f"scored {len(predictions.predicted)} examples of {predictions.source}", highlight=False
+    )
+    if predictions.metrics is not None:
+        table = Table(title="metrics")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in predictions.metrics.items():
+            table.add_row(name, f"{value:.6f}")
+        console.print(table)
+    if out is not None:
+        try:
+            write_predictions(out, predictions)
+        except OSError as error:
+            raise fail(f"--out {out}: {error}") from None
+        console.print(f"predictions written to {out}", highlight=False)
 
 
 def main() -> None:

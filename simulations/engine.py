@@ -12,27 +12,31 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from confide.client.app import build_client_app
 from confide.client.device import resolve_device
-from confide.common.errors import SimulationError
+from confide.common.errors import ModelFileError, SimulationError
 from confide.common.seeding import derive_seed
 from confide.privacy.ledger import Ledger
 from confide.privacy.mechanism import DeltaTooLarge, check_delta, planned_noise
 from confide.privacy.trainer import PrivacyError, check_model
 from confide.server.app import build_server_app
 from confide.server.history import JobHistory, RoundObserver
+from confide.server.model_file import Ancestor, check_continues, lineage_of, read_card, read_weights
 from confide.simulations.environment import apply_defaults
 from confide.simulations.resources import MemorySampler
 from confide.simulations.scenario import ScenarioConfig
 from confide.tasks.registry import get_task
 from confide.tasks.splits import FederatedSplit
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -41,6 +45,28 @@ class SimulationOutcome:
     split: FederatedSplit
     seconds: float
     peak_rss_bytes: int
+    lineage: list[Ancestor] = field(default_factory=list)  # the models the run continued
+
+
+def starting_model(
+    scenario: ScenarioConfig,
+) -> tuple[dict[str, torch.Tensor] | None, list[Ancestor]]:
+    """The weights of the model file `[model] init` names (with its card beside it), checked
+    against the scenario's task, and the lineage it brings; (None, []) without one."""
+    reference = scenario.model.init
+    if reference is None:
+        return None, []
+    if scenario.model.registered_init() is not None:
+        raise SimulationError(
+            f"model.init = {reference!r} names a coordinator's registered version; a "
+            "simulation starts from a model file (`confide-server models export` writes one)"
+        )
+    try:
+        card = read_card(Path(reference))
+        check_continues(card, scenario, what=reference)
+        return read_weights(Path(reference), card), lineage_of(card, reference)
+    except ModelFileError as error:
+        raise SimulationError(f"model.init: {error}") from None
 
 
 class _DropDeprecation(logging.Filter):
@@ -64,10 +90,29 @@ def backend_config(scenario: ScenarioConfig) -> dict[str, Any]:
     return {
         "client_resources": {
             "num_cpus": settings.cpus_per_institution,
-            "num_gpus": settings.gpus_per_institution,
+            "num_gpus": gpus_per_institution(scenario),
         },
         "init_args": init_args,
     }
+
+
+def gpus_per_institution(scenario: ScenarioConfig) -> float:
+    """The GPU share Ray reserves for each running virtual institution.
+
+    Ray shows an actor only the GPUs reserved for it: with none reserved, `device = "auto"`
+    would quietly train on the CPU and `cuda` would fail in every actor. So unless the
+    scenario sets `gpus_per_institution`, a CUDA device gets the host's GPUs divided among the
+    institutions that can run at once (CPUs / cpus_per_institution), and a CPU device none.
+    """
+    settings = scenario.simulation
+    if settings.gpus_per_institution is not None:
+        return settings.gpus_per_institution
+    if resolve_device(settings.device).type != "cuda":
+        return 0.0
+    import torch
+
+    concurrent = max(1, int((os.cpu_count() or 1) / settings.cpus_per_institution))
+    return min(1.0, torch.cuda.device_count() / concurrent)
 
 
 def simulate(
@@ -127,7 +172,7 @@ def preflight(scenario: ScenarioConfig, split: FederatedSplit) -> None:
     if not privacy.enabled:
         return
     model = get_task(scenario.task.name).build_model(
-        scenario.task, features=split.features, classes=split.classes, seed=scenario.seed
+        scenario.task, shape=split.shape, classes=split.classes, seed=scenario.seed
     )
     try:
         check_model(model)
@@ -181,6 +226,7 @@ def run_scenario(
     source = scenario.data_source(state)
     split = source.split()  # validates the partition before Ray starts
     preflight(scenario, split)
+    initial, lineage = starting_model(scenario)
     if on_split is not None:
         on_split(split)
     job = scenario.job()
@@ -194,6 +240,7 @@ def run_scenario(
         noise_seed=derive_seed(
             scenario.seed, "central", run_position(state, scenario.simulation.institutions)
         ),
+        initial=initial,
     )
     client_app = build_client_app(source, noise_seed=scenario.seed)
     try:
@@ -210,4 +257,4 @@ def run_scenario(
     if not any(record.trained for record in history.rounds):
         first = history.rejected[0]["reason"] if history.rejected else "no reply"
         raise SimulationError(f"no institution delivered a usable update; first failure: {first}")
-    return SimulationOutcome(history, split, seconds, peak)
+    return SimulationOutcome(history, split, seconds, peak, lineage)

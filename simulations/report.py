@@ -1,4 +1,5 @@
-"""What a simulation leaves behind: results.json, the resolved scenario, partitions, plots."""
+"""What a simulation leaves behind: results.json, the resolved scenario, partitions, plots and
+the trained model (model.safetensors with its card, model.json)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from confide.common.files import write_atomic
 from confide.privacy.report import PrivacyReport
 from confide.server import results
+from confide.server.model_file import model_for_run
 from confide.server.results import PARTITIONS, InstitutionRow, Results, institution_row
 from confide.simulations.engine import SimulationOutcome
 from confide.simulations.scenario import ScenarioConfig
@@ -82,7 +84,20 @@ def write_run(
     document, report = build_results(scenario, outcome, ledgers=ledgers)
     write_atomic(directory / PARTITIONS, Partitions(outcome.split.table).to_json())
     resolved = scenario.model_dump(mode="json", exclude_none=True)
-    results.write_results(
-        directory, document, outcome.history, config=(SCENARIO, resolved), privacy=report
+    model = model_for_run(
+        outcome.history,
+        document,
+        job=scenario,
+        kind="simulation",
+        run=directory.name,
+        lineage=outcome.lineage,
+        ledgers=str(ledgers.resolve()) if ledgers is not None else None,
     )
-    return document
+    return results.write_results(
+        directory,
+        document,
+        outcome.history,
+        config=(SCENARIO, resolved),
+        privacy=report,
+        model=model,
+    )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from confide.common.errors import RunError
+from confide.common.errors import ModelFileError, RunError
 from confide.simulations.scenario import ScenarioConfig, ScenarioError, load_scenario
 from confide.tasks.splits import FederatedSplit
 
@@ -21,6 +21,31 @@ def prepare(scenario: str, tree: dict[str, Any], fit_minimums: bool) -> Scenario
         return load_scenario(scenario, tree, fit_minimums=fit_minimums)
     except ScenarioError as error:
         raise RunError(str(error)) from None
+
+
+def continued_ledgers(scenario: ScenarioConfig, console: Console) -> Path | None:
+    """The ledgers a run that continues a simulated model records in by default: those of the
+    run that trained it, so that continuing a model never resets its institutions' epsilon.
+    None if the scenario continues no simulated model."""
+    from confide.server.model_file import read_card
+
+    if scenario.model.init is None or scenario.model.registered_init() is not None:
+        return None
+    try:
+        card = read_card(Path(scenario.model.init))
+    except ModelFileError as error:
+        raise RunError(f"model.init: {error}") from None
+    console.print(f"continuing the model of {card.describe()}", highlight=False)
+    if card.run.kind != "simulation" or card.run.ledgers is None:
+        return None
+    ledgers = Path(card.run.ledgers)
+    if not ledgers.is_dir():
+        raise RunError(
+            f"model.init: the run that trained this model kept its institutions' ledgers in "
+            f"{ledgers}, which is gone; give --state to say which ledgers this run continues"
+        )
+    console.print(f"its virtual institutions' ledgers: {ledgers}", highlight=False)
+    return ledgers
 
 
 def run_and_report(
@@ -54,7 +79,8 @@ def run_and_report(
     except OSError as error:
         raise RunError(f"--out {out}: cannot create the results folder: {error}") from None
 
-    ledgers = state if state is not None else directory / "state"
+    ledgers = state if state is not None else continued_ledgers(scenario, console)
+    ledgers = ledgers if ledgers is not None else directory / "state"
 
     def show_split(split: FederatedSplit) -> None:
         if not quiet:

@@ -6,6 +6,7 @@ bundled scenarios live in `simulations/scenarios/` and can be named without a pa
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from confide.common.errors import ScenarioError
 from confide.privacy.mechanism import default_declared_size
 from confide.privacy.policy import PrivacyPolicy
 from confide.server.job import FederationConfig, JobFile
+from confide.server.model_file import VERSION_REFERENCE
 from confide.tasks.config import resolve_task_path
 from confide.tasks.splits import FederatedSplit
 
@@ -28,7 +30,14 @@ class SimulationSettings(StrictModel):
     cpus_per_institution: float = Field(
         default=1.0, gt=0.0, le=64.0, description="Ray CPUs reserved per running ClientApp"
     )
-    gpus_per_institution: float = Field(default=0.0, ge=0.0, le=8.0)
+    gpus_per_institution: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=8.0,
+        description="Ray GPUs reserved per running ClientApp (a fraction shares one GPU); by "
+        "default, when the device is CUDA, the host's GPUs shared by the institutions that "
+        "run at once, else none",
+    )
     ray_address: str | None = Field(
         default=None, description="an existing Ray cluster; by default Ray starts locally"
     )
@@ -148,6 +157,18 @@ def _fit_minimums(tree: dict[str, Any]) -> dict[str, Any]:
     return tree | {"federation": federation}
 
 
+def _resolve_init(tree: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`tree` with a relative model file in `model.init` made absolute from `folder` (as
+    `task.path` is); a registered version (`name:version`) is left as it is."""
+    model = tree.get("model")
+    if not isinstance(model, dict):
+        return tree
+    init = model.get("init")
+    if not isinstance(init, str) or re.match(VERSION_REFERENCE, init):
+        return tree
+    return tree | {"model": model | {"init": str((folder / init).resolve())}}
+
+
 def load_scenario(
     name_or_path: str,
     overrides: dict[str, Any] | None = None,
@@ -170,8 +191,8 @@ def load_scenario(
     raw.setdefault("name", path.stem)
     # The file's relative data path is the file's (as a job file's is); one given as an
     # override, like any path on a command line, is the working directory's.
-    raw = resolve_task_path(raw, path.parent)
-    tree = _merge(raw, resolve_task_path(overrides or {}, Path.cwd()))
+    raw = _resolve_init(resolve_task_path(raw, path.parent), path.parent)
+    tree = _merge(raw, _resolve_init(resolve_task_path(overrides or {}, Path.cwd()), Path.cwd()))
     if fit_minimums:
         tree = _fit_minimums(tree)
     try:

@@ -12,13 +12,44 @@
 Written with NumPy rather than scikit-learn on purpose: a deployed institution starts a new
 process for every message, and importing scikit-learn's metrics costs about 1.7 s there.
 The unit tests check these against scikit-learn.
+
+A task may add metrics of its own (`Task.metrics`, a `MetricsFn`): `evaluate` merges them into
+its result wherever the task's model is judged (the coordinator's test set, each institution's
+validation set), so they reach results.json like the built-in ones.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Mapping
+from typing import Protocol
+
 import numpy as np
 import torch
 from torch import nn
+
+from confide.common.errors import TaskError
+
+# The names `evaluate` itself reports; a task's own metrics may not replace them.
+BUILTIN_METRICS = frozenset(
+    {"loss", "accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc"}
+)
+# A task's metric names: plain identifiers, so that they read the same in results.json, in a
+# Flower MetricRecord and in dotted configuration keys (and never collide with `num-examples`).
+_METRIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
+class MetricsFn(Protocol):
+    """A task's own metrics of a model's outputs on a labelled set.
+
+    `logits` (n, classes) on the CPU, `y` (n,) int64 labels in `0..classes-1`. Return the same
+    names on every call: the federated mean of a metric is over the institutions reporting it.
+    """
+
+    def __call__(
+        self, logits: torch.Tensor, y: np.ndarray, *, classes: int
+    ) -> Mapping[str, float]: ...
 
 
 def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -58,8 +89,16 @@ def binary_auroc(y: np.ndarray, score: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, classes: int) -> dict[str, float]:
-    """Return loss, accuracy, macro precision/recall/F1 and (binary) AUROC of `model`."""
+def evaluate(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    classes: int,
+    extra: MetricsFn | None = None,
+) -> dict[str, float]:
+    """Return loss, accuracy, macro precision/recall/F1 and (binary) AUROC of `model`, and
+    the task's own metrics (`extra`, see `MetricsFn`) of the same outputs."""
     if len(y) == 0:
         raise ValueError("cannot evaluate on an empty set")
     model.eval()
@@ -79,4 +118,42 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *, classes: int) ->
     if classes == 2 and len(np.unique(y)) == 2:
         positive = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
         metrics["auroc"] = binary_auroc(np.asarray(y), positive)
+    if extra is not None:
+        metrics |= task_metrics(extra, logits.detach().cpu(), np.asarray(y), classes=classes)
     return metrics
+
+
+def task_metrics(
+    extra: MetricsFn, logits: torch.Tensor, y: np.ndarray, *, classes: int
+) -> dict[str, float]:
+    """A task's own metrics, checked: plain names that are not confide's, finite numbers.
+
+    Checked here rather than trusted because they travel in Flower records and results.json,
+    where a bad name or value would fail far from the task that produced it."""
+    returned = extra(logits, y, classes=classes)
+    if not isinstance(returned, Mapping):
+        raise TaskError(
+            f"the task's metrics returned {type(returned).__name__}, not a mapping of names "
+            "to numbers"
+        )
+    checked: dict[str, float] = {}
+    for name, value in returned.items():
+        if not isinstance(name, str) or not _METRIC_NAME.fullmatch(name):
+            raise TaskError(
+                f"the task's metrics returned the name {name!r}: use letters, digits and _ "
+                "(64 at most), starting with a letter"
+            )
+        if name in BUILTIN_METRICS:
+            raise TaskError(
+                f"the task's metrics returned '{name}', which confide computes itself; rename it"
+            )
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TaskError(
+                f"the task's metric '{name}' is {type(value).__name__}, not a number"
+            ) from None
+        if not math.isfinite(number):
+            raise TaskError(f"the task's metric '{name}' is {number}, not a finite number")
+        checked[name] = number
+    return checked

@@ -41,6 +41,11 @@ class FederatedSplit:
     def features(self) -> int:
         return self.test.features
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One example's shape, what the model is built for: (d,) or (C, H, W)."""
+        return self.test.shape
+
 
 def _split(data: Dataset, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) indices; stratified when every class can appear on both sides."""

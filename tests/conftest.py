@@ -175,3 +175,60 @@ def enrollment_coordinator(tmp_path: Path):
     }
     server_handle.stop(0)
     engine.dispose()
+
+
+@pytest.fixture
+def saved_model() -> Callable[..., tuple[Any, Any]]:
+    """Writes a digits MLP (initialised from `seed`) and its card into a folder, as a run
+    does; returns (card, model). `central`: the card's institution-level epsilon."""
+    from confide.server.model_file import (
+        CentralProvenance,
+        ModelCard,
+        ModelRun,
+        PrivacyProvenance,
+        encode_weights,
+        save_model,
+        weights_info,
+    )
+    from confide.tasks.config import TaskConfig
+    from confide.tasks.registry import get_task
+
+    def make(folder: Path, *, seed: int = 3, central: float | None = None) -> tuple[Any, Any]:
+        task = TaskConfig(name="digits")
+        model = get_task("digits").build_model(task, shape=(64,), classes=10, seed=seed)
+        state = model.state_dict()
+        data = encode_weights(state)
+        level = None if central is None else CentralProvenance(epsilon=central, delta=1e-6)
+        card = ModelCard(
+            created="2026-12-02T00:00:00+00:00",
+            task=task.model_dump(mode="json", exclude_none=True),
+            data={},
+            input_shape=[64],
+            classes=10,
+            labels=[str(k) for k in range(10)],
+            weights=weights_info(data, state),
+            metrics={"accuracy": 0.5},
+            run=ModelRun(
+                kind="simulation",
+                name="t",
+                run="r",
+                round=2,
+                rounds_planned=2,
+                stopped=None,
+                seed=0,
+            ),
+            privacy=PrivacyProvenance(
+                dp=True,
+                accountant="rdp",
+                delta=1e-5,
+                epsilon_max=2.0,
+                institutions=[],
+                institution_level=level,
+                statement="test",
+            ),
+            lineage=[],
+        )
+        save_model(folder, card, data)
+        return card, model
+
+    return make

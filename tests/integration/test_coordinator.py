@@ -461,6 +461,7 @@ def test_two_institutions_train_a_dp_job_and_its_results_are_written(
         assert 0 < row["epsilon"] <= 8.0 and row["delta"] == 1e-5
     assert "final accuracy" in submitted.stdout
     check_privacy_report(folder, results, run_id, federation["root"])
+    check_registered_model(folder, results, federation["root"])
     # The app folder Flower packed holds the job's pyproject alone: no keys, no other code.
     (app_folder,) = [
         p
@@ -473,6 +474,68 @@ def test_two_institutions_train_a_dp_job_and_its_results_are_written(
     logs = server_cli("logs", run_id, "--dir", str(coordinator["state"]))
     assert "round 2: accuracy" in logs.stdout
     assert "\x1b[" not in logs.stdout  # not a terminal: no colour codes
+
+
+def check_registered_model(folder: Path, results: dict, root: Path) -> None:
+    """The run's model is registered as a version of digits-mlp (an earlier test's job may
+    have registered one); its card names the institutions with the data commitments their
+    own ledgers compute."""
+    from confide.server.model_file import read_card
+
+    card = read_card(folder / results["model"]["file"])
+    assert card.registry is not None and card.registry.name == "digits-mlp"
+    assert results["model"]["registered"] == f"digits-mlp:{card.registry.version}"
+    assert card.weights.sha256 == results["model"]["sha256"] and card.run.kind == "deployment"
+    for row in card.privacy.institutions:
+        ledger = Ledger(root / str(row.id))
+        fingerprint = next(e.fingerprint for e in ledger.entries() if e.kind == "spend")
+        assert row.data_commitment == ledger.commitment(fingerprint)
+
+
+def test_a_job_continues_a_registered_model_which_exports_and_scores_as_reported(
+    coordinator, federation, tmp_path
+):
+    state = str(coordinator["state"])
+    listed = server_cli("models", "list", "--dir", state, "--json")
+    assert listed.returncode == 0, listed.stderr
+    *_, first = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert first["card"]["run"]["name"] == "digits-deployed"  # the previous test's model
+    name, version = first["version"].split(":")
+    continued = f"{name}:{int(version) + 1}"
+    # One round with much noise: the institutions' max_epsilon (10) leaves little after the
+    # previous job's ~9.4, and their ledgers keep counting from there.
+    job = (
+        JOB.replace('"digits-deployed"', '"digits-continued"')
+        .replace("rounds = 2", "rounds = 1")
+        .replace("target_epsilon = 8.0", "noise_multiplier = 4.0")
+    )
+    submitted = submit(coordinator, job + f'[model]\ninit = "{first["version"]}"\n', tmp_path)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    run_id = submitted.stdout.split("as run ")[1].split(";")[0].strip()
+    results = json.loads(
+        (coordinator["state"] / "runs" / f"run-{run_id}" / "results.json").read_text()
+    )
+    # It started from that version (its initial test accuracy is that version's final one)
+    # and is registered as the next, which names it in its lineage.
+    assert results["initial"]["accuracy"] == first["card"]["metrics"]["accuracy"]
+    assert results["model"]["registered"] == continued
+    exported = server_cli(
+        "models", "export", continued, "--dir", state, "--out", str(tmp_path / "m")
+    )
+    assert exported.returncode == 0, exported.stderr
+    card = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert [(a["source"], a["sha256"]) for a in card["lineage"]] == [
+        (first["version"], first["sha256"])
+    ]
+    scored = cli("confide-simulate", "predict", str(tmp_path / "m" / "model.safetensors"))
+    assert scored.returncode == 0, scored.stderr
+    assert f"{results['final']['accuracy']:.6f}" in scored.stdout
+    # The institutions' ledgers kept counting: three rounds, and a larger epsilon.
+    before = {row["id"]: row for row in first["card"]["privacy"]["institutions"]}
+    for row in card["privacy"]["institutions"]:
+        spends = [e for e in Ledger(federation["root"] / row["id"]).entries() if e.kind == "spend"]
+        assert len(spends) == 3
+        assert row["dataset_epsilon"] > before[row["id"]]["dataset_epsilon"]
 
 
 def test_a_job_the_institutions_limits_refuse_says_so_in_its_summary_and_exit_code(

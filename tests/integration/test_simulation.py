@@ -210,3 +210,54 @@ def test_the_second_run_continues_each_institutions_ledger(two_runs):
         accountant.compose(dp_accounting.SelfComposedDpEvent(sampled, 2 * run[2]))
         assert after["dataset_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=0.01)
         assert after["epsilon"] == pytest.approx(epsilon([run], 1e-5), rel=1e-9)
+
+
+def test_the_run_saves_its_model_and_predict_reproduces_its_test_metrics(two_runs):
+    from confide.server.model_file import read_card
+    from confide.simulations.predict import predict
+
+    _, directory = two_runs[0]
+    results = json.loads((directory / "results.json").read_text())
+    assert results["model"]["file"] == "model.safetensors"
+    card = read_card(directory / "model.safetensors")
+    assert card.weights.sha256 == results["model"]["sha256"]
+    assert card.run.round == results["model"]["round"] == 2
+    assert [row.id for row in card.privacy.institutions] == [0, 1, 2]
+    assert all(row.data_commitment for row in card.privacy.institutions)
+    scored = predict(directory / "model.safetensors")
+    assert scored.metrics is not None
+    assert scored.metrics["accuracy"] == results["final"]["accuracy"]  # exactly
+    assert scored.metrics["loss"] == pytest.approx(results["final"]["loss"], rel=1e-6)
+    printed = cli("confide-simulate", "predict", str(directory / "model.safetensors"))
+    assert printed.returncode == 0, printed.stderr
+    assert f"{results['final']['accuracy']:.6f}" in printed.stdout
+
+
+@pytest.fixture(scope="module")
+def continued(two_runs, tmp_path_factory):
+    """One more round from the first run's model: by default its ledgers are continued."""
+    _, first = two_runs[0]
+    _, directory = _run(
+        first / "scenario.toml",
+        tmp_path_factory.mktemp("run3"),
+        tmp_path_factory.mktemp("continuing"),
+        "--rounds", "1", "--init-model", str(first / "model.safetensors"),
+    )  # fmt: skip
+    return first, directory
+
+
+def test_a_run_from_a_saved_model_starts_from_it_and_its_ledgers_keep_counting(continued):
+    from confide.server.model_file import read_card
+
+    first, directory = continued
+    before = json.loads((first / "results.json").read_text())
+    after = json.loads((directory / "results.json").read_text())
+    assert after["initial"]["accuracy"] == before["final"]["accuracy"]
+    assert Path(after["ledgers"]) == (first / "state").resolve()
+    card = read_card(directory)
+    (parent,) = card.lineage
+    assert parent.sha256 == before["model"]["sha256"]
+    assert parent.source == str(first / "model.safetensors")
+    for old, new in zip(before["institutions"], after["institutions"], strict=True):
+        assert new["dataset_epsilon"] > old["dataset_epsilon"] > 0
+        assert new["dataset_epsilon"] > new["epsilon"]

@@ -74,7 +74,7 @@ def _instructions(**privacy: object) -> RoundInstructions:
 
 
 def _train_message(instructions: RoundInstructions, server_round: int = 1) -> Message:
-    model = get_task("digits").build_model(instructions.task, features=64, classes=10, seed=0)
+    model = get_task("digits").build_model(instructions.task, shape=(64,), classes=10, seed=0)
     config = ConfigRecord(instructions.to_config() | {"server-round": server_round})
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
     return Message(content, dst_node_id=7, message_type=MessageType.TRAIN)

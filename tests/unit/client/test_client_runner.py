@@ -564,7 +564,7 @@ def train_message(server_round: int = 1) -> Message:
         features=1,
         labels=["0", "1"],
     )
-    model = get_task("digits").build_model(instructions.task, features=1, classes=2, seed=0)
+    model = get_task("digits").build_model(instructions.task, shape=(1,), classes=2, seed=0)
     from flwr.app import ArrayRecord
 
     config = ConfigRecord(instructions.to_config() | {"server-round": server_round})

@@ -42,7 +42,7 @@ def make_model(digits: Dataset) -> ModelBuilder:
     def build(hidden: Sequence[int] = (16,), seed: int = 0) -> nn.Module:
         return build_mlp(
             ModelConfig(hidden=list(hidden)),
-            features=digits.features,
+            shape=digits.shape,
             classes=digits.classes,
             seed=seed,
         )

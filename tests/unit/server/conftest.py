@@ -88,3 +88,14 @@ def federation(tmp_path: Path):
         return InProcessGrid(app, institutions, run_id), source
 
     return make
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """An empty coordinator state directory: default settings, nothing else yet."""
+    from confide.server.settings import ServerSettings, StateDir
+
+    state = StateDir(tmp_path / "state")
+    state.root.mkdir()
+    state.save_settings(ServerSettings())
+    return state

@@ -15,11 +15,8 @@ from confide.server.settings import ServerSettings, StateDir
 
 
 @pytest.fixture
-def directory(tmp_path: Path) -> StateDir:
-    state = StateDir(tmp_path / "state")
-    state.root.mkdir()
-    state.save_settings(ServerSettings())
-    return state
+def directory(state_dir: StateDir) -> StateDir:
+    return state_dir
 
 
 @pytest.fixture

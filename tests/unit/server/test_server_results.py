@@ -127,7 +127,8 @@ def test_a_deployed_results_file_has_the_documented_fields_in_order_and_reads_ba
     results, _ = documents(job(), history())
     text = document_json(results)
     written = json.loads(text)
-    assert list(written) == TOP_LEVEL  # no `ledgers`: a simulation's only
+    assert list(written) == [*TOP_LEVEL, "model"]  # no `ledgers`: a simulation's only
+    assert written["model"] is None  # written by write_results, with the model's files
     assert list(written["timing"]) == [
         "first_round_seconds",
         "median_round_seconds",
@@ -141,7 +142,7 @@ def test_a_deployed_results_file_has_the_documented_fields_in_order_and_reads_ba
 def test_a_simulation_adds_its_peak_memory_and_ledgers():
     results, _ = documents(job(), history(), peak_rss_mb=2000.12345, ledgers="/runs/x/state")
     written = json.loads(document_json(results))
-    assert list(written) == [*TOP_LEVEL, "ledgers"]
+    assert list(written) == [*TOP_LEVEL, "ledgers", "model"]
     assert written["ledgers"] == "/runs/x/state"
     assert written["timing"]["peak_rss_mb"] == 2000.123
 

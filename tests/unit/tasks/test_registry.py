@@ -133,7 +133,7 @@ def test_synthetic_task_is_sized_by_the_config_and_seeded():
 )
 def test_built_model_has_the_task_input_and_output_sizes(hidden, activation):
     config = TaskConfig(name="digits", model=ModelConfig(hidden=hidden, activation=activation))
-    model = get_task("digits").build_model(config, features=64, classes=10, seed=0)
+    model = get_task("digits").build_model(config, shape=(64,), classes=10, seed=0)
     linears = _linear_layers(model)
     assert len(linears) == len(hidden) + 1
     assert linears[0].in_features == 64
@@ -146,15 +146,15 @@ def test_built_model_has_the_task_input_and_output_sizes(hidden, activation):
 
 def test_binary_task_model_has_two_logits():
     config = TaskConfig(name="breast-cancer")
-    model = get_task("breast-cancer").build_model(config, features=30, classes=2, seed=0)
+    model = get_task("breast-cancer").build_model(config, shape=(30,), classes=2, seed=0)
     assert model(torch.zeros(3, 30)).shape == (3, 2)
 
 
 def test_same_seed_builds_identical_weights():
     config = TaskConfig(name="digits", model=ModelConfig(hidden=[8, 4]))
     task = get_task("digits")
-    first = task.build_model(config, features=12, classes=3, seed=42).state_dict()
-    second = task.build_model(config, features=12, classes=3, seed=42).state_dict()
+    first = task.build_model(config, shape=(12,), classes=3, seed=42).state_dict()
+    second = task.build_model(config, shape=(12,), classes=3, seed=42).state_dict()
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
@@ -163,8 +163,8 @@ def test_same_seed_builds_identical_weights():
 def test_different_seeds_build_different_weights():
     config = TaskConfig(name="digits", model=ModelConfig(hidden=[8, 4]))
     task = get_task("digits")
-    first = task.build_model(config, features=12, classes=3, seed=1).state_dict()
-    second = task.build_model(config, features=12, classes=3, seed=2).state_dict()
+    first = task.build_model(config, shape=(12,), classes=3, seed=1).state_dict()
+    second = task.build_model(config, shape=(12,), classes=3, seed=2).state_dict()
     assert all(not torch.equal(first[key], second[key]) for key in first)
 
 
@@ -173,7 +173,7 @@ def test_building_a_model_does_not_disturb_the_global_torch_rng():
     expected = torch.rand(5)  # what the global generator yields without a build in between
     torch.manual_seed(1234)
     state_before = torch.random.get_rng_state()
-    get_task("digits").build_model(TaskConfig(), features=64, classes=10, seed=99)
+    get_task("digits").build_model(TaskConfig(), shape=(64,), classes=10, seed=99)
     assert torch.equal(torch.random.get_rng_state(), state_before)
     assert torch.equal(torch.rand(5), expected)
 

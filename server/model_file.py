@@ -1,0 +1,425 @@
+"""The trained model as a file: `model.safetensors` and its card, `model.json`.
+
+Every run (simulation or deployment) ends with the global model of its last completed round
+written next to its results:
+
+- `model.safetensors`: the weights as named tensors in the safetensors format, which holds
+  data only (no pickle: loading a model file never runs code from it);
+- `model.json` (`ModelCard`): what rebuilds the architecture (the task's configuration, the
+  input shape and the class names), the run and round it comes from, the SHA-256 of the
+  weights file, the model's test metrics, its privacy provenance (unit, neighbouring relation,
+  accountant, each institution's epsilon and delta, central DP if any, the institutions' data
+  commitments) and its lineage: every model it was continued from, with their provenance.
+
+The weights are written first and the card last (both atomically), so a card always names a
+complete weights file; reading checks the weights' hash against the card before anything is
+built from them. `load_model` rebuilds the task's model and loads the weights into it
+(strictly: every name and shape must match).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from pydantic import ConfigDict, ValidationError
+
+from confide.common.config import StrictModel
+from confide.common.errors import ModelFileError
+from confide.common.files import write_atomic
+from confide.privacy.report import (
+    INSTITUTION_ACCOUNTANT,
+    INSTITUTION_UNIT,
+    SAMPLE_ACCOUNTANTS,
+    SAMPLE_NEIGHBOURING,
+    SAMPLE_UNIT,
+    LedgerEpsilon,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from confide.server.history import JobHistory
+    from confide.server.job import JobConfig
+    from confide.server.results import Results
+
+WEIGHTS = "model.safetensors"
+CARD = "model.json"
+FORMAT: Final = "confide.model/1"
+# A registered model version, `digits-mlp:3` (confide.server.model_registry; a job's
+# `[model] init`). Kept here, not in confide.server.job, so that reading the registry does not
+# import torch and Flower.
+MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+VERSION_REFERENCE = rf"^(?P<name>{MODEL_NAME}):(?P<version>[1-9][0-9]{{0,8}})$"
+
+
+class _Document(StrictModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+
+class ModelWeights(_Document):
+    """The weights file the card describes."""
+
+    file: str = WEIGHTS
+    sha256: str
+    """SHA-256 of the file's bytes, checked before the weights are used."""
+    bytes: int
+    parameters: int
+    """Number of values in all tensors (trainable parameters and buffers)."""
+
+
+class ModelRun(_Document):
+    """The run the model comes from."""
+
+    kind: Literal["simulation", "deployment"]
+    name: str
+    """The scenario's or the job's name."""
+    run: str
+    """The deployed run's id, or the simulation's results folder name."""
+    round: int
+    """The last completed round: the model is the global model after it."""
+    rounds_planned: int
+    stopped: str | None
+    """Why the job ended before its last round, else null."""
+    seed: int
+    ledgers: str | None = None
+    """Where a simulation's virtual institutions keep their ledgers (null in deployment)."""
+
+
+class InstitutionProvenance(_Document):
+    """One institution's sample-level spend on the data behind this model."""
+
+    id: int | str
+    rounds_trained: int
+    epsilon: float | None
+    """This run's epsilon at `delta` (null without DP)."""
+    delta: float | None
+    dataset_epsilon: LedgerEpsilon
+    """Its dataset's cumulative epsilon over every job in its ledger, this one included."""
+    dataset_delta: float | None
+    dataset_accountant: str | None
+    data_commitment: str | None = None
+    """HMAC-SHA256 of its dataset's fingerprint under its ledger key: the institution (and
+    only it) can match it to the dataset its ledger records; it reveals nothing of the data."""
+
+
+class CentralProvenance(_Document):
+    """Central DP at the coordinator (institution level)."""
+
+    unit: str = INSTITUTION_UNIT
+    epsilon: float | None
+    """Null if not finite."""
+    delta: float
+    accountant: str = INSTITUTION_ACCOUNTANT
+
+
+class PrivacyProvenance(_Document):
+    """Under what guarantee the data behind the model was used in this run."""
+
+    dp: bool
+    """Whether the institutions trained with DP-SGD."""
+    unit: str = SAMPLE_UNIT
+    neighbouring: str = SAMPLE_NEIGHBOURING
+    accountant: str | None
+    """The sample-level accountant (null without DP)."""
+    delta: float | None
+    epsilon_max: float | None
+    """The largest cumulative sample-level epsilon of any institution in this run."""
+    institutions: list[InstitutionProvenance]
+    institution_level: CentralProvenance | None
+    statement: str
+    """privacy.json's plain-language paragraph."""
+
+
+class Ancestor(_Document):
+    """A model this one was continued from (its weights were this run's starting point)."""
+
+    sha256: str
+    source: str
+    """How it was named: a registered version (`name:version`) or a file path."""
+    run: ModelRun
+    privacy: PrivacyProvenance
+
+
+class RegistryEntry(_Document):
+    """The model's place in a coordinator's registry."""
+
+    name: str
+    version: int
+
+
+class ModelCard(_Document):
+    """model.json: what rebuilds, identifies and qualifies the model in model.safetensors."""
+
+    format: Literal["confide.model/1"] = FORMAT
+    created: str
+    """UTC time the file was written (ISO 8601)."""
+    task: dict[str, Any]
+    """The job's `[task]` table (name, model and data settings): the architecture follows
+    from it, the input shape and the number of classes."""
+    data: dict[str, Any]
+    """The job's `[data]` table: with `seed`, it fixes the task's held-out test split."""
+    input_shape: list[int]
+    classes: int
+    labels: list[str]
+    """Class names: output k is the score of labels[k]."""
+    weights: ModelWeights
+    metrics: dict[str, float | None]
+    """The model's metrics on the coordinator's held-out test set."""
+    run: ModelRun
+    privacy: PrivacyProvenance
+    lineage: list[Ancestor]
+    """The models this one continues, nearest first; empty for a model trained from scratch.
+    The data behind the model was used under each entry's guarantee and this one's."""
+    registry: RegistryEntry | None = None
+
+    def describe(self) -> str:
+        """One line: task, round, accuracy and hash."""
+        accuracy = self.metrics.get("accuracy")
+        scored = f"accuracy {accuracy:.4f}" if accuracy is not None else "no accuracy"
+        return (
+            f"task {self.task.get('name')}, round {self.run.round} of run {self.run.run}, "
+            f"{scored}, sha256 {self.weights.sha256[:12]}"
+        )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode_weights(state: Mapping[str, torch.Tensor]) -> bytes:
+    """The safetensors bytes of a state dict (tensors made contiguous CPU copies)."""
+    from safetensors.torch import save
+
+    tensors = {name: value.detach().cpu().contiguous() for name, value in state.items()}
+    return save(tensors, metadata={"format": FORMAT})
+
+
+def weights_info(data: bytes, state: Mapping[str, torch.Tensor]) -> ModelWeights:
+    return ModelWeights(
+        sha256=_sha256(data),
+        bytes=len(data),
+        parameters=sum(int(value.numel()) for value in state.values()),
+    )
+
+
+def save_model(directory: Path, card: ModelCard, data: bytes) -> Path:
+    """Write `data` (from `encode_weights`) and its `card` into `directory`: the weights
+    first, the card last, each atomically. Returns the weights file's path."""
+    if _sha256(data) != card.weights.sha256:
+        raise ModelFileError("the card's weights hash does not match the weights written")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / WEIGHTS, data)
+    write_atomic(directory / CARD, card.model_dump_json(indent=2) + "\n")
+    return directory / WEIGHTS
+
+
+def card_path(path: Path) -> Path:
+    """The card of a model named by its weights file, its card or its folder."""
+    path = Path(path)
+    if path.is_dir():
+        return path / CARD
+    if path.name == CARD:
+        return path
+    return path.with_name(CARD)
+
+
+def read_card(path: Path) -> ModelCard:
+    """The card of the model at `path` (weights file, card or folder), validated."""
+    where = card_path(path)
+    try:
+        text = where.read_text()
+    except FileNotFoundError:
+        raise ModelFileError(
+            f"{where}: no model card (model.json) beside the model; a model file is used only "
+            "with the card it was written with"
+        ) from None
+    except OSError as error:
+        raise ModelFileError(f"{where}: cannot read the model card: {error}") from None
+    try:
+        return ModelCard.model_validate_json(text)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(document)"
+        raise ModelFileError(
+            f"{where}: not a confide model card ({error.error_count()} problems; first: "
+            f"{field}: {first['msg']})"
+        ) from None
+
+
+def read_weights(path: Path, card: ModelCard) -> dict[str, torch.Tensor]:
+    """The tensors of the weights file beside `card`, after checking its SHA-256."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    where = card_path(path).with_name(card.weights.file)
+    try:
+        data = where.read_bytes()
+    except OSError as error:
+        raise ModelFileError(f"{where}: cannot read the model's weights: {error}") from None
+    if _sha256(data) != card.weights.sha256:
+        raise ModelFileError(
+            f"{where}: the weights' SHA-256 is {_sha256(data)[:16]}..., the card says "
+            f"{card.weights.sha256[:16]}...: the file was changed or belongs to another model"
+        )
+    try:
+        return load(data)
+    except SafetensorError as error:
+        raise ModelFileError(f"{where}: not a safetensors file: {error}") from None
+
+
+def build_architecture(card: ModelCard) -> nn.Module:
+    """The task's model as the card describes it (untrained: weights come from the file)."""
+    from confide.tasks.config import TaskConfig
+    from confide.tasks.registry import get_task
+
+    try:
+        config = TaskConfig.model_validate(card.task)
+    except (ValidationError, ValueError) as error:
+        raise ModelFileError(f"the model's task cannot be built here: {error}") from None
+    task = get_task(config.name)
+    return task.build_model(config, shape=tuple(card.input_shape), classes=card.classes, seed=0)
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Load `state` into `model`, every name and shape matching, or ModelFileError."""
+    try:
+        model.load_state_dict(dict(state), strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise ModelFileError(f"{what}: its weights do not fit the model: {detail}") from None
+
+
+def load_model(path: Path) -> tuple[nn.Module, ModelCard]:
+    """The model saved at `path` (weights file, card or folder), ready to score, and its card."""
+    card = read_card(path)
+    state = read_weights(path, card)
+    model = build_architecture(card)
+    load_into(model, state, what=str(path))
+    model.eval()
+    return model, card
+
+
+def provenance(
+    results: Results, commitments: Mapping[str, str | None] | None = None
+) -> PrivacyProvenance:
+    """The privacy provenance of a run's model, from its results (and, by institution id,
+    the data commitments its institutions reported)."""
+    commitments = commitments or {}
+    central = results.privacy.institution_level
+    return PrivacyProvenance(
+        dp=results.dp,
+        accountant=SAMPLE_ACCOUNTANTS.get(results.privacy.accountant or "", None),
+        delta=results.final.delta,
+        epsilon_max=results.final.epsilon_max,
+        institutions=[
+            InstitutionProvenance(
+                id=row.id,
+                rounds_trained=row.rounds_trained,
+                epsilon=row.epsilon,
+                delta=row.delta,
+                dataset_epsilon=row.dataset_epsilon,
+                dataset_delta=row.dataset_delta,
+                dataset_accountant=row.dataset_accountant,
+                data_commitment=commitments.get(str(row.id)),
+            )
+            for row in results.institutions
+        ],
+        institution_level=(
+            CentralProvenance(epsilon=central.epsilon, delta=central.delta) if central else None
+        ),
+        statement=results.privacy.statement,
+    )
+
+
+def lineage_of(parent: ModelCard | None, source: str | None) -> list[Ancestor]:
+    """The lineage of a model continued from `parent` (named `source`): the parent, then the
+    parent's own lineage."""
+    if parent is None or source is None:
+        return []
+    ancestor = Ancestor(
+        sha256=parent.weights.sha256, source=source, run=parent.run, privacy=parent.privacy
+    )
+    return [ancestor, *parent.lineage]
+
+
+def check_continues(card: ModelCard, job: JobConfig, *, what: str) -> None:
+    """Refuse to start `job` from the model `card` describes unless it is the same task and
+    architecture (the input shape and classes are checked when the weights are loaded)."""
+    wanted = job.task.model_dump(mode="json", exclude_none=True)
+    for key in ("name", "model"):
+        if card.task.get(key) != wanted.get(key):
+            raise ModelFileError(
+                f"{what}: the model was trained for task.{key} = {card.task.get(key)!r}, "
+                f"this job has {wanted.get(key)!r}; a model continues only with its own task "
+                "and architecture"
+            )
+
+
+def institution_level_total(card: ModelCard) -> tuple[float, float] | None:
+    """(epsilon, delta) of central DP over the model's whole lineage by basic composition
+    (the epsilons and the deltas add up: valid for any (epsilon, delta)-DP mechanisms run one
+    after another, adaptively); None if no run of the lineage used central DP, infinite
+    epsilon if one of them gave no finite guarantee or ran without it after one that did."""
+    levels = [card.privacy.institution_level, *(a.privacy.institution_level for a in card.lineage)]
+    if all(level is None for level in levels):
+        return None
+    epsilon, delta = 0.0, 0.0
+    for level in levels:
+        if level is None or level.epsilon is None:
+            return math.inf, 1.0
+        epsilon += level.epsilon
+        delta += level.delta
+    return epsilon, delta
+
+
+def model_for_run(
+    history: JobHistory,
+    results: Results,
+    *,
+    job: JobConfig,
+    kind: Literal["simulation", "deployment"],
+    run: str,
+    lineage: list[Ancestor],
+    ledgers: str | None = None,
+) -> tuple[ModelCard, bytes] | None:
+    """(card, weights) of a finished run's global model (None if no model was recorded);
+    `results` are the run's results.json, from which its metrics and provenance come; `run`
+    names the run (a deployed run's id, a simulation's results folder)."""
+    final = history.model
+    if final is None:
+        return None
+    made_by = ModelRun(
+        kind=kind,
+        name=results.scenario,
+        run=run,
+        round=final.round,
+        rounds_planned=job.federation.rounds,
+        stopped=results.stopped,
+        seed=job.seed,
+        ledgers=ledgers,
+    )
+    state = final.arrays.to_torch_state_dict()
+    data = encode_weights(state)
+    card = ModelCard(
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        task=job.task.model_dump(mode="json", exclude_none=True),
+        data=job.data.model_dump(mode="json"),
+        input_shape=list(final.input_shape),
+        classes=len(final.labels),
+        labels=list(final.labels),
+        weights=weights_info(data, state),
+        metrics=dict(results.final.metrics),
+        run=made_by,
+        privacy=provenance(
+            results,
+            {key: spend.data_commitment for key, spend in history.institutions.items()},
+        ),
+        lineage=lineage,
+    )
+    return card, data
