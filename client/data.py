@@ -113,14 +113,18 @@ class SimulatedInstitutions:
             str(index),
             self.device,
             lambda _: local,
-            lambda: fingerprint_bytes(
-                *(a.tobytes() for part in (local.train, local.validation) for a in (part.x, part.y))
-            ),
+            lambda: self.fingerprint(index),
             self.declared_size(index),
             policy=self.policy,
             ledger=None if self.state is None else self.state / f"institution-{index}",
             single_thread=True,
         )
+
+    def fingerprint(self, index: int) -> str:
+        """The content hash of virtual institution `index`'s data (its ledger's dataset)."""
+        local = self.split().institutions[index]
+        parts = (local.train, local.validation)
+        return fingerprint_bytes(*(a.tobytes() for part in parts for a in (part.x, part.y)))
 
     def declared_size(self, index: int) -> int:
         """The size virtual institution `index` publishes."""

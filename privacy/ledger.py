@@ -174,10 +174,14 @@ class Ledger:
 
         A fingerprint itself (a hash of the whole dataset) is not published: anyone holding
         all but one record could test candidates for the last one against it. Without the key
-        the commitment is indistinguishable from random; with it, the institution (or an
-        auditor it gives the key to) matches a model's card to the dataset its ledger records.
+        the commitment is indistinguishable from random; with it, the institution matches a
+        model's card to the dataset its ledger records. The key is one derived from the
+        ledger's (HMAC of a fixed label), never the ledger's own, which must stay the only
+        key that can extend its chain. A reseal or an import (a new ledger key) changes the
+        commitments from then on.
         """
-        key = self._files.read_key()
+        ledger_key = self._files.read_key()
+        key = hmac.new(ledger_key, b"confide.data-commitment-key", hashlib.sha256).digest()
         message = b"confide.data-commitment\0" + fingerprint.encode()
         return "hmac-sha256:" + hmac.new(key, message, hashlib.sha256).hexdigest()
 

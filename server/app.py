@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from confide.common.config import describe_errors, unflatten
 from confide.common.errors import (
+    DatasetError,
     JobFailed,
     JobStopped,
     ModelFileError,
@@ -131,7 +132,7 @@ def run(
     strategy = RoundRecorder(
         ConfideStrategy.for_job(job, history, noise_seed=noise_seed, registered=registered)
     )
-    labels = list(test.label_names) or [str(k) for k in range(test.classes)]
+    labels = label_names(test)
     config = ConfigRecord(
         job.instructions(test.features, labels, name, shape=test.shape).to_config()
     )
@@ -185,8 +186,7 @@ class CentralEvaluation:
         test = self.test
         metrics = evaluate(self.model, test.x, test.y, classes=test.classes, extra=self.extra)
         history = self.history
-        labels = list(test.label_names) or [str(k) for k in range(test.classes)]
-        history.model = GlobalModel(server_round, arrays, tuple(test.x.shape[1:]), labels)
+        history.model = GlobalModel(server_round, arrays, test.shape, label_names(test))
         if server_round == 0:
             history.initial_metrics = metrics
             return _metric_record(metrics)
@@ -210,6 +210,12 @@ class CentralEvaluation:
 def _metric_record(metrics: Mapping[str, float]) -> MetricRecord:
     values: dict[str, MetricRecordValues] = dict(metrics)
     return MetricRecord(values)
+
+
+def label_names(test: Dataset) -> list[str]:
+    """The class names of the coordinator's test set (its indices when it has none): they
+    define the global model's outputs and every institution's label encoding."""
+    return list(test.label_names) or [str(k) for k in range(test.classes)]
 
 
 def coordinator_test_set(job: JobConfig) -> Dataset:
@@ -337,12 +343,11 @@ class Deployment:
         return StateDir(self.state).runs
 
     def starting_model(
-        self, job: JobConfig
+        self, job: JobConfig, test: Dataset
     ) -> tuple[dict[str, torch.Tensor] | None, list[Ancestor]]:
         """The weights `[model] init` names (a registered version) and the lineage they bring;
         (None, []) without one. RegistryError if it cannot be used: a deployed job continues
         only a version of the coordinator's registry, never a file on some host."""
-        from confide.common.errors import RegistryError
         from confide.server.model_file import check_continues, lineage_of
 
         reference = job.model.init
@@ -360,7 +365,7 @@ class Deployment:
                 "SuperLink was not started by `confide-server start`"
             )
         model, state = registry.load(reference)
-        check_continues(model.card, job, what=reference)
+        check_continues(model.card, job, what=reference, shape=test.shape, labels=label_names(test))
         return state, lineage_of(model.card, reference)
 
     def registry(self) -> ModelRegistry | None:
@@ -373,10 +378,19 @@ class Deployment:
         return ModelRegistry(StateDir(self.state), self._engine)
 
     def register(self, name: str, card: ModelCard, weights: bytes) -> ModelCard:
-        """Register a run's model (audited); the card as registered."""
+        """Register a run's model (audited); the card as registered. A registry that cannot
+        take it (a disk, the database) costs the version, never the run's results: the
+        failure is logged and audited, and the card returned unregistered."""
+        from sqlalchemy.exc import SQLAlchemyError
+
         registry = self.registry()
         assert registry is not None  # only called with one (`_deployed_run`)
-        registered = registry.register(name, card, weights)
+        try:
+            registered = registry.register(name, card, weights)
+        except (RegistryError, OSError, SQLAlchemyError) as error:
+            log(WARNING, "the run's model was not registered: %s", error)
+            self.audit("model.register_failed", model=name, run=card.run.run, reason=str(error))
+            return card
         entry = registered.registry
         assert entry is not None
         self.audit(
@@ -457,14 +471,17 @@ def _deployed_run(deployment: Deployment, grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     name, job = _deployed_job(deployment, run_id, run_config)
     try:
-        initial, lineage = deployment.starting_model(job)
-    except (RegistryError, ModelFileError) as error:
+        test = coordinator_test_set(job)
+        initial, lineage = deployment.starting_model(job, test)
+    except (RegistryError, ModelFileError, DatasetError) as error:
         deployment.audit("run.failed", run=run_id, job=name, reason=str(error))
         raise JobFailed(f"job {name} failed: {error}") from None
     directory = deployment.results_directory(run_id, run_config)
     history = JobHistory()
     started = time.perf_counter()
-    _audited_run(deployment, run_id, grid, name=name, job=job, history=history, initial=initial)
+    _audited_run(
+        deployment, run_id, grid, name=name, job=job, history=history, test=test, initial=initial
+    )
     if history.rounds:
         written = write_deployed_results(
             directory,
@@ -516,6 +533,7 @@ def _audited_run(
     name: str,
     job: JobConfig,
     history: JobHistory,
+    test: Dataset,
     initial: Mapping[str, torch.Tensor] | None,
 ) -> None:
     """`run` with the deployment's roster; refusals audited as rounds end, failures audited
@@ -533,6 +551,7 @@ def _audited_run(
             observer=observe,
             name=name,
             registered=deployment.roster(),
+            test_set=test,
             initial=initial,
         )
     except TooFewInstitutions as error:

@@ -38,10 +38,13 @@ def _registry(state: Path) -> ModelRegistry:
 
 
 def _epsilon(card: ModelCard) -> str:
-    privacy = card.privacy
-    if not privacy.dp or privacy.epsilon_max is None:
+    """The model's sample-level bound over its lineage (`ModelCard.bound`)."""
+    bound = card.bound
+    if bound.sample_epsilon is None or bound.sample_delta is None:
         return "no DP"
-    return f"{privacy.epsilon_max:.3g} (delta {privacy.delta:g})"
+    if bound.sample_epsilon == "unbounded":
+        return "unbounded"
+    return f"{bound.sample_epsilon:.3g} (delta {bound.sample_delta:g})"
 
 
 @models_app.command("list")
@@ -50,7 +53,8 @@ def models_list(
     name: Annotated[str | None, typer.Option(help="only this model's versions")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object a line")] = False,
 ) -> None:
-    """Every registered version: its task, round, test accuracy, epsilon and hash."""
+    """Every registered version: its task, round, test accuracy, epsilon bound (over its
+    lineage) and hash."""
     from rich.table import Table
 
     versions = _registry(state).versions(name)
@@ -65,7 +69,7 @@ def models_list(
             print(json.dumps(row | {"card": model.card.model_dump(mode="json")}))
         return
     table = Table(title=f"Models registered at {state}")
-    for column in ("version", "task", "run", "round", "accuracy", "max epsilon", "sha256"):
+    for column in ("version", "task", "run", "round", "accuracy", "epsilon bound", "sha256"):
         table.add_column(column)
     for model in versions:
         card = model.card

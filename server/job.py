@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -53,7 +54,8 @@ class ModelSettings(StrictModel):
     name: str | None = Field(
         default=None,
         pattern=rf"^{MODEL_NAME}$",
-        description="the registry name of the model this job produces; default <task>-<model kind>",
+        description="the registry name of the model this job produces (lower case); default "
+        "<task>-<model kind>",
     )
     init: str | None = Field(
         default=None,
@@ -64,8 +66,6 @@ class ModelSettings(StrictModel):
 
     def registered_init(self) -> tuple[str, int] | None:
         """(name, version) when `init` names a registered version, else None."""
-        import re
-
         match = re.match(VERSION_REFERENCE, self.init or "")
         return (match["name"], int(match["version"])) if match else None
 
@@ -79,9 +79,12 @@ def model_name(job: JobConfig) -> str:
     from confide.tasks.registry import get_task
 
     task = job.task
-    if getattr(get_task(task.name), "builder", None) is not None:
-        return task.name
-    return f"{task.name}-{getattr(task.model, 'kind', 'mlp')}"
+    default = (
+        task.name if get_task(task.name).builder is not None else f"{task.name}-{task.model.kind}"
+    )
+    # An installed task's name may hold what a model name may not (upper case, other marks).
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", default.lower()).strip("-._")[:64]
+    return cleaned or "model"
 
 
 class JobConfig(StrictModel):

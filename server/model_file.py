@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from confide.common.config import StrictModel
 from confide.common.errors import ModelFileError
@@ -37,6 +37,7 @@ from confide.privacy.report import (
     SAMPLE_ACCOUNTANTS,
     SAMPLE_NEIGHBOURING,
     SAMPLE_UNIT,
+    UNBOUNDED,
     LedgerEpsilon,
 )
 
@@ -54,7 +55,9 @@ FORMAT: Final = "confide.model/1"
 # A registered model version, `digits-mlp:3` (confide.server.model_registry; a job's
 # `[model] init`). Kept here, not in confide.server.job, so that reading the registry does not
 # import torch and Flower.
-MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+# Lower case only: the name is also a folder, and two names differing only in case would be one
+# folder on a case-insensitive file system.
+MODEL_NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
 VERSION_REFERENCE = rf"^(?P<name>{MODEL_NAME}):(?P<version>[1-9][0-9]{{0,8}})$"
 
 
@@ -65,8 +68,9 @@ class _Document(StrictModel):
 class ModelWeights(_Document):
     """The weights file the card describes."""
 
-    file: str = WEIGHTS
-    sha256: str
+    file: str = Field(default=WEIGHTS, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.safetensors$")
+    """The weights file's name, in the card's own folder."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     """SHA-256 of the file's bytes, checked before the weights are used."""
     bytes: int
     parameters: int
@@ -146,6 +150,22 @@ class Ancestor(_Document):
     privacy: PrivacyProvenance
 
 
+class ModelBound(_Document):
+    """What protects the data behind the model, over this run and every run of its lineage.
+
+    Sample level: the largest cumulative epsilon any institution's ledger reported in any
+    of those runs (a ledger's epsilon covers every run on its dataset, the continued ones
+    included), with the largest delta; "unbounded" if any run trained without DP-SGD.
+    Institution level: central DP's epsilons and deltas added up over the runs (basic
+    composition); "unbounded" if some run of a lineage that used it released a model
+    without it; null if none used it."""
+
+    sample_epsilon: LedgerEpsilon
+    sample_delta: float | None
+    institution_level_epsilon: LedgerEpsilon
+    institution_level_delta: float | None
+
+
 class RegistryEntry(_Document):
     """The model's place in a coordinator's registry."""
 
@@ -164,8 +184,8 @@ class ModelCard(_Document):
     from it, the input shape and the number of classes."""
     data: dict[str, Any]
     """The job's `[data]` table: with `seed`, it fixes the task's held-out test split."""
-    input_shape: list[int]
-    classes: int
+    input_shape: list[int] = Field(min_length=1, max_length=3)
+    classes: int = Field(ge=2, le=100_000)
     labels: list[str]
     """Class names: output k is the score of labels[k]."""
     weights: ModelWeights
@@ -176,7 +196,17 @@ class ModelCard(_Document):
     lineage: list[Ancestor]
     """The models this one continues, nearest first; empty for a model trained from scratch.
     The data behind the model was used under each entry's guarantee and this one's."""
+    bound: ModelBound
+    """The model's guarantee over this run and its whole lineage."""
     registry: RegistryEntry | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        if len(self.labels) != self.classes:
+            raise ValueError(f"{len(self.labels)} labels for {self.classes} classes")
+        if any(not 1 <= size <= 100_000 for size in self.input_shape):
+            raise ValueError(f"input_shape {self.input_shape}: each size must be in 1..100000")
+        return self
 
     def describe(self) -> str:
         """One line: task, round, accuracy and hash."""
@@ -348,31 +378,76 @@ def lineage_of(parent: ModelCard | None, source: str | None) -> list[Ancestor]:
     return [ancestor, *parent.lineage]
 
 
-def check_continues(card: ModelCard, job: JobConfig, *, what: str) -> None:
+def check_continues(
+    card: ModelCard,
+    job: JobConfig,
+    *,
+    what: str,
+    shape: tuple[int, ...] | None = None,
+    labels: list[str] | None = None,
+) -> None:
     """Refuse to start `job` from the model `card` describes unless it is the same task and
-    architecture (the input shape and classes are checked when the weights are loaded)."""
+    architecture and, where known (`shape`, `labels`: the coordinator's test set), the same
+    inputs and classes in the same order."""
     wanted = job.task.model_dump(mode="json", exclude_none=True)
-    for key in ("name", "model"):
+    for key in ("name", "model", "options", "fix_model"):
         if card.task.get(key) != wanted.get(key):
             raise ModelFileError(
-                f"{what}: the model was trained for task.{key} = {card.task.get(key)!r}, "
+                f"{what}: the model was trained with task.{key} = {card.task.get(key)!r}, "
                 f"this job has {wanted.get(key)!r}; a model continues only with its own task "
                 "and architecture"
             )
+    if shape is not None and list(shape) != card.input_shape:
+        raise ModelFileError(
+            f"{what}: the model takes inputs of shape {card.input_shape}, this job's data has "
+            f"{list(shape)}"
+        )
+    if labels is not None and labels != card.labels:
+        raise ModelFileError(
+            f"{what}: the model's classes are {card.labels}, this job's are {labels}: output k "
+            "would mean another class"
+        )
 
 
-def institution_level_total(card: ModelCard) -> tuple[float, float] | None:
-    """(epsilon, delta) of central DP over the model's whole lineage by basic composition
-    (the epsilons and the deltas add up: valid for any (epsilon, delta)-DP mechanisms run one
-    after another, adaptively); None if no run of the lineage used central DP, infinite
-    epsilon if one of them gave no finite guarantee or ran without it after one that did."""
-    levels = [card.privacy.institution_level, *(a.privacy.institution_level for a in card.lineage)]
+def lineage_bound(privacy: PrivacyProvenance, lineage: list[Ancestor]) -> ModelBound:
+    """`ModelBound` of a model whose run has `privacy` and which continues `lineage`.
+
+    Valid when each record stays at one institution's ledger across the lineage: a deployed
+    institution's ledger holds its own data, and a simulation continues a simulated model only
+    on the ledgers that recorded it (confide.simulations.engine.starting_model)."""
+    runs = [privacy, *(ancestor.privacy for ancestor in lineage)]
+    sample: float | Literal["unbounded"] = 0.0
+    deltas = [0.0]
+    for run in runs:
+        if not run.dp:
+            sample = UNBOUNDED
+        for row in run.institutions:
+            spent = row.dataset_epsilon if row.dataset_epsilon is not None else row.epsilon
+            if spent == UNBOUNDED or (isinstance(spent, float) and math.isinf(spent)):
+                sample = UNBOUNDED
+            elif spent is not None and sample != UNBOUNDED:
+                sample = max(float(sample), float(spent))
+            deltas += [d for d in (row.dataset_delta, row.delta) if d is not None]
+    central = _composed_central([run.institution_level for run in runs])
+    return ModelBound(
+        sample_epsilon=sample,
+        sample_delta=max(deltas) if any(run.dp for run in runs) else None,
+        institution_level_epsilon=central[0] if central else None,
+        institution_level_delta=central[1] if central else None,
+    )
+
+
+def _composed_central(
+    levels: list[CentralProvenance | None],
+) -> tuple[float | Literal["unbounded"], float] | None:
+    """Central DP over runs by basic composition (epsilons and deltas add up: valid for any
+    (epsilon, delta)-DP mechanisms run one after another, adaptively)."""
     if all(level is None for level in levels):
         return None
     epsilon, delta = 0.0, 0.0
     for level in levels:
         if level is None or level.epsilon is None:
-            return math.inf, 1.0
+            return UNBOUNDED, 1.0
         epsilon += level.epsilon
         delta += level.delta
     return epsilon, delta
@@ -406,9 +481,16 @@ def model_for_run(
     )
     state = final.arrays.to_torch_state_dict()
     data = encode_weights(state)
+    privacy = provenance(
+        results, {key: spend.data_commitment for key, spend in history.institutions.items()}
+    )
+    # A task's data file is named, not located: the card travels, the coordinator's paths stay.
+    task = job.task.model_dump(mode="json", exclude_none=True)
+    if job.task.path is not None:
+        task["path"] = job.task.path.name
     card = ModelCard(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        task=job.task.model_dump(mode="json", exclude_none=True),
+        task=task,
         data=job.data.model_dump(mode="json"),
         input_shape=list(final.input_shape),
         classes=len(final.labels),
@@ -416,10 +498,8 @@ def model_for_run(
         weights=weights_info(data, state),
         metrics=dict(results.final.metrics),
         run=made_by,
-        privacy=provenance(
-            results,
-            {key: spend.data_commitment for key, spend in history.institutions.items()},
-        ),
+        privacy=privacy,
         lineage=lineage,
+        bound=lineage_bound(privacy, lineage),
     )
     return card, data

@@ -213,12 +213,21 @@ def predict(
     label_column: Annotated[
         str | None, typer.Option(help="the CSV's label column [default: the task's]")
     ] = None,
+    test_split: Annotated[
+        bool,
+        typer.Option(
+            help="DATA is the file the model's task read (csv, npz, images): score the "
+            "held-out test set its run scored"
+        ),
+    ] = False,
 ) -> None:
     """Score data with a saved model; print the metrics when the data has labels."""
     from confide.simulations.predict import predict as score
     from confide.simulations.predict import write_predictions
 
-    predictions = score(model, data, label_column=label_column)
+    if test_split and data is None:
+        raise fail("--test-split needs DATA: the file the model's task read")
+    predictions = score(model, data, label_column=label_column, test_split=test_split)
     console.print(f"model: {predictions.card.describe()}", highlight=False)
     console.print(
         f"scored {len(predictions.predicted)} examples of {predictions.source}", highlight=False

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from confide.client.app import build_client_app
+from confide.client.data import SimulatedInstitutions
 from confide.client.device import resolve_device
 from confide.common.errors import ModelFileError, SimulationError
 from confide.common.seeding import derive_seed
@@ -28,7 +29,14 @@ from confide.privacy.mechanism import DeltaTooLarge, check_delta, planned_noise
 from confide.privacy.trainer import PrivacyError, check_model
 from confide.server.app import build_server_app
 from confide.server.history import JobHistory, RoundObserver
-from confide.server.model_file import Ancestor, check_continues, lineage_of, read_card, read_weights
+from confide.server.model_file import (
+    Ancestor,
+    ModelCard,
+    check_continues,
+    lineage_of,
+    read_card,
+    read_weights,
+)
 from confide.simulations.environment import apply_defaults
 from confide.simulations.resources import MemorySampler
 from confide.simulations.scenario import ScenarioConfig
@@ -49,10 +57,11 @@ class SimulationOutcome:
 
 
 def starting_model(
-    scenario: ScenarioConfig,
+    scenario: ScenarioConfig, source: SimulatedInstitutions, split: FederatedSplit
 ) -> tuple[dict[str, torch.Tensor] | None, list[Ancestor]]:
     """The weights of the model file `[model] init` names (with its card beside it), checked
-    against the scenario's task, and the lineage it brings; (None, []) without one."""
+    against the scenario's task, inputs and classes, and the lineage it brings; (None, [])
+    without one. SimulationError, before Ray starts, if it cannot be continued here."""
     reference = scenario.model.init
     if reference is None:
         return None, []
@@ -63,10 +72,42 @@ def starting_model(
         )
     try:
         card = read_card(Path(reference))
-        check_continues(card, scenario, what=reference)
+        labels = list(split.test.label_names) or [str(k) for k in range(split.classes)]
+        check_continues(card, scenario, what=reference, shape=split.shape, labels=labels)
+        if card.run.kind == "simulation" and card.task == _card_task(scenario):
+            _check_same_ledgers(card, source)
         return read_weights(Path(reference), card), lineage_of(card, reference)
     except ModelFileError as error:
         raise SimulationError(f"model.init: {error}") from None
+
+
+def _card_task(scenario: ScenarioConfig) -> dict[str, Any]:
+    task = scenario.task.model_dump(mode="json", exclude_none=True)
+    return task | ({"path": scenario.task.path.name} if scenario.task.path else {})
+
+
+def _check_same_ledgers(card: ModelCard, source: SimulatedInstitutions) -> None:
+    """A simulated model continued on its own task: each virtual institution must hold the
+    data it held and record in the ledger that recorded it (the same commitment: the same
+    ledger key and data). Otherwise a record's earlier spend would sit in another ledger, or
+    in none, and every epsilon of the run would start from too little."""
+    for row in card.privacy.institutions:
+        index = int(row.id)
+        folder = source.state / f"institution-{index}" if source.state is not None else None
+        ledger = Ledger(folder) if folder is not None else None
+        same = (
+            ledger is not None
+            and index < source.institutions
+            and ledger.exists()
+            and row.data_commitment == ledger.commitment(source.fingerprint(index))
+        )
+        if not same:
+            raise ModelFileError(
+                f"virtual institution {index} does not continue the ledger that recorded the "
+                "model's run on its data (another seed, data split or number of institutions, "
+                "or other ledgers): its earlier spend would not count. Continue with the "
+                "run's own ledgers (the default) and its seed, [data] and institutions"
+            )
 
 
 class _DropDeprecation(logging.Filter):
@@ -226,7 +267,7 @@ def run_scenario(
     source = scenario.data_source(state)
     split = source.split()  # validates the partition before Ray starts
     preflight(scenario, split)
-    initial, lineage = starting_model(scenario)
+    initial, lineage = starting_model(scenario, source, split)
     if on_split is not None:
         on_split(split)
     job = scenario.job()

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from confide.common.errors import DatasetError
+from confide.common.config import describe_errors
+from confide.common.errors import DatasetError, ModelFileError
 from confide.common.files import write_atomic
 from confide.server.model_file import ModelCard, load_model
 from confide.tasks.config import DataConfig, TaskConfig
@@ -41,13 +43,27 @@ class Predictions:
     metrics: dict[str, float] | None
 
 
-def held_out(card: ModelCard) -> Dataset:
-    """The test set the model was scored on in its run: a simulation's held-out split, or in
-    deployment the coordinator's own file (a task that reads one) or the task's split."""
-    task = TaskConfig.model_validate(card.task)
-    data = DataConfig.model_validate(card.data)
-    if card.run.kind == "deployment" and get_task(task.name).needs_path:
-        return get_task(task.name).load(task, card.run.seed)
+def held_out(card: ModelCard, file: Path | None = None) -> Dataset:
+    """The test set the model was scored on in its run: the task's held-out split, rebuilt
+    from the card (task, data split, seed). A task that reads a file names it in the card but
+    does not locate it (cards travel, paths stay): `file` is that file."""
+    name = str(card.task.get("name"))
+    tree = dict(card.task)
+    if get_task(name).needs_path:
+        if file is None:
+            raise DatasetError(
+                f"the model's test set was cut from the file {card.task.get('path')!r}: give "
+                "that file as DATA with --test-split"
+            )
+        tree["path"] = str(file)
+    try:
+        task = TaskConfig.model_validate(tree)
+        data = DataConfig.model_validate(card.data)
+    except ValidationError as error:
+        problems = "; ".join(describe_errors(error, TaskConfig))
+        raise ModelFileError(f"the card does not describe its test set: {problems}") from None
+    if card.run.kind == "deployment" and file is not None:
+        return get_task(name).load(task, card.run.seed)  # the coordinator's whole file
     return split_test(task, data, card.run.seed)[1]
 
 
@@ -103,14 +119,19 @@ def _outputs(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict(
-    model_path: Path, data: Path | None = None, *, label_column: str | None = None
+    model_path: Path,
+    data: Path | None = None,
+    *,
+    label_column: str | None = None,
+    test_split: bool = False,
 ) -> Predictions:
     """Score `data` (default: the model's own held-out test set) with the model at
-    `model_path`; `label_column` defaults to the task's."""
+    `model_path`; `label_column` defaults to the task's. With `test_split`, `data` is the
+    file the model's task read, and the test set its run scored is cut from it."""
     model, card = load_model(model_path)
     y: np.ndarray | None
-    if data is None:
-        test = held_out(card)
+    if data is None or test_split:
+        test = held_out(card, data)
         x, y, source = test.x, test.y, "its run's held-out test set"
     else:
         column = label_column or str(card.task.get("label_column", "label"))

@@ -74,13 +74,12 @@ def run_and_report(
         f"{scenario.privacy.describe()}, seed {scenario.seed}",
         highlight=False,
     )
+    continued = continued_ledgers(scenario, console) if state is None else None
     try:  # before the simulation: an unwritable --out must not cost a whole run
         directory = run_directory(out, scenario)
     except OSError as error:
         raise RunError(f"--out {out}: cannot create the results folder: {error}") from None
-
-    ledgers = state if state is not None else continued_ledgers(scenario, console)
-    ledgers = ledgers if ledgers is not None else directory / "state"
+    ledgers = state or continued or directory / "state"
 
     def show_split(split: FederatedSplit) -> None:
         if not quiet:

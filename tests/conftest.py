@@ -183,6 +183,7 @@ def saved_model() -> Callable[..., tuple[Any, Any]]:
     does; returns (card, model). `central`: the card's institution-level epsilon."""
     from confide.server.model_file import (
         CentralProvenance,
+        ModelBound,
         ModelCard,
         ModelRun,
         PrivacyProvenance,
@@ -227,6 +228,12 @@ def saved_model() -> Callable[..., tuple[Any, Any]]:
                 statement="test",
             ),
             lineage=[],
+            bound=ModelBound(
+                sample_epsilon=2.0,
+                sample_delta=1e-5,
+                institution_level_epsilon=central,
+                institution_level_delta=None if central is None else 1e-6,
+            ),
         )
         save_model(folder, card, data)
         return card, model

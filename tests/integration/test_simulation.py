@@ -212,7 +212,7 @@ def test_the_second_run_continues_each_institutions_ledger(two_runs):
         assert after["epsilon"] == pytest.approx(epsilon([run], 1e-5), rel=1e-9)
 
 
-def test_the_run_saves_its_model_and_predict_reproduces_its_test_metrics(two_runs):
+def test_the_run_saves_its_model_and_predict_reproduces_its_test_metrics(two_runs, scenario_file):
     from confide.server.model_file import read_card
     from confide.simulations.predict import predict
 
@@ -224,13 +224,20 @@ def test_the_run_saves_its_model_and_predict_reproduces_its_test_metrics(two_run
     assert card.run.round == results["model"]["round"] == 2
     assert [row.id for row in card.privacy.institutions] == [0, 1, 2]
     assert all(row.data_commitment for row in card.privacy.institutions)
-    scored = predict(directory / "model.safetensors")
+    # The card names the task's file but not where it is: it is given, and the run's
+    # held-out split of it is scored again.
+    assert card.task["path"] == "digits.csv"
+    data = scenario_file.parent / "data" / "digits.csv"
+    scored = predict(directory / "model.safetensors", data, test_split=True)
     assert scored.metrics is not None
     assert scored.metrics["accuracy"] == results["final"]["accuracy"]  # exactly
     assert scored.metrics["loss"] == pytest.approx(results["final"]["loss"], rel=1e-6)
-    printed = cli("confide-simulate", "predict", str(directory / "model.safetensors"))
+    model = str(directory / "model.safetensors")
+    printed = cli("confide-simulate", "predict", model, str(data), "--test-split")
     assert printed.returncode == 0, printed.stderr
     assert f"{results['final']['accuracy']:.6f}" in printed.stdout
+    refused = cli("confide-simulate", "predict", model)
+    assert refused.returncode == 2 and "--test-split" in refused.stderr
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,9 @@ from confide.server.job import JobConfig
 from confide.server.model_file import (
     CARD,
     WEIGHTS,
+    InstitutionProvenance,
     check_continues,
-    institution_level_total,
+    lineage_bound,
     lineage_of,
     load_model,
     read_card,
@@ -40,7 +40,9 @@ def test_the_weights_file_holds_tensors_only_no_pickle(saved_model, tmp_path: Pa
     header = json.loads(data[8 : 8 + header_length])
     assert header["__metadata__"]["format"] == "confide.model/1"
     assert {"0.weight", "0.bias", "2.weight", "2.bias"} <= set(header)
-    assert b"\x80\x04" not in data[:2]  # not a pickle stream (torch.save writes a zip/pickle)
+    # The rest is the tensors' raw bytes, exactly as many as the header declares.
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    assert len(data) == 8 + header_length + max(ends)
 
 
 def test_changed_weights_are_refused_by_their_hash(saved_model, tmp_path: Path):
@@ -97,16 +99,50 @@ def test_the_lineage_lists_the_parent_then_its_own_ancestors(saved_model, tmp_pa
     assert lineage_of(None, None) == []
 
 
-def test_central_dp_over_a_lineage_composes_by_adding_epsilons_and_deltas(
+def test_the_bound_is_the_largest_ledger_epsilon_and_the_summed_central_epsilon(
     saved_model, tmp_path: Path
 ):
     parent, _ = saved_model(tmp_path / "a", central=1.5)
     child, _ = saved_model(tmp_path / "b", central=2.0)
-    child = child.model_copy(update={"lineage": lineage_of(parent, "p")})
-    assert institution_level_total(child) == pytest.approx((3.5, 2e-6))
-    # A run of the lineage without central DP leaves the model no institution-level bound.
-    plain, _ = saved_model(tmp_path / "c")
-    assert institution_level_total(plain) is None
-    mixed = plain.model_copy(update={"lineage": lineage_of(parent, "p")})
-    epsilon, _ = institution_level_total(mixed)  # type: ignore[misc]
-    assert math.isinf(epsilon)
+    row = InstitutionProvenance(
+        id="h", rounds_trained=1, epsilon=1.0, delta=1e-5, dataset_epsilon=3.0,
+        dataset_delta=1e-5, dataset_accountant="rdp",
+    )  # fmt: skip
+    parent = parent.model_copy(
+        update={"privacy": parent.privacy.model_copy(update={"institutions": [row]})}
+    )
+    grown = row.model_copy(update={"dataset_epsilon": 4.5, "dataset_delta": 1e-6})
+    privacy = child.privacy.model_copy(update={"institutions": [grown]})
+    bound = lineage_bound(privacy, lineage_of(parent, "p"))
+    assert bound.sample_epsilon == 4.5 and bound.sample_delta == 1e-5
+    assert bound.institution_level_epsilon == pytest.approx(3.5)
+    assert bound.institution_level_delta == pytest.approx(2e-6)
+    # An ancestor trained without DP, or released without central DP, leaves no bound.
+    plain = parent.privacy.model_copy(update={"dp": False, "institution_level": None})
+    unprotected = parent.model_copy(update={"privacy": plain})
+    bound = lineage_bound(privacy, lineage_of(unprotected, "p"))
+    assert bound.sample_epsilon == "unbounded"
+    assert bound.institution_level_epsilon == "unbounded"
+    # Without central DP anywhere there is no institution-level statement at all.
+    alone = lineage_bound(privacy.model_copy(update={"institution_level": None}), [])
+    assert alone.institution_level_epsilon is None and alone.sample_epsilon == 4.5
+
+
+def test_a_card_whose_labels_or_shape_do_not_fit_is_refused(saved_model, tmp_path: Path):
+    saved_model(tmp_path)
+    original = json.loads((tmp_path / CARD).read_text())
+    for change in ({"labels": ["a", "b"]}, {"input_shape": [-64]}, {"classes": 10**9}):
+        (tmp_path / CARD).write_text(json.dumps(original | change))
+        with pytest.raises(ModelFileError, match="not a confide model card"):
+            load_model(tmp_path)
+
+
+def test_a_card_cannot_point_its_weights_outside_its_own_folder(saved_model, tmp_path: Path):
+    saved_model(tmp_path / "model")
+    (tmp_path / "secret.safetensors").write_bytes(b"not yours")
+    card = json.loads((tmp_path / "model" / CARD).read_text())
+    for name in ("../secret.safetensors", "/tmp/secret.safetensors", "model.pkl"):
+        card["weights"]["file"] = name
+        (tmp_path / "model" / CARD).write_text(json.dumps(card))
+        with pytest.raises(ModelFileError, match=r"weights\.file"):
+            load_model(tmp_path / "model")

@@ -191,3 +191,26 @@ def test_weights_registered_load_as_tensors(saved_model, registry, tmp_path):
     _, weights = registry.load("digits-mlp:1")
     for name, value in model.state_dict().items():
         assert torch.equal(weights[name], value)
+
+
+def test_a_registered_card_that_was_edited_is_refused_and_never_exported(
+    saved_model, registry, tmp_path
+):
+    card, _ = saved_model(tmp_path / "m")
+    registry.register("digits-mlp", card, _weights(tmp_path / "m"))
+    on_disk = registry.folder_of(registry.get("digits-mlp:1")) / CARD
+    on_disk.chmod(0o644)
+    edited = json.loads(on_disk.read_text())
+    edited["bound"]["sample_epsilon"] = 0.01  # a smaller epsilon than was spent
+    on_disk.write_text(json.dumps(edited))
+    with pytest.raises(RegistryError, match="not the card registered"):
+        registry.export("digits-mlp:1", tmp_path / "out")
+    assert not (tmp_path / "out" / CARD).exists()
+    assert registry.get("digits-mlp:1").card.bound.sample_epsilon == 2.0  # the row's
+
+
+def test_a_model_name_that_is_not_one_is_refused(saved_model, registry, tmp_path):
+    card, _ = saved_model(tmp_path / "m")
+    for name in ("Digits", "../x", "", "a/b"):
+        with pytest.raises(RegistryError, match="not a model name"):
+            registry.register(name, card, _weights(tmp_path / "m"))
