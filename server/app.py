@@ -37,7 +37,13 @@ from confide.common.errors import (
 from confide.server.flower import RESULTS_ENV, STATE_ENV
 from confide.server.history import GlobalModel, JobHistory, RoundObserver, RoundRecord
 from confide.server.job import JobConfig, model_name
-from confide.server.model_file import Ancestor, ModelCard, load_into, model_for_run
+from confide.server.model_file import (
+    Ancestor,
+    ModelCard,
+    load_into,
+    model_for_run,
+    test_fingerprint,
+)
 from confide.server.polling import PromptGrid
 from confide.server.results import (
     Results,
@@ -176,6 +182,7 @@ class CentralEvaluation:
     ) -> None:
         self.model = model
         self.test = test
+        self.test_fingerprint = test_fingerprint(test)
         self.extra = extra  # the task's own metrics, added to each evaluation
         self.history = history
         self.recorder = recorder
@@ -186,7 +193,9 @@ class CentralEvaluation:
         test = self.test
         metrics = evaluate(self.model, test.x, test.y, classes=test.classes, extra=self.extra)
         history = self.history
-        history.model = GlobalModel(server_round, arrays, test.shape, label_names(test))
+        history.model = GlobalModel(
+            server_round, arrays, test.shape, label_names(test), self.test_fingerprint
+        )
         if server_round == 0:
             history.initial_metrics = metrics
             return _metric_record(metrics)

@@ -75,12 +75,14 @@ class RoundObserver(Protocol):
 @dataclass(frozen=True)
 class GlobalModel:
     """The global model after a round (`round` 0: the job's starting point), with the input
-    shape and class names of the coordinator's test set, which define its inputs and outputs."""
+    shape and class names of the coordinator's test set, which define its inputs and outputs,
+    and that test set's fingerprint."""
 
     round: int
     arrays: ArrayRecord
     input_shape: tuple[int, ...]
     labels: list[str]
+    test_set: str  # the test set's fingerprint (confide.server.model_file.test_fingerprint)
 
 
 class JobHistory(_Record):

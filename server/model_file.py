@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+import numpy as np
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from confide.common.config import StrictModel
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from confide.server.history import JobHistory
     from confide.server.job import JobConfig
     from confide.server.results import Results
+    from confide.tasks.datasets import Dataset
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -184,6 +186,9 @@ class ModelCard(_Document):
     from it, the input shape and the number of classes."""
     data: dict[str, Any]
     """The job's `[data]` table: with `seed`, it fixes the task's held-out test split."""
+    test_set: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    """SHA-256 of the test set `metrics` were measured on (its examples and labels):
+    `confide-simulate predict` scores the same set again only if it matches."""
     input_shape: list[int] = Field(min_length=1, max_length=3)
     classes: int = Field(ge=2, le=100_000)
     labels: list[str]
@@ -492,6 +497,7 @@ def model_for_run(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         task=task,
         data=job.data.model_dump(mode="json"),
+        test_set=final.test_set,
         input_shape=list(final.input_shape),
         classes=len(final.labels),
         labels=list(final.labels),
@@ -503,3 +509,13 @@ def model_for_run(
         bound=lineage_bound(privacy, lineage),
     )
     return card, data
+
+
+def test_fingerprint(test: Dataset) -> str:
+    """SHA-256 of a test set's examples (as float32) and labels (as int64), each with its
+    shape: what the coordinator scored a model on, and what `predict` checks it scores again."""
+    digest = hashlib.sha256()
+    for array in (np.ascontiguousarray(test.x, np.float32), np.ascontiguousarray(test.y, np.int64)):
+        digest.update(repr(array.shape).encode())
+        digest.update(array.tobytes())
+    return "sha256:" + digest.hexdigest()

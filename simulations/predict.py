@@ -22,7 +22,7 @@ from torch import nn
 from confide.common.config import describe_errors
 from confide.common.errors import DatasetError, ModelFileError
 from confide.common.files import write_atomic
-from confide.server.model_file import ModelCard, load_model
+from confide.server.model_file import ModelCard, load_model, test_fingerprint
 from confide.tasks.config import DataConfig, TaskConfig
 from confide.tasks.datasets import Dataset, load_file
 from confide.tasks.metrics import evaluate
@@ -132,6 +132,11 @@ def predict(
     y: np.ndarray | None
     if data is None or test_split:
         test = held_out(card, data)
+        if test_fingerprint(test) != card.test_set:
+            raise DatasetError(
+                f"{data or 'the task'}: not the test set the model's run scored (its "
+                "fingerprint differs from the card's test_set: other data, or a changed file)"
+            )
         x, y, source = test.x, test.y, "its run's held-out test set"
     else:
         column = label_column or str(card.task.get("label_column", "label"))

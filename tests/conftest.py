@@ -189,10 +189,12 @@ def saved_model() -> Callable[..., tuple[Any, Any]]:
         PrivacyProvenance,
         encode_weights,
         save_model,
+        test_fingerprint,
         weights_info,
     )
-    from confide.tasks.config import TaskConfig
+    from confide.tasks.config import DataConfig, TaskConfig
     from confide.tasks.registry import get_task
+    from confide.tasks.splits import split_test
 
     def make(folder: Path, *, seed: int = 3, central: float | None = None) -> tuple[Any, Any]:
         task = TaskConfig(name="digits")
@@ -200,8 +202,10 @@ def saved_model() -> Callable[..., tuple[Any, Any]]:
         state = model.state_dict()
         data = encode_weights(state)
         level = None if central is None else CentralProvenance(epsilon=central, delta=1e-6)
+        test = split_test(task, DataConfig(), 0)[1]  # the held-out set of the card's run
         card = ModelCard(
             created="2026-12-02T00:00:00+00:00",
+            test_set=test_fingerprint(test),
             task=task.model_dump(mode="json", exclude_none=True),
             data={},
             input_shape=[64],

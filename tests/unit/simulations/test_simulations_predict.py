@@ -4,6 +4,7 @@ unlabelled one; files that do not fit the model are refused with what and where.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,12 @@ def test_the_cli_refuses_a_missing_or_changed_model_with_exit_2(saved_model, tmp
     assert changed.returncode == 2 and "SHA-256" in changed.stderr
     with pytest.raises(ModelFileError):
         predict(weights)
+
+
+def test_a_held_out_set_other_than_the_one_the_run_scored_is_refused(saved_model, tmp_path):
+    saved_model(tmp_path)
+    card = json.loads((tmp_path / "model.json").read_text())
+    card["data"]["test_fraction"] = 0.3  # the card now describes another split
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    with pytest.raises(DatasetError, match="not the test set the model's run scored"):
+        predict(tmp_path / "model.safetensors")
