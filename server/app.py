@@ -40,9 +40,9 @@ from confide.server.job import JobConfig, model_name
 from confide.server.model_file import (
     Ancestor,
     ModelCard,
+    fingerprint_test_set,
     load_into,
     model_for_run,
-    test_fingerprint,
 )
 from confide.server.polling import PromptGrid
 from confide.server.results import (
@@ -182,7 +182,7 @@ class CentralEvaluation:
     ) -> None:
         self.model = model
         self.test = test
-        self.test_fingerprint = test_fingerprint(test)
+        self.test_fingerprint = fingerprint_test_set(test)
         self.extra = extra  # the task's own metrics, added to each evaluation
         self.history = history
         self.recorder = recorder

@@ -82,7 +82,7 @@ class GlobalModel:
     arrays: ArrayRecord
     input_shape: tuple[int, ...]
     labels: list[str]
-    test_set: str  # the test set's fingerprint (confide.server.model_file.test_fingerprint)
+    test_set: str  # the test set's fingerprint (confide.server.model_file.fingerprint_test_set)
 
 
 class JobHistory(_Record):

@@ -511,7 +511,7 @@ def model_for_run(
     return card, data
 
 
-def test_fingerprint(test: Dataset) -> str:
+def fingerprint_test_set(test: Dataset) -> str:
     """SHA-256 of a test set's examples (as float32) and labels (as int64), each with its
     shape: what the coordinator scored a model on, and what `predict` checks it scores again."""
     digest = hashlib.sha256()

@@ -22,7 +22,7 @@ from torch import nn
 from confide.common.config import describe_errors
 from confide.common.errors import DatasetError, ModelFileError
 from confide.common.files import write_atomic
-from confide.server.model_file import ModelCard, load_model, test_fingerprint
+from confide.server.model_file import ModelCard, fingerprint_test_set, load_model
 from confide.tasks.config import DataConfig, TaskConfig
 from confide.tasks.datasets import Dataset, load_file
 from confide.tasks.metrics import evaluate
@@ -132,7 +132,7 @@ def predict(
     y: np.ndarray | None
     if data is None or test_split:
         test = held_out(card, data)
-        if test_fingerprint(test) != card.test_set:
+        if fingerprint_test_set(test) != card.test_set:
             raise DatasetError(
                 f"{data or 'the task'}: not the test set the model's run scored (its "
                 "fingerprint differs from the card's test_set: other data, or a changed file)"

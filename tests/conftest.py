@@ -188,8 +188,8 @@ def saved_model() -> Callable[..., tuple[Any, Any]]:
         ModelRun,
         PrivacyProvenance,
         encode_weights,
+        fingerprint_test_set,
         save_model,
-        test_fingerprint,
         weights_info,
     )
     from confide.tasks.config import DataConfig, TaskConfig
@@ -205,7 +205,7 @@ def saved_model() -> Callable[..., tuple[Any, Any]]:
         test = split_test(task, DataConfig(), 0)[1]  # the held-out set of the card's run
         card = ModelCard(
             created="2026-12-02T00:00:00+00:00",
-            test_set=test_fingerprint(test),
+            test_set=fingerprint_test_set(test),
             task=task.model_dump(mode="json", exclude_none=True),
             data={},
             input_shape=[64],
