@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from confide.server.history import JobHistory
     from confide.server.job import JobConfig
     from confide.server.results import Results
+    from confide.tasks.config import TaskConfig
     from confide.tasks.datasets import Dataset
 
 WEIGHTS = "model.safetensors"
@@ -353,15 +354,8 @@ def provenance(
         delta=results.final.delta,
         epsilon_max=results.final.epsilon_max,
         institutions=[
-            InstitutionProvenance(
-                id=row.id,
-                rounds_trained=row.rounds_trained,
-                epsilon=row.epsilon,
-                delta=row.delta,
-                dataset_epsilon=row.dataset_epsilon,
-                dataset_delta=row.dataset_delta,
-                dataset_accountant=row.dataset_accountant,
-                data_commitment=commitments.get(str(row.id)),
+            InstitutionProvenance.model_validate(row, from_attributes=True).model_copy(
+                update={"data_commitment": commitments.get(str(row.id))}
             )
             for row in results.institutions
         ],
@@ -489,13 +483,9 @@ def model_for_run(
     privacy = provenance(
         results, {key: spend.data_commitment for key, spend in history.institutions.items()}
     )
-    # A task's data file is named, not located: the card travels, the coordinator's paths stay.
-    task = job.task.model_dump(mode="json", exclude_none=True)
-    if job.task.path is not None:
-        task["path"] = job.task.path.name
     card = ModelCard(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        task=task,
+        task=card_task(job.task),
         data=job.data.model_dump(mode="json"),
         test_set=final.test_set,
         input_shape=list(final.input_shape),
@@ -509,6 +499,13 @@ def model_for_run(
         bound=lineage_bound(privacy, lineage),
     )
     return card, data
+
+
+def card_task(task: TaskConfig) -> dict[str, Any]:
+    """A task's table as a card holds it: a data file named, not located (the card travels,
+    the coordinator's paths stay)."""
+    dumped = task.model_dump(mode="json", exclude_none=True)
+    return dumped | ({"path": task.path.name} if task.path is not None else {})
 
 
 def fingerprint_test_set(test: Dataset) -> str:

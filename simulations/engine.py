@@ -27,11 +27,12 @@ from confide.common.seeding import derive_seed
 from confide.privacy.ledger import Ledger
 from confide.privacy.mechanism import DeltaTooLarge, check_delta, planned_noise
 from confide.privacy.trainer import PrivacyError, check_model
-from confide.server.app import build_server_app
+from confide.server.app import build_server_app, label_names
 from confide.server.history import JobHistory, RoundObserver
 from confide.server.model_file import (
     Ancestor,
     ModelCard,
+    card_task,
     check_continues,
     lineage_of,
     read_card,
@@ -72,18 +73,13 @@ def starting_model(
         )
     try:
         card = read_card(Path(reference))
-        labels = list(split.test.label_names) or [str(k) for k in range(split.classes)]
+        labels = label_names(split.test)
         check_continues(card, scenario, what=reference, shape=split.shape, labels=labels)
-        if card.run.kind == "simulation" and card.task == _card_task(scenario):
+        if card.run.kind == "simulation" and card.task == card_task(scenario.task):
             _check_same_ledgers(card, source)
         return read_weights(Path(reference), card), lineage_of(card, reference)
     except ModelFileError as error:
         raise SimulationError(f"model.init: {error}") from None
-
-
-def _card_task(scenario: ScenarioConfig) -> dict[str, Any]:
-    task = scenario.task.model_dump(mode="json", exclude_none=True)
-    return task | ({"path": scenario.task.path.name} if scenario.task.path else {})
 
 
 def _check_same_ledgers(card: ModelCard, source: SimulatedInstitutions) -> None:
