@@ -84,18 +84,22 @@ def _history(context: Context) -> list[HistoryEntry]:
 class _Books:
     """What this dataset has spent: in this run (for the job's epsilon) and in every run
     (for the institution's limit); `position` counts the dataset's rounds recorded by other
-    runs (it makes a continuing simulation draw fresh noise)."""
+    runs (it makes a continuing simulation draw fresh noise); `recorded` how many rounds the
+    ledger holds for this run (a round recorded whose update was lost counts: it was spent).
+
+    "This run" is the job's run identity (`run_identity`), which a resumed job keeps."""
 
     run: list[HistoryEntry]
     dataset: list[HistoryEntry]
     position: int
+    recorded: int | None  # None without a ledger: nothing is recorded
 
     @classmethod
-    def read(cls, me: LocalInstitution, context: Context) -> _Books:
+    def read(cls, me: LocalInstitution, context: Context, identity: str) -> _Books:
         """From the ledger (verified; LedgerError if it fails), else the node's state."""
         if me.ledger is None:
             run = _history(context)
-            return cls(run, run, 0)
+            return cls(run, run, 0, None)
         # One verified read: every spend on the dataset, and which of them were this run's.
         entries = Ledger(me.ledger).entries()
         if (moved := moved_to(entries)) is not None:  # before training; final for the job
@@ -103,10 +107,18 @@ class _Books:
             raise PolicyRefusal("its ledger was moved to another folder; train from there")
         spends = [e for e in entries if e.kind == "spend" and e.dataset == me.dataset]
         dataset = [entry.history_entry for entry in spends]
-        recorded = [entry.history_entry for entry in spends if entry.run == str(context.run_id)]
-        # A SuperNode restarted during the job has an empty state: the ledger has the run.
+        recorded = [entry.history_entry for entry in spends if entry.run == identity]
+        # A SuperNode restarted during the job, or a job resumed in a new Flower run, has an
+        # empty state: the ledger has the run.
         run = _history(context) or recorded
-        return cls(run, dataset, len(dataset) - len(recorded))
+        return cls(run, dataset, len(dataset) - len(recorded), len(recorded))
+
+
+def run_identity(instructions: RoundInstructions, context: Context) -> str:
+    """The job's run identity its ledger entries are keyed by: the one the coordinator names
+    (kept when it resumes the job in a new Flower run), else this Flower run's id. Whatever
+    the coordinator names, the dataset's limit counts every entry of the ledger."""
+    return instructions.run or str(context.run_id)
 
 
 def _budget(me: LocalInstitution, privacy: PrivacyConfig) -> tuple[float, str]:
@@ -193,9 +205,11 @@ def _reply(
     *,
     dataset: list[HistoryEntry],
     generator: str,
+    recorded: int | None,
 ) -> RecordDict:
     """The train reply: weights, the numbers (weight = the declared size, not the training
-    set's size) and how the round was run."""
+    set's size), how many rounds of this job the institution has recorded (`recorded`) and
+    how the round was run."""
     budget_delta, budget_accountant = _budget(me, privacy)
     metrics: dict[str, MetricRecordValues] = {
         "num-examples": mechanism.declared_examples,
@@ -204,6 +218,8 @@ def _reply(
         keys.DATASET_EPSILON: epsilon(dataset, budget_delta, budget_accountant),
         keys.DATASET_DELTA: budget_delta,
     }
+    if recorded is not None:
+        metrics[keys.ROUNDS_RECORDED] = recorded
     if privacy.enabled:
         metrics |= {
             keys.EPSILON: result.epsilon,
@@ -322,7 +338,7 @@ def admit_round(request: TrainRequest) -> Admitted | Message:
     me, context, instructions = request.me, request.context, request.instructions
     try:
         privacy, mechanism = _mechanism(context, instructions, me.declared_examples)
-        books = _Books.read(me, context)
+        books = _Books.read(me, context, run_identity(instructions, context))
         check_job_delta(privacy, mechanism)
         if me.policy is not None:
             check_round(me.policy, privacy, mechanism=mechanism, history=books.dataset)
@@ -362,7 +378,7 @@ def _record(request: TrainRequest, admitted: Admitted, result: RoundResult) -> S
         dataset=me.dataset,
         fingerprint=me.fingerprint(),
         job=request.instructions.job,
-        run=str(request.context.run_id),
+        run=run_identity(request.instructions, request.context),
         round=request.server_round,
         examples=result.examples,
         sample_rate=mechanism.sample_rate,
@@ -429,7 +445,8 @@ def _train_handler(resolver: Resolver, noise_seed: int | None) -> Handler:
         admitted = admit_round(request)
         if isinstance(admitted, Message):
             return admitted
-        position = admitted.books.position
+        books = admitted.books
+        position = books.position
         seed = _round_seed(noise_seed, request.server_round, me.name, position)
         result = _train_locally(request, admitted, seed)
         spend = _record(request, admitted, result)
@@ -443,6 +460,7 @@ def _train_handler(resolver: Resolver, noise_seed: int | None) -> Handler:
             result,
             dataset=[*admitted.books.dataset, spend.history_entry],
             generator=noise_generator(me.noise_source, noise_seed),
+            recorded=None if books.recorded is None else books.recorded + 1,  # with this one
         )
         return Message(reply, reply_to=message)
 

@@ -33,6 +33,7 @@ to do. Each class also keeps the standard base it always had (`ValueError`, `Run
     │   ├── LedgerError             an institution's privacy ledger
     │   │   └── LedgerTampered      ... whose chain does not verify
     │   ├── LedgerIndexError        the index of an institution's ledgers
+    │   ├── CheckpointError         a coordinator's checkpoint of a job (missing, foreign, tampered)
     │   └── AuditError              the coordinator's audit log
     │       └── AuditUnavailable    ... because a file or the database refused
     ├── ServiceError                a process or service that failed (RuntimeError)
@@ -182,6 +183,11 @@ class LedgerTampered(LedgerError):
 
 class LedgerIndexError(RecordError):
     """The index file cannot be read or written; the message names it."""
+
+
+class CheckpointError(RecordError):
+    """A job's checkpoint that cannot be used to resume it: none, for another job or run,
+    encrypted with another key, truncated or altered; the message says which and where."""
 
 
 class AuditError(RecordError):

@@ -64,9 +64,11 @@ class PrivacyConfig(StrictModel):
 
 class CentralPrivacyConfig(StrictModel):
     """Institution-level DP at the coordinator: each institution's model update is clipped to
-    L2 norm `clipping_norm`, the clipped updates are summed, Gaussian noise with standard
-    deviation `noise_multiplier * clipping_norm` is added, and the sum is divided by the
-    number of institutions asked to train. One institution's whole contribution in a round
+    L2 norm `clipping_norm`, the job's aggregation rule combines the clipped updates (fedavg:
+    their sum, divided by the number of institutions asked to train; a robust rule: its
+    statistic), and Gaussian noise with standard deviation `noise_multiplier *
+    clipping_norm * s` is added, s being the rule's sensitivity (1 for fedavg's sum; see
+    confide.server.aggregation). One institution's whole contribution in a round
     is then protected with noise multiplier sigma (which institutions take part is public);
     rounds compose under RDP (no amplification by sampling: the job's sampling seed is not
     secret). `max_epsilon` stops the job before a

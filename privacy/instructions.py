@@ -27,6 +27,14 @@ class RoundInstructions(StrictModel):
     privacy: PrivacyConfig = PrivacyConfig(target_epsilon=8.0)
     rounds: int = Field(default=10, ge=1, le=100_000, description="planned rounds of the job")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    # The job's run identity: the id of the run that started the job, kept when the coordinator
+    # resumes it in a new Flower run. Ledgers key this job's entries by it (None: a coordinator
+    # from before resuming; the institution then uses its Flower run id). A coordinator that
+    # names another job's run here only changes which entries count towards this job's
+    # epsilon; the dataset's limit is checked over every entry of the ledger, whatever their run.
+    run: str | None = Field(
+        default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$"
+    )
     # The global model's shape, from the coordinator's test set: a deployed institution
     # encodes its labels with these names, so every institution maps class k to the same
     # output even when it holds only some classes.
@@ -76,6 +84,10 @@ DP_ENABLED = "dp-enabled"
 # dataset was trained on without DP.
 DATASET_EPSILON = "dataset-epsilon"
 DATASET_DELTA = "dataset-delta"
+# How many rounds of this job (its `run` identity) the institution's ledger holds once this one
+# is recorded: a round recorded whose update never reached the coordinator (it died) is spent
+# all the same, so this can exceed the rounds the coordinator received.
+ROUNDS_RECORDED = "rounds-recorded"
 
 # The train reply's ConfigRecord that says how the round was run, and its keys (strings):
 # where the institution's DP-SGD noise came from (confide.privacy.report.NOISE_GENERATORS)

@@ -228,10 +228,19 @@ class InstitutionLevel(_Document):
 
     unit: str = INSTITUTION_UNIT
     mechanism: str = (
-        "per-round update clipping to L2 norm clipping_norm at the coordinator, Gaussian noise "
-        "of standard deviation noise_multiplier * clipping_norm on the sum, divided by the "
-        "number of institutions asked"
+        "per round, at the coordinator: each institution's change clipped to L2 norm "
+        "clipping_norm; the aggregation rule applied to the clipped changes (fedavg: their "
+        "sum, divided by the number of institutions asked; a robust rule: its statistic); "
+        "Gaussian noise of standard deviation noise_multiplier * clipping_norm * sensitivity "
+        "added to it (before fedavg's division)"
     )
+    aggregation_rule: str = "fedavg"
+    """The rule whose output is released (`[aggregation] rule`)."""
+    sensitivity_per_round: list[float] = Field(default_factory=list)
+    """Each release's L2 sensitivity in units of clipping_norm (1 for fedavg's sum; 2B for
+    a robust rule whose output's norm is at most B * clipping_norm; see
+    confide.server.aggregation): the noise's standard deviation divided by noise_multiplier
+    * clipping_norm."""
     accountant: Literal["rdp"] = "rdp"
     accountant_detail: str = INSTITUTION_ACCOUNTANT
     neighbouring: Literal["zero-out"] = "zero-out"
@@ -245,8 +254,9 @@ class InstitutionLevel(_Document):
     delta: float
     max_epsilon: float | None
     institutions_asked_per_round: list[int]
-    """The divisor of each released round: with noise_multiplier and delta, recomputes
-    `epsilon` (confide.server.central_dp.central_epsilon)."""
+    """The institutions asked in each released round (fedavg's divisor; a robust rule's
+    sensitivity depends on it): with noise_multiplier and delta, recomputes `epsilon`
+    (confide.server.central_dp.central_epsilon)."""
     epsilon: float | None
     """null if not finite (no guarantee at this noise)."""
 
@@ -305,10 +315,14 @@ def privacy_report(
     central_releases: list[int],
     stopped: str | None,
     simulated: bool,
+    central_rule: str = "fedavg",
+    central_sensitivities: list[float] | None = None,
 ) -> PrivacyReport:
     """The privacy.json document of job `name`: `institutions` are the institutions' spends,
     `rounds` the cumulative epsilons after each round, `central_releases` the institutions
-    asked in each centrally released round."""
+    asked in each centrally released round, `central_rule` the aggregation rule released and
+    `central_sensitivities` each release's sensitivity (units of the clipping norm; by
+    default 1, fedavg's)."""
     rows = list(institutions)
     sample = _sample_level(privacy, train, rows)
     central_epsilon = rounds[-1].central_epsilon if rounds and central.enabled else None
@@ -321,6 +335,12 @@ def privacy_report(
             delta=central.delta,
             max_epsilon=central.max_epsilon,
             institutions_asked_per_round=central_releases,
+            aggregation_rule=central_rule,
+            sensitivity_per_round=(
+                central_sensitivities
+                if central_sensitivities is not None
+                else [1.0] * len(central_releases)
+            ),
             epsilon=central_epsilon if central_epsilon is not None else 0.0,
         )
     text = statement(

@@ -27,12 +27,20 @@ from pydantic import ValidationError
 
 from confide.common.config import describe_errors, unflatten
 from confide.common.errors import (
+    CheckpointError,
     DatasetError,
     JobFailed,
     JobStopped,
     ModelFileError,
     RegistryError,
     TooFewInstitutions,
+)
+from confide.server.checkpoint import (
+    Checkpointer,
+    Checkpointing,
+    CheckpointStore,
+    restore,
+    resumption,
 )
 from confide.server.flower import RESULTS_ENV, STATE_ENV
 from confide.server.history import GlobalModel, JobHistory, RoundObserver, RoundRecord
@@ -74,6 +82,9 @@ NAME_KEY = "confide-job-name"
 # (`Deployment.results_directory`); relative to the SuperLink's working directory.
 RESULTS_KEY = "results-dir"
 DEFAULT_RESULTS = "results"
+# Run config key `confide-server resume` sets: the run whose job this run continues from its
+# checkpoint (STATE/checkpoints/run-<id>.ckpt).
+RESUME_KEY = "confide-resume"
 
 
 def build_server_app(
@@ -85,6 +96,8 @@ def build_server_app(
     test_set: Dataset | None = None,
     noise_seed: int | None = None,
     initial: Mapping[str, torch.Tensor] | None = None,
+    checkpointing: Callable[[str], Checkpointing] | None = None,
+    grid_wrapper: Callable[[Grid], Grid] | None = None,
 ) -> ServerApp:
     """A ServerApp running `job`; results accumulate in `history`, `observer` sees each round.
 
@@ -92,21 +105,29 @@ def build_server_app(
     task's held-out split (the same split simulated institutions exclude from training).
     `noise_seed` seeds central DP noise (a simulation's seed; None: the OS CSPRNG).
     `initial`: the weights to start from (`[model] init`), else the task's seeded model.
+    `checkpointing`, given the Flower run's id, says where the job checkpoints and what it
+    resumes (see `run`); the job's run identity is then its, else the Flower run's id.
+    `grid_wrapper` wraps the grid the job runs on (a simulation's injected faults,
+    confide.simulations.faults); None runs on Flower's own.
     """
     app = ServerApp()
     kept = history if history is not None else JobHistory()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        this_run = str(context.run_id)
+        plan = checkpointing(this_run) if checkpointing is not None else None
         run(
             job,
-            grid,
+            grid_wrapper(grid) if grid_wrapper is not None else grid,
             history=kept,
             observer=observer,
             test_set=test_set,
             name=name,
             noise_seed=noise_seed,
             initial=initial,
+            identity=plan.run if plan is not None else this_run,
+            checkpointing=plan,
         )
 
     return app
@@ -123,30 +144,60 @@ def run(
     noise_seed: int | None = None,
     registered: Callable[[], dict[int, str]] | None = None,
     initial: Mapping[str, torch.Tensor] | None = None,
+    identity: str | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> JobHistory:
     """Run `job` on `grid`, recording every round in `history` from the records the strategy
     returns; `registered` names the enrolled institutions in deployment (see `Roster`).
 
     The job starts from `initial` (a saved model's weights, `[model] init`) if given, else
     from the task's model initialised by the job's seed. After each round `history.model`
-    holds the global model, which the run's model file is written from."""
+    holds the global model, which the run's model file is written from.
+
+    `identity` is the job's run identity, sent to institutions (`RoundInstructions.run`) to
+    key their ledger entries. With `checkpointing`, the job's checkpoint is written after
+    each round is recorded; if it names a checkpoint to resume, the job continues after that
+    checkpoint's round k with its model, history, roster exclusions and central DP releases
+    (and noise seed): rounds k+1..N run, none is evaluated or recorded twice."""
     test = test_set if test_set is not None else coordinator_test_set(job)
     task = get_task(job.task.name)
     model = task.build_model(job.task, shape=test.shape, classes=test.classes, seed=job.seed)
-    if initial is not None:
+    resume = checkpointing.resume if checkpointing is not None else None
+    if resume is not None:
+        noise_seed = resume.noise_seed  # the first run's: the same noise for the same rounds
+    elif initial is not None:
         load_into(model, initial, what=f"the starting model ({job.model.init})")
-    strategy = RoundRecorder(
-        ConfideStrategy.for_job(job, history, noise_seed=noise_seed, registered=registered)
-    )
+    confide = ConfideStrategy.for_job(job, history, noise_seed=noise_seed, registered=registered)
+    start = ArrayRecord(model.state_dict())
+    offset = 0
     labels = label_names(test)
-    config = ConfigRecord(
-        job.instructions(test.features, labels, name, shape=test.shape).to_config()
-    )
+    if resume is not None:
+        offset = restore(resume, history=history, strategy=confide)
+        start = resume.arrays()
+        history.resumed.append(resumption(resume, checkpointing.this_run))  # type: ignore[union-attr]
+        history.model = GlobalModel(offset, start, test.shape, labels, fingerprint_test_set(test))
+        log(INFO, "resuming job %s after round %d of %d", name, offset, job.federation.rounds)
+    strategy = RoundRecorder(confide, offset=offset)
+    instructions = job.instructions(test.features, labels, name, shape=test.shape)
+    if identity is not None:
+        instructions = instructions.model_copy(update={"run": identity})
+    config = ConfigRecord(instructions.to_config())
+    checkpointer = None
+    if checkpointing is not None:
+        checkpointer = Checkpointer(
+            checkpointing,
+            job=job,
+            name=name,
+            history=history,
+            strategy=confide,
+            noise_seed=noise_seed,
+            initial=start,
+        )
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=job.federation.rounds,
+            initial_arrays=start,
+            num_rounds=job.federation.rounds - offset,
             timeout=job.federation.timeout,
             train_config=config,
             evaluate_config=ConfigRecord(dict(config)),
@@ -157,6 +208,7 @@ def run(
                 recorder=strategy,
                 observer=observer,
                 extra=task.metrics,
+                checkpoint=checkpointer,
             ),
         )
     except JobStopped as stop:
@@ -168,7 +220,10 @@ def run(
 class CentralEvaluation:
     """Flower's `evaluate_fn`: scores the global model on the coordinator's test set and,
     after each round, records the round in `history` from what the strategy returned (read
-    by `recorder`), then shows it to `observer`."""
+    by `recorder`), shows the round to `observer`, then writes the job's `checkpoint`.
+
+    Rounds are the job's (Flower's plus the recorder's offset): a resumed job's round 0 is
+    not evaluated again, its initial metrics are the checkpoint's."""
 
     def __init__(
         self,
@@ -179,6 +234,7 @@ class CentralEvaluation:
         recorder: RoundRecorder,
         observer: RoundObserver | None,
         extra: MetricsFn | None = None,
+        checkpoint: Callable[[int, ArrayRecord], None] | None = None,
     ) -> None:
         self.model = model
         self.test = test
@@ -187,8 +243,12 @@ class CentralEvaluation:
         self.history = history
         self.recorder = recorder
         self.observer = observer
+        self.checkpoint = checkpoint
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and self.recorder.offset:
+            return None  # a resumed job: its starting model was evaluated by its first run
+        server_round += self.recorder.offset
         self.model.load_state_dict(arrays.to_torch_state_dict())
         test = self.test
         metrics = evaluate(self.model, test.x, test.y, classes=test.classes, extra=self.extra)
@@ -211,8 +271,12 @@ class CentralEvaluation:
             record.accuracy,
             record.epsilon_max,
         )
+        # The observer first: in deployment it audits the round's refusals, which a resumed
+        # job takes as audited once they are in the checkpoint.
         if self.observer is not None:
             self.observer(record, history)
+        if self.checkpoint is not None:
+            self.checkpoint(server_round, arrays)
         return _metric_record(metrics)
 
 
@@ -436,6 +500,10 @@ class Deployment:
         except AuditError as error:
             log(WARNING, "audit log not written (%s): %s", action, error)
 
+    def already_audited(self, history: JobHistory) -> None:
+        """The refusals of `history` were audited (by the run that checkpointed it)."""
+        self._audited = len(history.rejected)
+
     def audit_refusals(self, run_id: int, history: JobHistory) -> None:
         """One `round.refused` entry per reply refused since the last call."""
         if self._audit is None:
@@ -479,41 +547,99 @@ def _deployed_run(deployment: Deployment, grid: Grid, context: Context) -> None:
     run_id = int(context.run_id)
     run_config = dict(context.run_config)
     name, job = _deployed_job(deployment, run_id, run_config)
+    checkpointing = _checkpointing(deployment, run_id, run_config, name=name, job=job)
+    identity = checkpointing.run if checkpointing is not None else str(run_id)
+    if checkpointing is not None and checkpointing.resume is not None:
+        deployment.already_audited(checkpointing.resume.history)
     try:
         test = coordinator_test_set(job)
         initial, lineage = deployment.starting_model(job, test)
     except (RegistryError, ModelFileError, DatasetError) as error:
         deployment.audit("run.failed", run=run_id, job=name, reason=str(error))
         raise JobFailed(f"job {name} failed: {error}") from None
-    directory = deployment.results_directory(run_id, run_config)
+    # A resumed job writes into its first run's folder: one job, one results folder.
+    directory = deployment.results_directory(int(identity), run_config)
     history = JobHistory()
     started = time.perf_counter()
     _audited_run(
-        deployment, run_id, grid, name=name, job=job, history=history, test=test, initial=initial
+        deployment,
+        run_id,
+        grid,
+        name=name,
+        job=job,
+        history=history,
+        test=test,
+        initial=initial,
+        identity=identity,
+        checkpointing=checkpointing,
     )
     if history.rounds:
+        before = checkpointing.resume.seconds if checkpointing and checkpointing.resume else 0.0
         written = write_deployed_results(
             directory,
             name=name,
             job=job,
             history=history,
-            seconds=time.perf_counter() - started,
-            run=str(run_id),
+            seconds=before + time.perf_counter() - started,
+            run=identity,
             lineage=lineage,
             register=deployment.register if deployment.registry() is not None else None,
         )
         log(INFO, "results written to %s", directory)
         if written.model is not None:
             log(INFO, "model %s", written.model.registered or directory / written.model.file)
+        if checkpointing is not None:
+            checkpointing.store.remove()  # the job ended: nothing to resume
     ending = "run.stopped" if history.stopped else "run.finished"
     deployment.audit(
         ending,
         run=run_id,
+        job_run=identity if identity != str(run_id) else None,
         job=name,
         rounds=len(history.rounds),
         accuracy=history.rounds[-1].accuracy if history.rounds else None,
         reason=history.stopped,
     )
+
+
+def _checkpointing(
+    deployment: Deployment,
+    run_id: int,
+    run_config: Mapping[str, object],
+    *,
+    name: str,
+    job: JobConfig,
+) -> Checkpointing | None:
+    """Where run `run_id` checkpoints (under the coordinator: STATE/checkpoints; a bare
+    SuperLink has no place for the key, so none), and the checkpoint it resumes when the run
+    config names one (`RESUME_KEY`, set by `confide-server resume`). JobFailed (audited) if
+    that checkpoint cannot be used: none, another job's, another key, altered."""
+    resumes = run_config.get(RESUME_KEY)
+    if deployment.state is None:
+        if resumes is not None:  # no key, no checkpoint: never silently start again
+            raise JobFailed(
+                f"{RESUME_KEY} = {resumes}: resuming needs the coordinator's state folder "
+                f"({STATE_ENV}); start the SuperLink with `confide-server start`"
+            )
+        return None
+    this_run = str(run_id)
+    if resumes is None:
+        return Checkpointing(
+            CheckpointStore.for_run(deployment.state, this_run), this_run, this_run
+        )
+    identity = str(resumes)
+    store = CheckpointStore.for_run(deployment.state, identity)
+    try:
+        if not identity.isdigit():
+            raise CheckpointError(f"{RESUME_KEY} = {identity!r} names no run")
+        checkpoint = store.load(identity)
+        checkpoint.check_job(job)
+        if checkpoint.round > job.federation.rounds:
+            raise CheckpointError(f"run {identity} has more rounds than its job")
+    except CheckpointError as error:
+        deployment.audit("run.failed", run=run_id, job=name, reason=str(error))
+        raise JobFailed(f"job {name} cannot resume run {identity}: {error}") from None
+    return Checkpointing(store, identity, this_run, resume=checkpoint)
 
 
 def _deployed_job(
@@ -544,6 +670,8 @@ def _audited_run(
     history: JobHistory,
     test: Dataset,
     initial: Mapping[str, torch.Tensor] | None,
+    identity: str,
+    checkpointing: Checkpointing | None,
 ) -> None:
     """`run` with the deployment's roster; refusals audited as rounds end, failures audited
     and re-raised (TooFewInstitutions as one JobFailed line)."""
@@ -562,6 +690,11 @@ def _audited_run(
             registered=deployment.roster(),
             test_set=test,
             initial=initial,
+            # Named to the institutions only when it is not the Flower run's own id (a
+            # resumed job): they use that id by default, and an institution of an earlier
+            # release refuses instructions with a key it does not know.
+            identity=identity if identity != str(run_id) else None,
+            checkpointing=checkpointing,
         )
     except TooFewInstitutions as error:
         deployment.audit_refusals(run_id, history)

@@ -6,12 +6,13 @@ Round t asks n_t institutions to train (n_t is fixed when the messages leave, be
 reply). With w_t the global model and w_i the model institution i returns, the wrapper clips
 each change, lets the wrapped rule combine the clipped changes in its central form
 (`central_sum`: a total and a public divisor D_t), and adds noise calibrated to the rule's
-sensitivity s (`central_sensitivity`, in units of C) from public values only (sigma, C, s):
+sensitivity s_t = `sensitivity(n_t)` (in units of C) from public values only (sigma, C, s_t):
 
     d_i     = clip(w_i - w_t, C)            scaled to L2 norm <= C (Flower's FlatClip)
-    w_{t+1} = w_t + (total(d) + N(0, (sigma s C)^2 I)) / D_t
+    w_{t+1} = w_t + (total(d) + N(0, (sigma s_t C)^2 I)) / D_t
 
-The sensitivity this assumes, per rule:
+The order is clip -> rule -> noise: the rule sees clipped changes only, so what it releases
+has a bounded sensitivity whatever the institutions send. Per rule:
 
 - fedavg: total = sum_{i replied} d_i, D_t = n_t, s = 1 (the fixed-denominator mean).
   Replacing one institution's update by nothing changes the sum by at most C, so each round
@@ -20,10 +21,15 @@ The sensitivity this assumes, per rule:
   would raise the sensitivity), and a round in which nobody's update was accepted is still
   released with noise. Updates are not weighted by example counts: a weight would let one
   institution move the average by more than C / n_t.
-- any other rule: its sensitivity must be derived for that rule (a median, trimmed mean or
-  Krum is not a sum of clipped changes; one institution can move it by more than C, or by an
-  amount that depends on the others). A rule that states none (`central_sensitivity` None)
-  is refused here and by the job's validation.
+- a robust rule (median, trimmed-mean, krum, multi-krum, bulyan): total = the rule's
+  statistic of the clipped changes (zero for fewer than the rule needs, none included),
+  D_t = 1, s = 2B with ||statistic|| <= B C for any clipped changes (`RobustRule`): B below
+  sqrt 2 for the median, at most 1 / sqrt(1 - beta) for the trimmed mean, 1 for krum and
+  multi-krum, at most sqrt 2 for bulyan. The noise on the model is then
+  sigma 2B C, against fedavg's sigma C / n_t: about 2B n_t times more for the same sigma and
+  epsilon (docs/privacy.md).
+- any other rule: its sensitivity must be derived for that rule. A rule that states none
+  (`sensitivity` None) is refused here and by the job's validation.
 
 Which institutions were asked (and n_t) is public: the guarantee covers the content of one
 institution's contribution, not whether it took part (the "zero-out" neighbouring relation).
@@ -42,15 +48,21 @@ that a simulation repeats and a deployment draws noise nobody can regenerate.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from flwr.supercore.differential_privacy import get_norm
 
 from confide.common.seeding import derive_seed
 from confide.privacy.config import CentralPrivacyConfig
-from confide.server.aggregation import AggregationRule, Arrays, Update
+from confide.server.aggregation import (
+    AggregationRule,
+    Arrays,
+    Update,
+    change_norm,
+    float_arrays,
+    model_change,
+)
 
 ACCOUNTANT = "rdp (Flower RdpAccountant, Google dp-accounting)"
 # Keys of `CentralDP.round_metrics` in the round's train MetricRecord.
@@ -100,16 +112,19 @@ class CentralDP:
         rule: AggregationRule,
         noise_seed: int | None = None,
     ) -> None:
-        if rule.central_sensitivity is None:
+        if rule.sensitivity(1) is None:
             raise ValueError(
                 f"central DP cannot wrap the {rule.name} rule: its sensitivity to one "
                 "institution's update is not derived (see confide.server.central_dp)"
             )
         self.config = config
         self.rule = rule
-        self.sensitivity = rule.central_sensitivity
         self.noise_seed = noise_seed
         self.releases: list[int] = []  # institutions asked, per released round
+        # Told of each release as it is made, before anyone sees it (the job's checkpoint
+        # charges it there: a coordinator that dies before the round is recorded must not
+        # forget a release its institutions may already hold).
+        self.on_release: Callable[[int], None] | None = None
 
     @property
     def epsilon(self) -> float:
@@ -146,11 +161,11 @@ class CentralDP:
         if asked < max(1, len(updates)):
             raise ValueError(f"{len(updates)} updates from a round that asked {asked}")
         names = list(current.keys())
-        base = [np.asarray(current[name].numpy(), dtype=np.float64) for name in names]
+        base = float_arrays(current, names)
         clipped = [self._clipped(update.arrays, names, base) for update in updates]
         total, divisor = self.rule.central_sum(clipped, like=base, asked=asked)
         generator = np.random.default_rng(self._seed(server_round))
-        std = self.config.noise_multiplier * self.config.clipping_norm * self.sensitivity
+        std = self.config.noise_multiplier * self.config.clipping_norm * self.sensitivity(asked)
         arrays = {}
         for name, start, summed in zip(names, base, total, strict=True):
             dtype = current[name].numpy().dtype
@@ -160,14 +175,21 @@ class CentralDP:
             noisy = start + (summed + generator.normal(0.0, std, summed.shape)) / divisor
             arrays[name] = Array(noisy.astype(dtype))
         self.releases.append(asked)
+        if self.on_release is not None:  # before the released model leaves the coordinator
+            self.on_release(asked)
         return ArrayRecord(arrays)
+
+    def sensitivity(self, asked: int) -> float:
+        """The wrapped rule's sensitivity (units of C) in a round that asked `asked`."""
+        sensitivity = self.rule.sensitivity(asked)
+        if sensitivity is None:  # a rule whose answer changed since it was wrapped
+            raise ValueError(f"the {self.rule.name} rule states no sensitivity for {asked}")
+        return sensitivity
 
     def _clipped(self, update: ArrayRecord, names: list[str], base: Arrays) -> Arrays:
         """w_i - w_t scaled to L2 norm <= C over all arrays together (Flower's FlatClip)."""
-        # By name, not position: a reply may list its arrays in another order.
-        model = [np.asarray(update[name].numpy(), dtype=np.float64) for name in names]
-        change = [after - before for after, before in zip(model, base, strict=True)]
-        norm = get_norm(change)
+        change = model_change(base, update, names)
+        norm = change_norm(change)
         clip = self.config.clipping_norm
         scale = 1.0 if norm <= clip else clip / norm  # (an unchanged model: norm 0)
         return [scale * array for array in change]

@@ -531,6 +531,56 @@ def submit(
         raise typer.Exit(code)
 
 
+@app.command()
+def resume(
+    *,
+    run: Annotated[int, typer.Argument(help="the run whose job stopped mid-job")],
+    state: StateOption,
+    follow: Annotated[
+        bool, typer.Option(help="stream the new run's log until it ends (--no-follow returns)")
+    ] = True,
+    wait: Annotated[
+        float,
+        typer.Option(
+            help="seconds to wait for the job's killed run to be marked ended (about a "
+            "minute after the kill) and for its federation.min_available institutions to be "
+            "online (default: refuse at once)",
+            min=0.0,
+        ),
+    ] = 0.0,
+) -> None:
+    """Continue a job whose coordinator stopped mid-job (killed, crashed) after its last
+    completed round, from its encrypted checkpoint (STATE/checkpoints), in a new run; the
+    job's results go to RUN's folder, STATE/runs/run-RUN/, and say it was resumed.
+
+    Exit codes as for submit; 2 also when there is nothing to resume (no checkpoint, the
+    run finished) or the checkpoint does not open with this coordinator's key."""
+    from confide.server.jobs import logs
+    from confide.server.jobs import resume as resume_job
+
+    directory = _state(state)
+    resumed = resume_job(directory, run, wait=wait, say=lambda line: errors.print(line))
+    console.print(
+        f"resumed {resumed.name} (run {run}) after round {resumed.after_round} of "
+        f"{resumed.rounds} as run {resumed.run_id}; results will be in {resumed.results}",
+        highlight=False,
+    )
+    if not follow:
+        console.print(
+            f"follow it with `confide-server logs {resumed.run_id} --dir {state}`",
+            highlight=False,
+        )
+        return
+    code = logs(directory, resumed.run_id, follow=True)
+    outcome = _report(directory, run)
+    if outcome is None:
+        raise typer.Exit(1)
+    if not outcome:
+        raise typer.Exit(3)
+    if code:
+        raise typer.Exit(code)
+
+
 def _report(directory: StateDir, run_id: int) -> bool | None:
     """Print a finished run's final accuracy and privacy spend from its results.json, and
     what institutions refused. True: complete; False: stopped early or refusals; None: the

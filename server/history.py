@@ -28,7 +28,11 @@ class InstitutionSpend(_Record):
     # The size the institution declares (its update's weight); its actual count stays local.
     declared_examples: int = 0
     validation_examples: int = 0
-    rounds_trained: int = 0
+    rounds_trained: int = 0  # rounds whose update reached the coordinator
+    # Rounds of this job its ledger holds (its last report): more than rounds_trained when an
+    # update was lost after the institution recorded it (a coordinator killed mid-round). None:
+    # an institution that does not report it.
+    rounds_recorded: int | None = None
     epsilon: float = 0.0
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
@@ -54,6 +58,7 @@ class RoundRecord(_Record):
     federated_metrics: dict[str, float] = Field(default_factory=dict)
     epsilons: dict[str, float] = Field(default_factory=dict)  # of the institutions that trained
     central_epsilon: float | None = None  # institution-level, with central DP on
+    note: str | None = None  # why the round was not an ordinary release (see rounds._note)
 
     @property
     def accuracy(self) -> float:
@@ -66,6 +71,13 @@ class RoundRecord(_Record):
     @property
     def f1_macro(self) -> float:
         return self.metrics["f1_macro"]
+
+
+class Resumption(_Record):
+    """A job resumed from its checkpoint: the first round the new Flower run ran, and its id."""
+
+    from_round: int
+    run: str
 
 
 class RoundObserver(Protocol):
@@ -97,6 +109,7 @@ class JobHistory(_Record):
     rejected: list[dict[str, str | int]] = Field(default_factory=list)
     stopped: str | None = None  # why the job ended before its last round, if it did
     central_releases: list[int] = Field(default_factory=list)  # institutions asked, per release
+    resumed: list[Resumption] = Field(default_factory=list)  # each resumption of the job
     # The global model after the last recorded round (the model file is written from it).
     model: GlobalModel | None = Field(default=None, exclude=True)
 

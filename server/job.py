@@ -10,7 +10,13 @@ from pydantic import Field, field_validator, model_validator
 from confide.common.config import StrictModel
 from confide.privacy.config import CentralPrivacyConfig, PrivacyConfig, TrainConfig
 from confide.privacy.instructions import RoundInstructions
-from confide.server.aggregation import RULES, rule_names
+from confide.server.aggregation import (
+    DEFAULT_BYZANTINE,
+    DEFAULT_TRIM_FRACTION,
+    RULES,
+    aggregation_rule,
+    rule_names,
+)
 from confide.server.model_file import MODEL_NAME, VERSION_REFERENCE
 from confide.tasks.config import DataConfig, TaskConfig
 
@@ -30,9 +36,43 @@ class FederationConfig(StrictModel):
 
 
 class AggregationConfig(StrictModel):
-    """How the round's updates are combined (`confide.server.aggregation.RULES`)."""
+    """How the round's updates are combined (`confide.server.aggregation.RULES`), and which
+    updates the coordinator refuses first. Every parameter is accepted with every rule; a rule
+    reads only its own: `trim_fraction` (trimmed-mean), `byzantine` (krum, multi-krum,
+    bulyan), `keep` (multi-krum). `max_update_norm` applies whatever the rule."""
 
-    rule: str = Field(default="fedavg", description="an aggregation rule by name")
+    rule: str = Field(
+        default="fedavg",
+        description="an aggregation rule by name: fedavg | median | trimmed-mean | krum | "
+        "multi-krum | bulyan",
+    )
+    trim_fraction: float = Field(
+        default=DEFAULT_TRIM_FRACTION,
+        ge=0.0,
+        lt=0.5,
+        description="trimmed-mean: beta, the share of values cut at each end of every "
+        "coordinate (floor(beta n) each side)",
+    )
+    byzantine: int = Field(
+        default=DEFAULT_BYZANTINE,
+        ge=0,
+        le=100_000,
+        description="krum, multi-krum, bulyan: f, the Byzantine institutions tolerated "
+        "(needs n >= 2f + 3 updates, bulyan 4f + 3)",
+    )
+    keep: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="multi-krum: m, the best-scored updates averaged (default n - f)",
+    )
+    max_update_norm: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1e6,
+        description="refuse an update whose change from the global model has a larger L2 "
+        "norm (all arrays together); none by default",
+    )
 
     @field_validator("rule")
     @classmethod
@@ -109,13 +149,26 @@ class JobConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _enough_trainers_for_the_rule(self) -> JobConfig:
+        """A round aggregates at least federation.min_train updates: the rule must be defined
+        for that many (Krum needs 2f + 3, Bulyan 4f + 3)."""
+        rule = aggregation_rule(self.aggregation)
+        if self.federation.min_train < rule.minimum_updates:
+            raise ValueError(
+                f"federation.min_train ({self.federation.min_train}) is below the "
+                f"{rule.minimum_updates} updates a round aggregation.rule {rule.name!r} needs: "
+                f"{rule.minimum_reason()}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _central_dp_knows_the_rules_sensitivity(self) -> JobConfig:
         """Central DP's noise is calibrated to the rule's sensitivity: refuse a rule that
         states none (see confide.server.central_dp)."""
-        rule = RULES[self.aggregation.rule]
-        if self.central_privacy.enabled and rule.central_sensitivity is None:
+        rule = aggregation_rule(self.aggregation)
+        if self.central_privacy.enabled and rule.sensitivity(1) is None:
             supported = ", ".join(
-                sorted(name for name, r in RULES.items() if r.central_sensitivity is not None)
+                sorted(name for name in RULES if aggregation_rule(name).sensitivity(1) is not None)
             )
             raise ValueError(
                 f"central_privacy needs an aggregation rule whose sensitivity is derived; "

@@ -11,6 +11,11 @@ other code.
 The ServerApp writes each run's results to `STATE/runs/run-<id>/` (results.json, job.toml,
 plots), the same format as a simulation's.
 
+A job whose coordinator stopped mid-job (killed, crashed) is continued with `resume`: it
+submits a new run of the job its checkpoint holds (STATE/checkpoints/run-<id>.ckpt, see
+confide.server.checkpoint), with the run config naming the run it resumes; that run goes on
+after the last completed round and writes the job's results into the first run's folder.
+
 Before a job starts, `submit` checks that enough enrolled institutions are online for the
 job's minimums (or waits for them when asked): Flower's own ServerApp would otherwise wait
 silently for the round timeout. Each submitted job is recorded in the audit log with who
@@ -19,24 +24,29 @@ submitted it and the hashes of the job and of the app Flower started.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+from pydantic import ValidationError
 
 from confide.common.config import ConfigFileError, read_toml, validate_file
-from confide.common.errors import JobError, ModelFileError, RegistryError
+from confide.common.errors import CheckpointError, JobError, ModelFileError, RegistryError
 from confide.common.files import write_atomic
-from confide.server.app import JOB_KEY, NAME_KEY
+from confide.server.app import JOB_KEY, NAME_KEY, RESUME_KEY
 from confide.server.audit import AuditError, AuditLog, operator_actor
+from confide.server.checkpoint import CheckpointStore
 from confide.server.flower import (
     CONNECTION,
     FlowerError,
@@ -86,8 +96,9 @@ def flower_app_name(name: str) -> str:
     return cleaned[:32].rstrip("-")
 
 
-def write_app(directory: StateDir, job: JobFile) -> Path:
-    """The Flower app folder `flwr run` packs for this job (see the module docstring)."""
+def write_app(directory: StateDir, job: JobFile, extra: dict[str, str] | None = None) -> Path:
+    """The Flower app folder `flwr run` packs for this job (see the module docstring), with
+    `extra` run config keys (`confide-resume`)."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     folder = directory.jobs / f"{job.name}-{stamp}"
     folder.mkdir(parents=True)
@@ -109,7 +120,8 @@ def write_app(directory: StateDir, job: JobFile) -> Path:
                     "config": {
                         NAME_KEY: job.name,
                         JOB_KEY: job.job().model_dump_json(exclude_none=True),
-                    },
+                    }
+                    | (extra or {}),
                 }
             }
         },
@@ -204,18 +216,157 @@ def submit(
     check_starting_model(directory, job)
     wait_for_institutions(directory, job, wait=wait, say=say)
     app = write_app(directory, job)
+    run_id = _flwr_run(directory, app)
+    try:
+        _audit_submission(directory, job, app, run_id)
+    except AuditError as error:  # the job runs; the operator must know its record is missing
+        say(f"warning: run {run_id} is not in the audit log: {error}")
+    return Submitted(run_id, job.name, app, directory.runs / f"run-{run_id}", ignored)
+
+
+def _flwr_run(directory: StateDir, app: Path) -> int:
+    """Start the app folder `app` on the coordinator's SuperLink; the new run's id."""
     try:
         reply = flwr_json(directory.flwr_home, "run", str(app), CONNECTION, timeout=120.0)
     except FlowerError as error:
         raise JobError(
             f"the SuperLink did not start the job: {error} (is `confide-server start` running?)"
         ) from None
-    run_id = int(reply["run-id"])
+    return int(reply["run-id"])
+
+
+@dataclass(frozen=True)
+class Resumed:
+    run_id: int  # the new run
+    resumes: int  # the run whose job it continues
+    name: str
+    after_round: int
+    rounds: int
+    results: Path
+
+
+def resume(
+    directory: StateDir,
+    run_id: int,
+    *,
+    wait: float = 0.0,
+    say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> Resumed:
+    """Continue the job of run `run_id` after its last checkpointed round, in a new run (see
+    the module docstring), once enough institutions are online; audited (`run.resumed`). A
+    job that completed its rounds but died before its results were written is resumed to
+    write them.
+
+    Refused (JobError) when the run finished (its results are written; a checkpoint left
+    behind is removed) or when a run of the job is still pending or running after `wait`
+    seconds (the first, or one that resumed it: two runs of one job would release twice
+    what one accounts);
+    CheckpointError when it has no checkpoint or the checkpoint cannot be read with this
+    coordinator's key (altered, truncated, another coordinator's). Two `resume` commands
+    take turns (a lock in STATE/checkpoints)."""
+    folder = directory.runs / f"run-{run_id}"
+    store = CheckpointStore.for_run(directory.root, str(run_id))
+    with _resume_lock(store):
+        if (folder / RESULTS).is_file():
+            store.remove()  # the job ended; a checkpoint left behind is of no use
+            raise JobError(f"run {run_id} finished: its results are in {folder}; nothing to resume")
+        checkpoint = store.load(str(run_id))
+        try:
+            job = JobFile.model_validate(json.loads(checkpoint.job) | {"name": checkpoint.name})
+        except (ValidationError, ValueError) as error:
+            raise CheckpointError(
+                f"the checkpoint of run {run_id} holds a job this version cannot read: {error}"
+            ) from None
+        checkpoint.check_job(job.job())
+        rounds = job.federation.rounds
+        _wait_while_running(directory, run_id, _resumers(store), wait=wait, say=say)
+        wait_for_institutions(directory, job, wait=wait, say=say)
+        app = write_app(directory, job, {RESUME_KEY: str(run_id)})
+        new_run = _flwr_run(directory, app)
+        _add_resumer(store, new_run)
     try:
-        _audit_submission(directory, job, app, run_id)
-    except AuditError as error:  # the job runs; the operator must know its record is missing
-        say(f"warning: run {run_id} is not in the audit log: {error}")
-    return Submitted(run_id, job.name, app, directory.runs / f"run-{run_id}", ignored)
+        with AuditLog.open(directory) as audit:
+            audit.append(
+                "run.resumed",
+                actor=operator_actor(),
+                run=new_run,
+                resumes=run_id,
+                job=job.name,
+                after_round=checkpoint.round,
+                job_sha256=checkpoint.job_sha256,
+                app_folder=str(app),
+            )
+    except AuditError as error:  # the run goes on; the operator must know its record is missing
+        say(f"warning: run {new_run} is not in the audit log: {error}")
+    return Resumed(new_run, run_id, job.name, checkpoint.round, rounds, folder)
+
+
+@contextmanager
+def _resume_lock(store: CheckpointStore) -> Iterator[None]:
+    """One `resume` at a time on this coordinator (an exclusive lock beside the checkpoints)."""
+    store.path.parent.mkdir(parents=True, exist_ok=True)
+    with (store.path.parent / "resume.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _resumers_file(store: CheckpointStore) -> Path:
+    return store.path.with_suffix(".runs")
+
+
+def _resumers(store: CheckpointStore) -> list[int]:
+    """The runs that resumed this job so far (written by `resume`)."""
+    try:
+        return [int(run) for run in json.loads(_resumers_file(store).read_text())]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError) as error:
+        raise JobError(f"{_resumers_file(store)} cannot be read: {error}") from None
+
+
+def _add_resumer(store: CheckpointStore, run_id: int) -> None:
+    write_atomic(_resumers_file(store), json.dumps([*_resumers(store), run_id]), mode=0o600)
+
+
+def _wait_while_running(
+    directory: StateDir,
+    run_id: int,
+    resumers: list[int],
+    *,
+    wait: float,
+    say: Callable[[str], None],
+) -> None:
+    """Wait up to `wait` seconds until neither the job's first run nor a run that resumed
+    it is pending, starting or running in Flower's list (such a run may still release rounds
+    of the job); JobError if one still is. A run whose coordinator was killed stays
+    `running` until its heartbeat lapses (about a minute after the kill), when the SuperLink
+    marks it failed."""
+    ours = {run_id, *resumers}
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        active = [
+            (int(run["run-id"]), str(run.get("status", "")))
+            for run in runs(directory)
+            if int(run["run-id"]) in ours and not str(run.get("status", "")).startswith("finished")
+        ]
+        if not active:
+            return
+        run, status = active[0]
+        if time.monotonic() >= deadline:
+            raise JobError(
+                f"run {run} of this job is {status}: resuming now would run the job twice; "
+                "wait until it has ended (`confide-server status`; a run whose coordinator "
+                "was killed is marked failed once its heartbeat lapses, about a minute), or "
+                "pass --wait SECONDS"
+            )
+        if not said:
+            say(f"waiting for run {run} ({status}) to end ...")
+            said = True
+        time.sleep(2.0)
 
 
 def _audit_submission(directory: StateDir, job: JobFile, app: Path, run_id: int) -> None:
@@ -247,10 +398,28 @@ def runs(directory: StateDir, run_id: int | None = None) -> list[dict[str, Any]]
     except FlowerError as error:
         raise JobError(f"cannot list runs: {error}") from None
     listed = []
+    resumed: dict[str, Path] | None = None
     for run in reply.get("runs", []):
         results = directory.runs / f"run-{run['run-id']}"
+        if not (results / RESULTS).is_file():
+            # A run that resumed another's job wrote into that run's folder.
+            resumed = _resuming_runs(directory) if resumed is None else resumed
+            results = resumed.get(str(run["run-id"]), results)
         listed.append(run | {"results": str(results) if (results / RESULTS).is_file() else None})
     return listed
+
+
+def _resuming_runs(directory: StateDir) -> dict[str, Path]:
+    """Run id -> the results folder of the job it resumed (results.json's `resumed`)."""
+    found: dict[str, Path] = {}
+    for path in directory.runs.glob(f"run-*/{RESULTS}"):
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # unreadable results name no run; `status` shows the folder as it is
+        for entry in document.get("resumed") or []:
+            found[str(entry.get("run"))] = path.parent
+    return found
 
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")

@@ -35,6 +35,7 @@ from confide.privacy.report import (
     SampleInstitution,
     privacy_report,
 )
+from confide.server.aggregation import aggregation_rule
 from confide.server.history import JobHistory, RoundRecord
 from confide.server.job import JobConfig
 from confide.server.model_file import CARD, ModelCard
@@ -72,6 +73,9 @@ class RoundEntry(_Document):
     federated evaluation)."""
     central_epsilon: float | None
     """The institution-level epsilon after the round (null without central DP)."""
+    note: str | None = Field(default=None, exclude_if=_is_none)
+    """Present when the round was not an ordinary release: fewer usable updates than
+    federation.min_train (not aggregated, or, under central DP, released anyway)."""
 
 
 class FinalMetrics(_Document):
@@ -119,6 +123,11 @@ class InstitutionRow(_Document):
     """The size it publishes, from which its mechanism's parameters and its weight follow."""
     validation_examples: int
     rounds_trained: int
+    """Rounds whose update reached the coordinator."""
+    rounds_recorded: int | None = Field(default=None, exclude_if=_is_none)
+    """Rounds of this job its own ledger recorded as spent, by its last report: above
+    `rounds_trained` when an update was lost after it was recorded (the coordinator died
+    mid-round); absent when it does not report it."""
     epsilon: float | None
     """This run's epsilon at `delta` with `accountant` (null without DP)."""
     delta: float | None
@@ -143,8 +152,9 @@ class RejectedUpdate(_Document):
     """`train` or `evaluate`."""
     reason: str
     refused_by: str
-    """`institution` (its error reply: its limits, its ledger, the app check) or
-    `coordinator` (an update or metrics it could not use)."""
+    """`institution` (its error reply: its limits, its ledger, the app check),
+    `coordinator` (an update or metrics it could not use) or `unanswered` (no reply before
+    federation.timeout, or the SuperLink reported the node offline)."""
 
 
 class Timing(_Document):
@@ -174,6 +184,72 @@ class ModelReference(_Document):
     """Its version in the coordinator's registry (`name:version`), else null."""
 
 
+class ResumedRun(_Document):
+    """A resumption of the job from its checkpoint, after its coordinator stopped mid-job."""
+
+    from_round: int
+    """The first round this run ran (the checkpoint held the rounds before it)."""
+    run: str
+    """The run that continued the job (deployment: its Flower run id)."""
+
+
+# Simulation only: the attacks and faults a scenario's [attack] and [faults] tables inject
+# (confide.simulations.attack, confide.simulations.faults); the server never produces them.
+AttackKind = Literal["sign-flip", "scaling", "noise", "label-flip", "nan"]
+FaultKind = Literal["dropout", "straggler", "crash"]
+
+
+class AttackRecord(_Document):
+    """Who attacked in a simulation with an `[attack]` table, and how."""
+
+    kind: AttackKind
+    """What the attackers sent (confide.simulations.attack states each attack's formula)."""
+    scale: float | None
+    """s of sign-flip, scaling and noise as used (the default when the scenario gave none);
+    null for label-flip and nan."""
+    start_round: int
+    """The first round the attackers attacked (honest before it)."""
+    institutions: list[str]
+    """The attacking institutions, by name."""
+    chosen: Literal["drawn", "listed"]
+    """`drawn` (round(fraction * institutions) of them, seeded by the scenario's seed) or
+    `listed` in the scenario."""
+    fraction: float | None
+    """The fraction drawn, null when listed."""
+    clean_accuracy: float | None = None
+    """The final test accuracy of the clean twin: the same scenario without `[attack]` and
+    `[faults]` (null when it was not run: `--no-baseline`)."""
+    accuracy_cost: float | None = None
+    """`clean_accuracy` minus this run's final accuracy (of the attack and faults together)."""
+
+
+class FaultEvent(_Document):
+    """One fault an institution met: in `round`, asked to train."""
+
+    round: int
+    institution: str
+    kind: FaultKind
+    """`dropout` (the message never arrived), `straggler` (it trained, its reply came after
+    the timeout) or `crash` (its ClientApp failed mid-round)."""
+
+
+class FaultsRecord(_Document):
+    """The faults injected in a simulation with a `[faults]` table, and those met."""
+
+    dropout: float
+    """The probability of each fault, per institution asked and round."""
+    straggler: float
+    crash: float
+    institutions: list[str] | None
+    """The only institutions that met faults, by name; null: any."""
+    events: list[FaultEvent]
+    """Every fault met, by round and institution."""
+    clean_accuracy: float | None = None
+    """As in `attack`: the clean twin's final test accuracy (null when not run)."""
+    accuracy_cost: float | None = None
+    """`clean_accuracy` minus this run's final accuracy (of the attack and faults together)."""
+
+
 class Results(_Document):
     """results.json: a finished job's rounds, final metrics, privacy spend and refusals."""
 
@@ -196,6 +272,15 @@ class Results(_Document):
     """Where the virtual institutions' ledgers are (simulation only)."""
     model: ModelReference | None = None
     """The final model's files (null only in results written before models were saved)."""
+    resumed: list[ResumedRun] | None = Field(default=None, exclude_if=_is_none)
+    """Each time the job was resumed from its checkpoint: the first round run then
+    (`from_round`) and the run that ran it (`run`); absent if it never was."""
+    attack: AttackRecord | None = Field(default=None, exclude_if=_is_none)
+    """A simulation's attack (`[attack]`): who attacked, how, and what it cost; absent
+    otherwise."""
+    faults: FaultsRecord | None = Field(default=None, exclude_if=_is_none)
+    """A simulation's faults (`[faults]`): the settings, every fault met, and what they
+    cost; absent otherwise."""
 
 
 def median_after_first(seconds: list[float]) -> float:
@@ -244,6 +329,7 @@ def institution_row(
         declared_examples=declared_examples,
         validation_examples=validation_examples,
         rounds_trained=spend.rounds_trained if spend else 0,
+        rounds_recorded=spend.rounds_recorded if spend else None,
         epsilon=spend.epsilon if (spend and dp) else (0.0 if dp else None),
         delta=privacy.delta if dp else None,
         noise_multiplier=spend.noise_multiplier if (spend and dp) else None,
@@ -283,7 +369,18 @@ def privacy_document(
         central_releases=history.central_releases,
         stopped=history.stopped,
         simulated=simulated,
+        central_rule=job.aggregation.rule,
+        central_sensitivities=_sensitivities(job, history.central_releases),
     )
+
+
+def _sensitivities(job: JobConfig, releases: list[int]) -> list[float]:
+    """The sensitivity of each central DP release (units of the clipping norm), as the job's
+    rule states it for the institutions each round asked."""
+    if not job.central_privacy.enabled:
+        return []
+    rule = aggregation_rule(job.aggregation)
+    return [float(rule.sensitivity(asked) or 0.0) for asked in releases]
 
 
 def _round_entry(record: RoundRecord, dp: bool) -> RoundEntry:
@@ -297,6 +394,7 @@ def _round_entry(record: RoundRecord, dp: bool) -> RoundEntry:
         institutions_trained=record.trained,
         federated_evaluation=record.federated_metrics,
         central_epsilon=record.central_epsilon,
+        note=record.note,
     )
 
 
@@ -355,6 +453,7 @@ def build_results(
             peak_rss_mb=round(peak_rss_mb, 3) if peak_rss_mb is not None else None,
         ),
         ledgers=ledgers,
+        resumed=[ResumedRun(from_round=r.from_round, run=r.run) for r in history.resumed] or None,
     )
 
 

@@ -12,6 +12,11 @@ Flower's `Strategy.start` collects the same records in a `Result`, but returns i
 end of the job, and not at all when the job stops early (JobStopped); `RoundRecorder` wraps
 the strategy and fills a `Result` as each round's records come back, so that the round's
 central evaluation can record the round at once.
+
+Flower's `Strategy.start` always counts rounds from 1. A job resumed after its round k runs
+the remaining rounds through `start` with `RoundRecorder(strategy, offset=k)`: the wrapped
+strategy, the messages (`server-round`) and the records see the job's own round numbers
+k+1..N, while Flower's log counts 1..N-k.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from confide.server.central_dp import CENTRAL_ASKED, CENTRAL_EPSILON
 from confide.server.history import RoundRecord
 
 INSTITUTIONS = "institutions"
+# A round with fewer usable updates than federation.min_train: how many it had, and the
+# minimum (see ConfideStrategy.aggregate_train).
+USABLE = "usable-updates"
+MIN_TRAIN = "min-train"
 EPSILON_MAX = "epsilon-max"
 EPSILON_OF = "epsilon/"  # + institution: its cumulative epsilon after the round
 
@@ -41,11 +50,16 @@ def train_metrics(
     *,
     epsilon_max: float,
     aggregation: Mapping[str, int | float],
+    minimum: int | None = None,
 ) -> MetricRecord:
     """The train MetricRecord of a round whose `updates` counted (`epsilons`: of their
-    institutions, in institution order), with the aggregation's own figures."""
+    institutions, in institution order), with the aggregation's own figures; `minimum`:
+    federation.min_train when the round was released with fewer updates (central DP)."""
+    short: dict[str, int] = {}
+    if minimum is not None:
+        short = {USABLE: len(updates), MIN_TRAIN: minimum}
     if not updates:
-        return MetricRecord({INSTITUTIONS: 0, WEIGHT_KEY: 0, **aggregation})
+        return MetricRecord({INSTITUTIONS: 0, WEIGHT_KEY: 0, **aggregation, **short})
     examples = sum(int(update.weight) for update in updates)
     return MetricRecord(
         {
@@ -54,7 +68,30 @@ def train_metrics(
             EPSILON_MAX: epsilon_max,
             **{EPSILON_OF + name: value for name, value in epsilons.items()},
             **aggregation,
+            **short,
         }
+    )
+
+
+def below_minimum(usable: int, minimum: int) -> MetricRecord:
+    """The train MetricRecord of a round not aggregated: `usable` updates, fewer than
+    `minimum` (federation.min_train)."""
+    return MetricRecord({INSTITUTIONS: 0, WEIGHT_KEY: 0, USABLE: usable, MIN_TRAIN: minimum})
+
+
+def _note(train: MetricRecord) -> str | None:
+    """Why a round's release is not an ordinary one (None: it is)."""
+    if MIN_TRAIN not in train:
+        return None
+    usable, minimum = int(_scalar(train[USABLE])), int(_scalar(train[MIN_TRAIN]))
+    if CENTRAL_EPSILON in train:
+        return (
+            f"released with {usable} usable update(s), fewer than federation.min_train "
+            f"{minimum}: under central DP every round is released with its noise"
+        )
+    return (
+        f"not aggregated: {usable} usable update(s), fewer than federation.min_train "
+        f"{minimum}; the global model is unchanged"
     )
 
 
@@ -69,8 +106,9 @@ def round_record(
 ) -> RoundRecord:
     """The round's record from its central `metrics` and the records the strategy returned
     (None: it returned none, e.g. no usable update without central DP)."""
-    trained, epsilons, central = 0, {}, None
+    trained, epsilons, central, note = 0, {}, None, None
     if train is not None:
+        note = _note(train)
         trained = int(_scalar(train[INSTITUTIONS]))
         epsilons = {
             key.removeprefix(EPSILON_OF): float(_scalar(value))
@@ -93,6 +131,7 @@ def round_record(
         federated_metrics=federated,
         epsilons=epsilons,
         central_epsilon=central,
+        note=note,
     )
 
 
@@ -112,10 +151,12 @@ def _scalar(value: MetricRecordValues) -> int | float:
 
 class RoundRecorder(Strategy):
     """Runs `strategy` unchanged and keeps what it returns, round by round, in `result` (a
-    Flower `Result`), with the time each round started."""
+    Flower `Result`), with the time each round started; Flower's round r is the job's round
+    r + `offset` (a resumed job's last completed round) everywhere past this wrapper."""
 
-    def __init__(self, strategy: Strategy) -> None:
+    def __init__(self, strategy: Strategy, *, offset: int = 0) -> None:
         self.strategy = strategy
+        self.offset = offset
         self.result = Result()
         self.started: dict[int, float] = {}
 
@@ -126,12 +167,14 @@ class RoundRecorder(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.offset
         self.started[server_round] = time.perf_counter()
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.offset
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None:
             self.result.arrays = arrays
@@ -142,11 +185,13 @@ class RoundRecorder(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.offset
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.offset
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.result.evaluate_metrics_clientapp[server_round] = metrics
@@ -155,7 +200,7 @@ class RoundRecorder(Strategy):
     def record(
         self, server_round: int, metrics: dict[str, float], *, epsilon_max: float
     ) -> RoundRecord:
-        """Round `server_round`'s record, from its returned records, once centrally
+        """The job's round `server_round`'s record, from its returned records, once centrally
         evaluated (`metrics`); its seconds run from its configure_train to now."""
         return round_record(
             server_round,

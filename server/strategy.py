@@ -3,11 +3,13 @@
 - `Roster` (confide.server.sampling): who the institutions are (the coordinator's records in
   deployment, the nodes' answers in simulation) and which of them each round asks, sampled
   reproducibly from the job's seed;
-- `Replies` (confide.server.replies): which replies count (`check_update`), the refusals
-  (`FINAL_REFUSALS` take an institution off the roster) and each institution's privacy
-  spend, recorded even when its update is refused;
-- an `Aggregation` (confide.server.aggregation): the job's rule by name (`fedavg`), or
-  `CentralDP` (confide.server.central_dp) wrapping that rule.
+- `Replies` (confide.server.replies): which replies count (`check_update`, the job's
+  `max_update_norm`), the refusals (`FINAL_REFUSALS` take an institution off the roster),
+  the institutions asked that never answered, and each institution's privacy spend,
+  recorded even when its update is refused;
+- an `Aggregation` (confide.server.aggregation): the job's `[aggregation]` rule (fedavg,
+  median, trimmed-mean, krum, multi-krum, bulyan), or `CentralDP`
+  (confide.server.central_dp) wrapping that rule.
 
 `ConfideStrategy` only wires them into Flower's four calls. What a round produced leaves in
 the records it returns (confide.server.rounds), not in attributes of the strategy.
@@ -31,17 +33,22 @@ from confide.server.central_dp import CentralDP
 from confide.server.history import JobHistory
 from confide.server.job import FederationConfig, JobConfig
 from confide.server.replies import Replies, Scored
-from confide.server.rounds import train_metrics
+from confide.server.rounds import below_minimum, train_metrics
 from confide.server.sampling import Roster
 
 
 @dataclass(frozen=True)
 class _Asked:
-    """A round between its train messages and their replies: the model they carried and how
-    many institutions were asked (central DP divides by it)."""
+    """A round between its train messages and their replies: the model they carried and the
+    messages (their ids, once pushed, say whom each reply answers; how many institutions
+    were asked is what central DP divides by)."""
 
     arrays: ArrayRecord
-    institutions: int
+    messages: list[Message]
+
+    @property
+    def institutions(self) -> int:
+        return len(self.messages)
 
 
 class ConfideStrategy(Strategy):
@@ -60,6 +67,7 @@ class ConfideStrategy(Strategy):
         self.replies = replies
         self.aggregation = aggregation
         self._asked: _Asked | None = None
+        self._evaluating: list[Message] = []
 
     @classmethod
     def for_job(
@@ -73,14 +81,14 @@ class ConfideStrategy(Strategy):
         """The strategy of `job`: its rule, wrapped in central DP when the job asks for it
         (`noise_seed`: see CentralDP); `registered`: see Roster."""
         roster = Roster(job.federation, job.seed, history, registered=registered)
-        rule = aggregation_rule(job.aggregation.rule)
+        rule = aggregation_rule(job.aggregation)
         aggregation: Aggregation = rule
         if job.central_privacy.enabled:
             aggregation = CentralDP(job.central_privacy, rule, noise_seed)
         return cls(
             job.federation,
             roster=roster,
-            replies=Replies(history, roster),
+            replies=Replies(history, roster, max_update_norm=job.aggregation.max_update_norm),
             aggregation=aggregation,
         )
 
@@ -96,31 +104,53 @@ class ConfideStrategy(Strategy):
         nodes = self.roster.sample(grid, server_round, "train")
         if reason := self.aggregation.refusal(len(nodes)):
             raise JobStopped(f"stopped before round {server_round}: {reason}")
-        self._asked = _Asked(arrays, len(nodes))
-        log(INFO, "round %d: training on %d institutions", server_round, len(nodes))
-        return _messages(
+        messages = _messages(
             nodes, arrays, config, message_type=MessageType.TRAIN, server_round=server_round
         )
+        self._asked = _Asked(arrays, messages)
+        log(INFO, "round %d: training on %d institutions", server_round, len(nodes))
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._evaluating = []
         if self.federation.fraction_evaluate == 0.0:
             return []
         nodes = self.roster.sample(grid, server_round, "evaluate")
-        return _messages(
+        self._evaluating = _messages(
             nodes, arrays, config, message_type=MessageType.EVALUATE, server_round=server_round
         )
+        return self._evaluating
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The next model from the usable updates (institution order) by the aggregation,
-        and the round's train record (confide.server.rounds.train_metrics)."""
+        and the round's train record (confide.server.rounds.train_metrics).
+
+        A round with fewer usable updates than `federation.min_train` is not aggregated (the
+        global model stays as it is; the record says why), except under central DP: there
+        every round is released, with noise, whoever replied, since whether a round is
+        released must not depend on the replies (see confide.server.central_dp)."""
         if self._asked is None:
             raise RuntimeError("aggregate_train before configure_train")
         asked = self._asked
-        updates, epsilons = self.replies.train(server_round, replies, asked.arrays)
+        updates, epsilons = self.replies.train(
+            server_round, replies, asked.arrays, asked=asked.messages
+        )
+        minimum = self.federation.min_train
+        short = len(updates) < minimum
+        if short and not isinstance(self.aggregation, CentralDP):
+            log(
+                WARNING,
+                "round %d: %d usable update(s), federation.min_train is %d; the global model "
+                "is unchanged",
+                server_round,
+                len(updates),
+                minimum,
+            )
+            return None, below_minimum(len(updates), minimum)
         arrays = self.aggregation.aggregate(
             asked.arrays, updates, asked=asked.institutions, server_round=server_round
         )
@@ -132,6 +162,7 @@ class ConfideStrategy(Strategy):
             epsilons,
             epsilon_max=self.replies.history.epsilon_max,
             aggregation=self.aggregation.round_metrics(),
+            minimum=minimum if short else None,
         )
         return arrays, metrics
 
@@ -139,7 +170,8 @@ class ConfideStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Example-weighted mean of the institutions' validation metrics."""
-        return weighted_metrics(self.replies.evaluate(server_round, replies))
+        scored = self.replies.evaluate(server_round, replies, asked=self._evaluating)
+        return weighted_metrics(scored)
 
 
 def weighted_metrics(scored: Iterable[Scored]) -> MetricRecord | None:

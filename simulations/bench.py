@@ -24,6 +24,7 @@ from confide.simulations.accountant_bench import MARKERS as ACCOUNTANT_MARKERS
 from confide.simulations.baseline import plain_apps
 from confide.simulations.deployment_bench import END, START, kept_section, replace_section
 from confide.simulations.engine import SimulationError, run_scenario, simulate
+from confide.simulations.robust_bench import MARKERS as ROBUST_MARKERS
 from confide.simulations.runner import RunError
 from confide.simulations.scenario import ScenarioConfig, ScenarioError, load_scenario
 
@@ -158,7 +159,8 @@ def run_benchmarks(
     _print(console, f"Benchmark: {dp_on.name}, {rounds} rounds", results, ratios)
     document = _markdown(dp_on, rounds, results, ratios, local)
     previous = output.read_text() if output.is_file() else ""
-    for markers in (DEPLOYED_MARKERS, ACCOUNTANT_MARKERS):  # sections other commands write
+    # Sections other commands write.
+    for markers in (DEPLOYED_MARKERS, ACCOUNTANT_MARKERS, ROBUST_MARKERS):
         if (kept := kept_section(previous, markers)) is not None:
             document = replace_section(document, kept, markers)
     try:

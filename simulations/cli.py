@@ -51,7 +51,10 @@ def overrides(
 @app.command()
 def run(
     *,
-    scenario: Annotated[str, typer.Argument(help="a scenario file, or a bundled name (see list)")],
+    scenario: Annotated[
+        str | None,
+        typer.Argument(help="a scenario file, or a bundled name (see list); none with --resume"),
+    ] = None,
     rounds: Annotated[int | None, typer.Option(help="override federation.rounds")] = None,
     institutions: Annotated[
         int | None,
@@ -78,13 +81,34 @@ def run(
     ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress display")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
+    baseline: Annotated[
+        bool,
+        typer.Option(
+            help="with \\[attack] or \\[faults]: then run the clean twin (the scenario without "
+            "them, same seed) and report the accuracy they cost"
+        ),
+    ] = True,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="finish the interrupted run in this folder (OUT/<run>) from its checkpoint, "
+            "with its own scenario and ledgers"
+        ),
+    ] = None,
 ) -> None:
     """Run a scenario and write results.json, privacy.json, plots, the resolved config and the
-    trained model (model.safetensors and its card, model.json)."""
+    trained model (model.safetensors and its card, model.json). Each round is checkpointed in
+    the run's folder until it finishes: `--resume OUT/<run>` finishes a run that was
+    interrupted, with the model an uninterrupted run would have ended with."""
     from confide.simulations.runner import run_and_report
 
+    changed = [rounds, institutions, seed, device, state, init_model]
+    if resume is not None and (scenario is not None or any(v is not None for v in changed)):
+        raise fail("--resume continues a run as it started: give no scenario, and no overrides")
+    if resume is None and scenario is None:
+        raise fail("give a scenario (a file, or a bundled name), or --resume OUT/<run>")
     run_and_report(
-        scenario,
+        scenario or "",
         overrides(
             rounds=rounds,
             institutions=institutions,
@@ -98,6 +122,8 @@ def run(
         verbose=verbose,
         fit_minimums=institutions is not None,
         state=state,
+        baseline=baseline,
+        resume=resume,
     )
 
 
@@ -155,11 +181,23 @@ def bench(
         ),
     ] = False,
     seeds: Annotated[int, typer.Option(min=1, max=20, help="seeds per --accountants row")] = 3,
+    robust: Annotated[
+        bool,
+        typer.Option(
+            help="instead: attacks x aggregation rules (x DP off/on) on digits with 20 "
+            "institutions, 30% attacking (ROUNDS rounds each); updates only that section "
+            "of OUTPUT"
+        ),
+    ] = False,
 ) -> None:
     """Compare DP off, DP on and plain Flower on one workload; write the ratios to OUTPUT."""
     from confide.simulations.bench import run_benchmarks, run_deployed_benchmark
 
-    if accountants:
+    if robust:
+        from confide.simulations.robust_bench import run_robust_benchmark
+
+        run_robust_benchmark(rounds, output, console=console)
+    elif accountants:
         from confide.simulations.accountant_bench import run_accountant_benchmark
 
         default = scenario == "digits-dp"

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from confide.server.history import JobHistory, RoundRecord
 from confide.server.results import InstitutionRow, Results
+from confide.simulations.adversity import describe as describe_adversity
 from confide.tasks.splits import FederatedSplit
 
 FULL_TABLE_LIMIT = 20
@@ -160,6 +161,8 @@ def summary(console: Console, results: Results, directory: str) -> None:
             highlight=False,
         )
     console.print(f"Privacy report: {privacy.report}", highlight=False)
+    if (adversity := describe_adversity(results)) is not None:
+        console.print(adversity, highlight=False)
     if results.stopped:
         console.print(f"[bold yellow]stopped early:[/] {results.stopped}", highlight=False)
     rejected = results.rejected_updates

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from confide.client.app import build_client_app
 from confide.client.data import SimulatedInstitutions
 from confide.client.device import resolve_device
 from confide.common.errors import ModelFileError, SimulationError
@@ -38,6 +37,8 @@ from confide.server.model_file import (
     read_card,
     read_weights,
 )
+from confide.server.results import FaultEvent
+from confide.simulations.adversity import Adversity
 from confide.simulations.environment import apply_defaults
 from confide.simulations.resources import MemorySampler
 from confide.simulations.scenario import ScenarioConfig
@@ -47,6 +48,8 @@ from confide.tasks.splits import FederatedSplit
 if TYPE_CHECKING:
     import torch
 
+    from confide.server.checkpoint import Checkpoint, Checkpointing
+
 
 @dataclass
 class SimulationOutcome:
@@ -55,6 +58,7 @@ class SimulationOutcome:
     seconds: float
     peak_rss_bytes: int
     lineage: list[Ancestor] = field(default_factory=list)  # the models the run continued
+    faults: list[FaultEvent] = field(default_factory=list)  # those met ([faults])
 
 
 def starting_model(
@@ -244,6 +248,22 @@ def run_position(state: Path | None, institutions: int) -> int:
     return total
 
 
+def _checkpointing(
+    scenario: ScenarioConfig, folder: Path | None, state: Path | None, resume: Checkpoint | None
+) -> Callable[[str], Checkpointing] | None:
+    """Where the run checkpoints (its folder; None: nowhere), under the folder's name."""
+    if folder is None:
+        return None
+    from confide.server.checkpoint import Checkpointing, CheckpointStore
+
+    store = CheckpointStore.in_folder(folder)
+    saved = scenario.model_dump_json(exclude_none=True)
+    ledgers = str(state.resolve()) if state is not None else None
+    return lambda this_run: Checkpointing(
+        store, folder.resolve().name, this_run, resume=resume, scenario=saved, ledgers=ledgers
+    )
+
+
 def run_scenario(
     scenario: ScenarioConfig,
     *,
@@ -251,6 +271,8 @@ def run_scenario(
     verbose: bool = False,
     on_split: Callable[[FederatedSplit], None] | None = None,
     state: Path | None = None,
+    checkpoint: Path | None = None,
+    resume: Checkpoint | None = None,
 ) -> SimulationOutcome:
     """Partition the data, run every round, and return what the coordinator recorded.
 
@@ -259,6 +281,11 @@ def run_scenario(
     the scenario seed and their ledger's position, so the same scenario and starting state
     repeat a run while a run that continues a ledger draws fresh noise; see
     `build_client_app` for why a deployed institution must not seed from anything public.
+
+    With `checkpoint` (the run's folder) the job's checkpoint is written there after every
+    round (confide.server.checkpoint), under the folder's name as the job's run identity;
+    `resume` (that checkpoint, read back) continues the job after its last round with the
+    first run's central noise seed, so the result is the uninterrupted run's.
     """
     source = scenario.data_source(state)
     split = source.split()  # validates the partition before Ray starts
@@ -268,18 +295,24 @@ def run_scenario(
         on_split(split)
     job = scenario.job()
     history = JobHistory()
+    if resume is not None:
+        noise_seed = resume.noise_seed
+    else:
+        position = run_position(state, scenario.simulation.institutions)
+        noise_seed = derive_seed(scenario.seed, "central", position)
+    adversity = Adversity(scenario)  # [attack] and [faults]; none: the honest apps
     server_app = build_server_app(
         job,
         name=scenario.name,
         history=history,
         observer=observer,
         test_set=split.test,
-        noise_seed=derive_seed(
-            scenario.seed, "central", run_position(state, scenario.simulation.institutions)
-        ),
+        noise_seed=noise_seed,
         initial=initial,
+        checkpointing=_checkpointing(scenario, checkpoint, state, resume),
+        grid_wrapper=adversity.grid_wrapper(),
     )
-    client_app = build_client_app(source, noise_seed=scenario.seed)
+    client_app = adversity.client_app(source, noise_seed=scenario.seed)
     try:
         seconds, peak = simulate(server_app, client_app, scenario, verbose=verbose)
     except Exception as error:  # run_simulation re-raises the ServerApp's exception
@@ -292,6 +325,14 @@ def run_scenario(
     if not history.rounds and history.stopped is not None:
         raise SimulationError(f"the job did not start: {history.stopped}")
     if not any(record.trained for record in history.rounds):
+        # Every update refused or missing, or too few usable ones for the job's min_train.
+        noted = [record for record in history.rounds if record.note]
+        if noted:
+            raise SimulationError(
+                f"no round was aggregated (round {noted[0].round}: {noted[0].note})"
+            )
         first = history.rejected[0]["reason"] if history.rejected else "no reply"
         raise SimulationError(f"no institution delivered a usable update; first failure: {first}")
-    return SimulationOutcome(history, split, seconds, peak, lineage)
+    if resume is not None:
+        seconds += resume.seconds  # the run's time over its interrupted and resumed parts
+    return SimulationOutcome(history, split, seconds, peak, lineage, adversity.events)

@@ -11,6 +11,7 @@ from confide.privacy.report import PrivacyReport
 from confide.server import results
 from confide.server.model_file import model_for_run
 from confide.server.results import PARTITIONS, InstitutionRow, Results, institution_row
+from confide.simulations import adversity
 from confide.simulations.engine import SimulationOutcome
 from confide.simulations.scenario import ScenarioConfig
 from confide.tasks.partition import Partitions
@@ -69,6 +70,8 @@ def build_results(
         peak_rss_mb=outcome.peak_rss_bytes / 2**20,
         ledgers=str(ledgers) if ledgers is not None else None,
     )
+    # [attack] and [faults]: who attacked and the faults met (simulation only).
+    document = document.model_copy(update=adversity.records(scenario, outcome.faults))
     return document, report
 
 

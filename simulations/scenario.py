@@ -20,6 +20,8 @@ from confide.privacy.mechanism import default_declared_size
 from confide.privacy.policy import PrivacyPolicy
 from confide.server.job import FederationConfig, JobFile
 from confide.server.model_file import VERSION_REFERENCE
+from confide.simulations.attack import AttackConfig, choose_attackers
+from confide.simulations.faults import FaultsConfig
 from confide.tasks.config import resolve_task_path
 from confide.tasks.splits import FederatedSplit
 
@@ -66,6 +68,9 @@ class SimulationSettings(StrictModel):
 class ScenarioConfig(JobFile):
     name: str = Field(default="scenario", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     simulation: SimulationSettings = SimulationSettings()
+    # Simulation only, never part of the job (`job()`): malicious and unreliable institutions.
+    attack: AttackConfig | None = None
+    faults: FaultsConfig | None = None
 
     @model_validator(mode="after")
     def _fits_institutions(self) -> ScenarioConfig:
@@ -82,6 +87,19 @@ class ScenarioConfig(JobFile):
                     f"federation.{field} = {value} exceeds simulation.institutions = {count}: "
                     "the simulation would wait forever"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _adversity_fits_institutions(self) -> ScenarioConfig:
+        """Attackers and faulty institutions must be among the virtual institutions."""
+        count = self.simulation.institutions
+        if self.attack is not None:
+            choose_attackers(self.attack, institutions=count, seed=self.seed)  # ValueError
+        chosen = self.faults.institutions if self.faults is not None else None
+        if chosen is not None and max(chosen) >= count:
+            raise ValueError(
+                f"faults.institutions names {max(chosen)}; the indices are 0..{count - 1}"
+            )
         return self
 
     def data_source(self, state: Path | None = None) -> SimulatedInstitutions:

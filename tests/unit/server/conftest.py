@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 
 from confide.client.app import build_client_app
@@ -21,10 +23,18 @@ from confide.tasks.config import DataConfig, TaskConfig
 
 
 class InProcessGrid(Grid):
-    """Node i runs `app` with a Context that keeps its state between messages of a run."""
+    """Node i runs `app` with a Context that keeps its state between messages of a run.
+
+    As Flower's grids do, every message gets an id when it is sent. Nodes in `silent` never
+    answer (their replies are missing, as after a round's timeout); nodes in `offline` are
+    answered for by the SuperLink, with the error Flower's SuperLink builds for a node that
+    stopped reporting heartbeats (sent from the SuperLink's own node id). Both answer the
+    roster's `query` (who they are) as usual."""
 
     def __init__(self, app: ClientApp, nodes: int, run_id: int = 1) -> None:
         self.app = app
+        self.silent: set[int] = set()
+        self.offline: set[int] = set()
         self.contexts = {
             100 + i: Context(
                 run_id=run_id,
@@ -60,7 +70,18 @@ class InProcessGrid(Grid):
     ) -> Iterable[Message]:
         replies = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
             node = message.metadata.dst_node_id
+            if message.metadata.message_type == MessageType.QUERY:  # who it is: always answered
+                replies.append(self.app(message, self.contexts[node]))
+                continue
+            if node in self.silent:
+                continue
+            if node in self.offline:
+                replies.append(
+                    create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+                )
+                continue
             replies.append(self.app(message, self.contexts[node]))
         return replies
 

@@ -1,5 +1,6 @@
-"""Central DP's aggregate: clipped updates summed by the wrapped rule (fedavg's central form),
-divided by the number asked, plus noise."""
+"""Central DP's aggregate: clipped updates combined by the wrapped rule (fedavg's central form:
+summed and divided by the number asked; a robust rule's: its statistic, divisor 1), plus noise
+calibrated to the rule's sensitivity."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from confide.privacy.config import CentralPrivacyConfig
-from confide.server.aggregation import RULES, AggregationRule, FedAvgRule, Update
+from confide.server.aggregation import (
+    RULES,
+    AggregationRule,
+    FedAvgRule,
+    KrumRule,
+    MedianRule,
+    Update,
+)
 from confide.server.central_dp import CentralDP
 
 CONFIG = CentralPrivacyConfig(enabled=True, noise_multiplier=1.0, clipping_norm=1.0)
@@ -174,3 +182,50 @@ def test_a_rule_without_a_derived_sensitivity_is_refused_by_the_wrapper_and_the_
         JobConfig.model_validate(
             {"aggregation": {"rule": _Median.name}, "central_privacy": {"enabled": True}}
         )
+
+
+def flat_shift(moved: dict[str, np.ndarray], baseline: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([(moved[k] - baseline[k]).ravel() for k in ("w", "b")])
+
+
+def test_a_robust_rule_releases_its_statistic_of_the_clipped_changes_with_divisor_one():
+    def release(rule: AggregationRule, models: list[ArrayRecord]) -> dict[str, np.ndarray]:
+        dp = CentralDP(CONFIG, rule, noise_seed=5)
+        result = dp.aggregate(CURRENT, updates_of(*models), asked=4, server_round=2)
+        return {name: array.numpy().astype(np.float64) for name, array in result.items()}
+
+    def model(w: float, b: float) -> ArrayRecord:
+        return record(w=np.full((2, 2), w, np.float32), b=np.full(3, b, np.float32))
+
+    # Changes (norms 2 * 3 = 6, 0.2 * 2 = 0.4 and 10 * sqrt(7)): clipped to C = 1 first, so
+    # the far one counts as any other of norm 1, then the coordinate-wise median.
+    models = [model(3.0, 0.0), model(0.2, 0.0), model(10.0, 10.0)]
+    shift = flat_shift(release(MedianRule(), models), release(MedianRule(), []))
+    clipped_w = sorted([0.5, 0.2, 1 / np.sqrt(7)])  # the w coordinates after clipping
+    assert np.allclose(shift[:4], clipped_w[1], atol=1e-6)
+    assert np.allclose(shift[4:], 0.0, atol=1e-6)  # b: 0, 0, 1/sqrt(7): the median is 0
+    # Krum (f = 0, 3 updates, its nearest one counts): the first two are each other's nearest
+    # (0.3^2 * 4 = 0.36, the third is farther from both), a tie the first institution wins;
+    # the model moves by its clipped change (w 0.5, b 0), not divided by the 4 asked.
+    krum = flat_shift(release(KrumRule(0), models), release(KrumRule(0), []))
+    assert np.allclose(krum, [0.5] * 4 + [0.0] * 3, atol=1e-6)
+
+
+def test_a_robust_rules_noise_is_scaled_by_its_sensitivity_and_fewer_updates_release_noise():
+    config = CONFIG.model_copy(update={"noise_multiplier": 0.5})
+    wide = ArrayRecord({"w": Array(np.zeros(200_000, np.float32))})
+    dp = CentralDP(config, MedianRule(), noise_seed=1)
+    noisy = dp.aggregate(wide, [], asked=5, server_round=1)["w"].numpy()
+    # Median, asked 5: B^2 = max over n <= 5 of n / (n - floor((n - 1) / 2)) = 5/3, s = 2B.
+    assert dp.sensitivity(5) == pytest.approx(2 * np.sqrt(5 / 3))
+    assert noisy.std() == pytest.approx(0.5 * 1.0 * 2 * np.sqrt(5 / 3), rel=0.01)
+    # Krum with f = 1 needs 5 updates: 2 of 6 asked release a zero change and the noise.
+    dp = CentralDP(CONFIG, KrumRule(1), noise_seed=3)
+    two = updates_of(record(w=np.ones((2, 2), np.float32), b=np.ones(3, np.float32)))
+    some = dp.aggregate(CURRENT, [*two, *two], asked=6, server_round=1)
+    none = CentralDP(CONFIG, KrumRule(1), noise_seed=3).aggregate(
+        CURRENT, [], asked=6, server_round=1
+    )
+    for name in ("w", "b"):
+        assert np.array_equal(some[name].numpy(), none[name].numpy())
+    assert dp.releases == [6]

@@ -143,3 +143,37 @@ def test_waiting_for_institutions_says_so_even_when_one_listing_outlasts_the_wai
     with pytest.raises(JobError, match="needs 2 institutions online"):
         jobs.wait_for_institutions(StateDir(tmp_path), job, wait=0.2, say=said.append)
     assert said and said[0].startswith("waiting for institutions: 1 of 2 online")
+
+
+def test_resume_is_refused_while_a_run_of_the_job_is_still_running_and_waits_when_asked(
+    monkeypatch, state_dir
+):
+    """Review finding: `resume` against a live job (or twice) ran the job twice. Flower's
+    list of runs (`flwr ls`, read by `jobs.runs`) is replaced by what it would say."""
+    from confide.common.errors import JobError
+    from confide.server import jobs
+
+    listed = [
+        [{"run-id": "7", "status": "finished:failed"}, {"run-id": "9", "status": "running"}],
+        [{"run-id": "7", "status": "finished:failed"}, {"run-id": "9", "status": "running"}],
+        [
+            {"run-id": "7", "status": "finished:failed"},
+            {"run-id": "9", "status": "finished:completed"},
+        ],
+    ]
+    calls: list[int] = []
+
+    def flower_list(directory, run_id=None):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return listed[min(len(calls) - 1, len(listed) - 1)]
+
+    monkeypatch.setattr(jobs, "runs", flower_list)
+    said: list[str] = []
+    with pytest.raises(JobError, match=r"run 9 of this job is running: resuming now would run"):
+        jobs._wait_while_running(state_dir, 7, [9], wait=0.0, say=said.append)
+    # Asked to wait, it waits until the run has ended.
+    jobs._wait_while_running(state_dir, 7, [9], wait=30.0, say=said.append)
+    assert said == ["waiting for run 9 (running) to end ..."]
+    # Runs of other jobs do not count.
+    calls.clear()
+    jobs._wait_while_running(state_dir, 8, [], wait=0.0, say=said.append)

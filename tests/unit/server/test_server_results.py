@@ -322,3 +322,34 @@ def test_an_unbounded_epsilon_is_written_as_null_and_both_documents_read_back():
     assert back.sample_level.epsilon_max is None  # type: ignore[union-attr]
     assert "epsilon <= inf" in back.statement
     Results.model_validate_json(results_text)
+
+
+def test_privacy_json_names_the_released_rule_and_each_releases_sensitivity():
+    """Review finding: under a robust rule privacy.json described fedavg's sum; it must say
+    which rule was released and with what sensitivity, so the noise can be recomputed."""
+    from confide.privacy.config import CentralPrivacyConfig
+    from confide.server.aggregation import aggregation_rule
+    from confide.server.history import JobHistory
+    from confide.server.job import AggregationConfig, FederationConfig, JobConfig
+    from confide.server.results import privacy_document
+
+    job = JobConfig(
+        central_privacy=CentralPrivacyConfig(enabled=True),
+        aggregation=AggregationConfig(rule="median"),
+        federation=FederationConfig(min_train=2),
+    )
+    history = JobHistory(central_releases=[5, 4])
+    level = privacy_document("j", job, history, institutions=[], simulated=True).institution_level
+    assert level is not None and level.aggregation_rule == "median"
+    rule = aggregation_rule(job.aggregation)
+    assert level.sensitivity_per_round == [rule.sensitivity(5), rule.sensitivity(4)]
+    assert level.sensitivity_per_round[0] > 2.0  # 2B with B > 1: not fedavg's 1
+    fedavg = privacy_document(
+        "j",
+        JobConfig(central_privacy=CentralPrivacyConfig(enabled=True)),
+        history,
+        institutions=[],
+        simulated=True,
+    )
+    assert fedavg.institution_level is not None
+    assert fedavg.institution_level.sensitivity_per_round == [1.0, 1.0]
