@@ -237,3 +237,17 @@ def test_a_checkpoint_resumes_only_the_job_that_wrote_it(saved):
     with pytest.raises(CheckpointError, match="another job"):
         checkpoint.check_job(job(rounds=2))
     assert checkpoint.job_config() == job(rounds=1)
+
+
+def test_a_job_that_completed_its_rounds_resumes_to_its_results_without_training(saved, federation):
+    """A coordinator that died after the last round's checkpoint, before writing results:
+    resuming runs no round and gives back the recorded history and model."""
+    checkpoint = saved.load("7")
+    assert checkpoint.round == 1
+    grid, source = federation(run_id=8)
+    plan = Checkpointing(saved, "7", "8", resume=checkpoint)
+    history = run_with(job(rounds=1), grid, source, plan)
+    assert [r.round for r in history.rounds] == [1]
+    assert history.central_releases == [3]
+    assert history.model is not None and history.model.round == 1
+    assert history.institutions["0"].rounds_trained == 1  # nobody trained again
