@@ -19,6 +19,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
 )
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -96,8 +97,26 @@ class ModelVersionRow(Base):
     card: Mapped[str] = mapped_column(Text)  # model.json as registered
 
 
+# Enough for every table to have been created by someone: each failed attempt means another
+# process created at least one table between this one's check and its CREATE.
+_CREATE_ATTEMPTS = len(Base.metadata.tables) + 1
+
+
 def open_database(url: str) -> Engine:
-    """Connect and create missing tables (idempotent)."""
+    """Connect and create missing tables (idempotent, and safe when several processes open a
+    new database at once).
+
+    `create_all` checks which tables exist and then creates the others; two processes doing
+    that at once both see a table missing and one CREATE fails ("table ... already exists" in
+    SQLite, a duplicate table or type in PostgreSQL). The check is simply made again: a table
+    another process created is then seen and skipped.
+    """
     engine = create_engine(url)
-    Base.metadata.create_all(engine)
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            Base.metadata.create_all(engine)
+            break
+        except DatabaseError:
+            if attempt == _CREATE_ATTEMPTS - 1:
+                raise
     return engine
