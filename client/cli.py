@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
+from confide.common import metrics
 from confide.common.terminal import RefusingGroup, errors, fail, output_console
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ class LocalChoices:
     policy: PrivacyPolicy
     dataset: str
     noise_generator: NoiseGenerator
+    metrics: metrics.Endpoint
 
     def settings(
         self, enrollment: Enrollment, *, server: str, data: Path, declared: int
@@ -147,6 +149,8 @@ class LocalChoices:
             privacy=self.policy,
             dataset=self.dataset,
             noise_generator=self.noise_generator,
+            metrics_port=self.metrics.port,
+            metrics_address=self.metrics.address,
         )
 
 
@@ -159,9 +163,11 @@ def _local_choices(
     limits: tuple[float, float],
     dataset: str,
     noise_generator: str,
+    endpoint: metrics.Endpoint,
 ) -> LocalChoices:
     """The settings, each refused here with the option it came from: nothing is registered
-    or written for a join that would fail later."""
+    or written for a join that would fail later (a metrics port that cannot be bound now
+    included: it is saved, and served by every start)."""
     from confide.client.institution import DATASET_NAME, InstitutionDir
     from confide.common.config import describe_errors
     from confide.privacy.policy import PrivacyPolicy
@@ -179,6 +185,13 @@ def _local_choices(
         raise fail(f"--noise-generator {noise_generator!r}: use csprng or torch")
     if device not in get_args(Device):
         raise fail(f"--device {device!r}: use auto, cpu or cuda")
+    try:
+        metrics.check_bindable(endpoint)
+    except OSError as error:
+        raise fail(
+            f"{metrics.port_taken('the institution', endpoint, error)}; nothing was registered "
+            "and the token is still unused"
+        ) from None
     return LocalChoices(
         label_column=label_column,
         device=cast(Device, device),
@@ -186,6 +199,7 @@ def _local_choices(
         policy=policy,
         dataset=dataset,
         noise_generator=cast(NoiseGenerator, noise_generator),
+        metrics=endpoint,
     )
 
 
@@ -320,13 +334,18 @@ def join(
     new_budget: NewBudgetOption = False,
     reason: ReasonOption = "",
     start: Annotated[bool, typer.Option(help="start the SuperNode after joining")] = True,
+    metrics_port: metrics.SavedPortOption = None,
+    metrics_address: metrics.SavedAddressOption = None,
 ) -> None:
     """Verify the coordinator by the token's CA fingerprint, register a new key, then run.
 
     Refuses, before contacting the coordinator, data that another ledger on this host already
-    spent privacy budget on, unless --ledger-from or --new-budget says what to do.
+    spent privacy budget on, unless --ledger-from or --new-budget says what to do. The
+    metrics port and address are saved in institution.toml for every later `start` (9465 and
+    127.0.0.1 unless given: two institutions on one host need ports of their own); a port
+    that cannot be bound now refuses the join before anything is registered.
     """
-    from confide.client.institution import InstitutionDir
+    from confide.client.institution import METRICS_ADDRESS, METRICS_PORT, InstitutionDir
 
     token = _token(token, token_file)
     directory = InstitutionDir(state)
@@ -338,6 +357,10 @@ def join(
         limits=(max_epsilon, max_delta),
         dataset=dataset,
         noise_generator=noise_generator,
+        endpoint=metrics.Endpoint(
+            METRICS_ADDRESS if metrics_address is None else metrics_address,
+            METRICS_PORT if metrics_port is None else metrics_port,
+        ),
     )
     declared = _declare(declared_examples, _check_data(data, label_column), max_delta)
     continuity = Continuity(ledger_from, new_budget, reason)
@@ -346,13 +369,22 @@ def join(
     config = local.settings(enrollment, server=server, data=data, declared=declared)
     _joined(directory, config, plan)
     if start:
-        run_supernode(directory)
+        run_supernode(directory)  # /metrics where it was just saved
 
 
-def run_supernode(directory: InstitutionDir) -> None:
+def run_supernode(
+    directory: InstitutionDir, port: int | None = None, address: str | None = None
+) -> None:
+    """Run the SuperNode; /metrics at `port` and `address` where given, else where
+    institution.toml says."""
     from confide.client.supernode import run_supernode as run
 
-    code = run(directory, lambda line: console.print(line, highlight=False))
+    code = run(
+        directory,
+        lambda line: console.print(line, highlight=False),
+        metrics_port=port,
+        metrics_address=address,
+    )
     raise typer.Exit(code=code)
 
 
@@ -401,12 +433,19 @@ def _save_rotated(directory: InstitutionDir, config: InstitutionConfig, node_id:
 
 
 @app.command()
-def start(state: DirOption) -> None:
+def start(
+    state: DirOption,
+    metrics_port: metrics.SavedPortOption = None,
+    metrics_address: metrics.SavedAddressOption = None,
+) -> None:
     """Run this institution's SuperNode with the credentials saved by `join`, and confide's
-    runner beside it: only confide's own ClientApp runs here (any other app is refused)."""
+    runner beside it: only confide's own ClientApp runs here (any other app is refused).
+    /metrics (this institution's budget, for its own Prometheus) listens where `join` saved
+    in institution.toml (127.0.0.1:9465 unless it was told otherwise) unless these options
+    say otherwise for this start, and sends nothing anywhere."""
     from confide.client.institution import InstitutionDir
 
-    run_supernode(InstitutionDir(state))
+    run_supernode(InstitutionDir(state), metrics_port, metrics_address)
 
 
 budget_app = typer.Typer(
@@ -426,7 +465,10 @@ OPERATOR_ACTIONS = {
     "moved": "moved to another folder, which continues its budget (no spend recorded here)",
 }
 # And of each entry the institution recorded by itself (no spend).
-EVENTS = {"refused-app": "refused to run a run's app (nothing of it ran here)"}
+EVENTS = {
+    "refused-app": "refused to run a run's app (nothing of it ran here)",
+    "refused-round": "refused a round its limits do not allow (nothing trained)",
+}
 
 
 ACCOUNTANT_NAMES = {

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 
+from confide.client.institution import STATE_DIR_KEY
 from confide.common.config import unflatten
 from confide.common.seeding import derive_seed
 from confide.privacy.instructions import RoundInstructions
@@ -34,8 +35,6 @@ from confide.tasks.config import DataConfig, TaskConfig
 from confide.tasks.datasets import DatasetError, describe_shape, load_file
 from confide.tasks.splits import FederatedSplit, InstitutionData, federate, validation_indices
 
-# The node config key a deployed SuperNode is started with (see `confide-client start`).
-STATE_DIR_KEY = "confide-dir"
 SPLIT_KEY = "confide.data.validation"
 FINGERPRINT_KEY = "confide.data.fingerprint"
 
@@ -68,6 +67,12 @@ class LocalInstitution:
 
 
 Resolver = Callable[[Context], LocalInstitution]
+
+
+def clear_split_cache() -> None:
+    """Forget the cached splits (`_federated`): a benchmark that runs several simulations in
+    one process measures each one's memory from the same start."""
+    _federated.cache_clear()
 
 
 @lru_cache(maxsize=4)

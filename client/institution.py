@@ -21,7 +21,15 @@ from confide.privacy.policy import PrivacyPolicy
 # The settings file that makes a folder an institution's (deployed, not simulated): only such
 # folders go into the host's ledger index (`confide.client.continuity`).
 SETTINGS = "institution.toml"
+# The node config key that names the institution's folder to its SuperNode's tasks (`start`
+# sets it; the runner and the ClientApp read it). Here, not in `confide.client.data`, so that
+# `start` and the runner's task loop read it without importing torch.
+STATE_DIR_KEY = "confide-dir"
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# `confide-client start`'s /metrics (`confide.client.metrics`) unless institution.toml or an
+# option says otherwise; here, with the settings that save it, not in the collector's module.
+METRICS_PORT = 9465
+METRICS_ADDRESS = "127.0.0.1"  # confide.common.metrics.LOOPBACK, without its imports
 
 
 class InstitutionConfig(StrictModel):
@@ -50,6 +58,24 @@ class InstitutionConfig(StrictModel):
         le=65535,
         description="the SuperNode's Runtime API port on 127.0.0.1 (Flower's `--port`), where "
         "confide's runner takes this institution's tasks; one per institution on a host",
+    )
+    # Saved by `join` (from --metrics-port/--metrics-address) so that every later `start`
+    # serves where the first did: two institutions on one host need ports of their own, which
+    # an option at each start would have to repeat. Defaults keep older folders' files valid.
+    metrics_port: int = Field(
+        default=METRICS_PORT,
+        ge=0,
+        le=65535,
+        description="the port of this institution's /metrics (Prometheus, plain HTTP) that "
+        "`start` serves unless --metrics-port says otherwise; 0: none; one per institution "
+        "on a host",
+    )
+    metrics_address: str = Field(
+        default=METRICS_ADDRESS,
+        min_length=1,
+        description="the address /metrics listens on unless --metrics-address says otherwise "
+        "(it authenticates no one: keep it on loopback or a network only your monitoring "
+        "reaches)",
     )
     privacy: PrivacyPolicy = Field(
         default=PrivacyPolicy(), description="this institution's limits for every job"

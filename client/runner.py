@@ -30,6 +30,9 @@ SuperNode runs with `--isolation process` and this runner takes its tasks instea
   anything on this host, the refusal is recorded in the institution's ledger and logged here;
 - an accepted app runs in this process: `confide.client.app` is imported once at start
   (torch included), so a message costs its work, not a Python start and an import.
+- a message is served once (`confide.client.served`): its id is recorded before the app
+  sees it, and a copy that comes back (Flower delivers at least once) gets an error reply
+  (ALREADY_SERVED) instead of a second round of training and a second ledger entry.
 
 The folder check does not stop a process that occupies the port and names this folder: its
 tasks then run confide's own ClientApp under the institution's own limits and ledger.
@@ -90,13 +93,13 @@ from flwr.supernode.runtime.run_clientapp import (
 )
 
 from confide.client.app_check import CLIENTAPP, AppRefused, check_app
-from confide.client.data import STATE_DIR_KEY
 from confide.client.flower_supernode import follow_parent
-from confide.client.institution import InstitutionDir, InstitutionError
+from confide.client.institution import STATE_DIR_KEY, InstitutionDir, InstitutionError
+from confide.client.served import ServedMessages
 from confide.common.errors import RunnerError
 from confide.common.files import write_atomic
 from confide.privacy.ledger import Ledger, LedgerError
-from confide.privacy.policy import APP_REFUSED
+from confide.privacy.policy import ALREADY_SERVED, APP_REFUSED, REFUSED_BY_POLICY
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -108,7 +111,7 @@ SECRET_FILE = "superexec.secret"
 RUNTIME_HOST = "127.0.0.1"
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 POLL_SECONDS = 0.2  # between AcquireTask calls while idle: one local HTTP request (the
-# SuperNode itself asks the SuperLink for messages every 3 s when idle)
+# SuperNode itself asks the SuperLink every 0.5 s: `flower_supernode.prompt_pulls`)
 UNREACHABLE_PAUSE_SECONDS = 0.5  # while the SuperNode's Runtime API is not up (yet)
 TASK_RETRY_SECONDS = 60.0  # a task's calls retry a SuperNode that does not answer this long
 _RETRYABLE_STATUS = {502, 503, 504}
@@ -153,6 +156,11 @@ class Runner:
     app: ClientApp
     address: str
     refused: set[int] = field(default_factory=set)
+    refused_rounds: set[int] = field(default_factory=set)  # runs with a round refused
+    served: ServedMessages = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.served = ServedMessages(self.folder)
 
     def decide(
         self, task_type: str, message: Message, *, context: Context, run: Run, fab: Fab
@@ -167,6 +175,8 @@ class Runner:
             check_app(fab, run.fab_hash)
         except AppRefused as refusal:
             return self.refuse(message, run=run, fab=fab, why=str(refusal))
+        if not self.served.claim(message.metadata.message_id or message.object_id):
+            return self.refuse_copy(message, run)
         return self.run_app(message, context)
 
     def is_own_folder(self, context: Context) -> bool:
@@ -215,6 +225,18 @@ class Runner:
         reply = Message(error=Error(code=APP_REFUSED, reason=reason), reply_to=message)
         return Outcome(reply, SubStatus.FAILED, reason)
 
+    def refuse_copy(self, message: Message, run: Run) -> Outcome:
+        """An ALREADY_SERVED reply to a message this runner served before (a copy Flower
+        delivered again): nothing runs, nothing is recorded."""
+        kind = message.metadata.message_type
+        reason = (
+            f"{self.institution} already answered this {kind} message of run {run.run_id}; "
+            "a copy delivered again is not run twice"
+        )
+        _log.warning("run %s: a %s message came again; not run twice", run.run_id, kind)
+        reply = Message(error=Error(code=ALREADY_SERVED, reason=reason), reply_to=message)
+        return Outcome(reply, SubStatus.FAILED, reason)
+
     def run_app(self, message: Message, context: Context) -> Outcome:
         """confide's ClientApp on the message, in this process. A failure's reply names what
         failed, not how: its detail (paths, values) stays in this host's log."""
@@ -232,7 +254,29 @@ class Runner:
                 reply_to=message,
             )
             return Outcome(failed, SubStatus.FAILED, reason)
+        refused = reply.has_error() and reply.error.code == REFUSED_BY_POLICY
+        if refused and context.run_id not in self.refused_rounds:
+            self.refused_rounds.add(context.run_id)
+            self.record_round_refusal(message, context, reply.error.reason or "")
         return Outcome(reply, SubStatus.COMPLETED, "")
+
+    def record_round_refusal(self, message: Message, context: Context, reason: str) -> None:
+        """A round the institution's limits refused, in its ledger ('refused-round', under
+        the Flower run that asked), so that the institution counts its own refusals (its
+        /metrics), not only the coordinator. Once per run in this process: the refusal is
+        final for the job (its spend only grows, its sigma is fixed), and a coordinator that
+        asked again and again must not grow the ledger (every append verifies the chain). A
+        ledger that cannot take it is logged: the refusal has been answered either way."""
+        config = message.content.config_records.get("config")
+        named = config.get("server-round", 0) if config is not None else 0
+        server_round = named if isinstance(named, int) else 0
+        try:
+            Ledger(self.folder).record_round_refusal(
+                run=str(context.run_id), server_round=server_round, reason=reason
+            )
+        except LedgerError as problem:
+            _log.error("the refusal of a round of run %s is not in the ledger: %s",
+                       context.run_id, problem)  # fmt: skip
 
     def serve_task(self, task: Task, token: str) -> None:
         """Pull the task's input, decide, push the reply and the context; the task is

@@ -23,6 +23,13 @@ next `start`'s runner with a 401 (it holds the old secret). So `start`
 - refuses to start (exit code 2) while the port is taken: another SuperNode of the
   institution, or another program, is listening there.
 
+`start` also serves the institution's `/metrics` (`confide.client.metrics`) from threads of
+its own process, so that it lives and ends with `start`: where institution.toml says
+(`metrics_port`, `metrics_address`, saved by `join`: 127.0.0.1:9465 unless it was told
+otherwise; port 0 for none), or where `--metrics-port`/`--metrics-address` say for this
+start. A port it cannot bind refuses the start (exit code 2); an address beyond loopback is
+warned about (it authenticates no one).
+
 How a SuperNode ends is read from what Flower 1.41 prints, since its exit status says little
 (`flwr_exit` maps every error code, 305 included, to status 1):
 
@@ -54,9 +61,9 @@ from pathlib import Path
 from typing import IO
 
 from confide.client import flower_supernode
-from confide.client.data import STATE_DIR_KEY
 from confide.client.institution import (
     SETTINGS,
+    STATE_DIR_KEY,
     InstitutionConfig,
     InstitutionDir,
     InstitutionError,
@@ -64,6 +71,7 @@ from confide.client.institution import (
 )
 from confide.client.runner import RUNTIME_HOST, write_secret
 from confide.common.environment import flower_process_environment, stop_process_group
+from confide.common.metrics import Endpoint, MetricsServer, exposure_warning, port_taken, serve
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RETRY_WINDOW_SECONDS = 90.0  # two 30 s heartbeats, plus margin
@@ -369,17 +377,62 @@ def handle_stop_signals(handler: Callable[[int, object], None]) -> None:
         signal.signal(hangup, handler)
 
 
-def run_supernode(directory: InstitutionDir, say: Callable[[str], None]) -> int:
-    """Run the SuperNode and the runner until one ends or SIGTERM/SIGINT/SIGHUP; an exit
-    code (InstitutionError, exit code 2, if the institution's port is taken)."""
+def metrics_endpoint(
+    config: InstitutionConfig, *, port: int | None = None, address: str | None = None
+) -> Endpoint:
+    """Where `/metrics` listens: `port` and `address` (this start's options) where given,
+    else what institution.toml saved."""
+    return Endpoint(
+        address if address is not None else config.metrics_address,
+        port if port is not None else config.metrics_port,
+    )
+
+
+def run_supernode(
+    directory: InstitutionDir,
+    say: Callable[[str], None],
+    *,
+    metrics_port: int | None = None,
+    metrics_address: str | None = None,
+) -> int:
+    """Run the SuperNode and the runner until one ends or SIGTERM/SIGINT/SIGHUP, with
+    `/metrics` where institution.toml says unless `metrics_port`/`metrics_address` say
+    otherwise (port 0: none); an exit code (InstitutionError, exit code 2, if the
+    institution's port or the metrics port is taken)."""
     config = directory.load()
     check_port(config.port)  # before anything is written: the secret, the logs
     for line in preflight(config):
         say(line)
-    supervisor = Supervisor(directory, say)
-    handle_stop_signals(supervisor.terminate)
-    say(
-        f"SuperNode for {config.name} connecting to {config.superlink} (TLS); only confide's "
-        f"own ClientApp runs here; logs in {supervisor.logs}"
-    )
-    return supervisor.run()
+    metrics = metrics_endpoint(config, port=metrics_port, address=metrics_address)
+    endpoint = serve_metrics(directory, metrics)
+    try:
+        supervisor = Supervisor(directory, say)
+        handle_stop_signals(supervisor.terminate)
+        say(
+            f"SuperNode for {config.name} connecting to {config.superlink} (TLS); only "
+            f"confide's own ClientApp runs here; logs in {supervisor.logs}"
+        )
+        if endpoint is not None:
+            say(f"metrics (Prometheus, plain HTTP) listening on {endpoint.url}")
+            if warning := exposure_warning("this institution", metrics):
+                say(warning)
+        return supervisor.run()
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
+
+
+def serve_metrics(directory: InstitutionDir, endpoint: Endpoint) -> MetricsServer | None:
+    """The institution's `/metrics` (None when turned off); InstitutionError (exit code 2)
+    if its port cannot be bound."""
+    if endpoint.off:
+        return None
+    from confide.client.metrics import InstitutionCollector
+
+    try:
+        return serve(InstitutionCollector(directory.root), endpoint)
+    except OSError as error:
+        raise InstitutionError(
+            f"{port_taken('the institution', endpoint, error)} (for every start: "
+            f"metrics_port in {SETTINGS})"
+        ) from None

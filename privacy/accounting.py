@@ -45,18 +45,52 @@ an accountant rebuilt from scratch each round reports one round's spend forever.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 # Opacus (and dp-accounting) are imported inside the functions: importing Opacus pulls in
-# torch.distributed (about 2 s on this class of machine), and a deployed ClientApp is a new
-# process for every message; the messages that do not train (query, evaluate) should not pay
-# for it.
+# torch and torch.distributed (about 2 s and 200 MiB on this class of machine), which a
+# process that only reads a ledger (`confide-client start`'s /metrics, `confide-client
+# budget`) should not pay for; see `_rdp_analysis`.
+_RDP_MODULE = "opacus.accountants.analysis.rdp"
+
+
+@lru_cache(maxsize=1)
+def _rdp_analysis() -> ModuleType:
+    """Opacus's RDP analysis (`opacus.accountants.analysis.rdp`), without importing torch.
+
+    Importing it the usual way runs `opacus/__init__`, which imports the PrivacyEngine and
+    torch with it. The module itself needs only NumPy and SciPy, so where Opacus is not
+    imported yet it is loaded from Opacus's own file under a private name: the same code,
+    hence the same numbers (a test compares them with the package's module). A process that
+    trains has Opacus imported already and uses its module.
+    """
+    if (imported := sys.modules.get(_RDP_MODULE)) is not None:
+        return imported
+    return _rdp_analysis_from_file()
+
+
+def _rdp_analysis_from_file() -> ModuleType:
+    """A new module object of `opacus/accountants/analysis/rdp.py`, Opacus not imported."""
+    package = importlib.util.find_spec("opacus")  # finds it without running __init__
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("Opacus is not installed")
+    path = Path(package.submodule_search_locations[0]) / "accountants" / "analysis" / "rdp.py"
+    spec = importlib.util.spec_from_file_location("confide.privacy._opacus_rdp", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextmanager
@@ -103,14 +137,13 @@ def epsilon(history: list[HistoryEntry], delta: float, accountant: str = "rdp") 
         return float("inf")  # a step without noise has no finite guarantee
     if accountant == "pld":
         return _pld_epsilon(grouped_history(history), float(delta))
-    from opacus.accountants import create_accountant
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
     if accountant == "rdp":
         total = sum(steps * _rdp_per_step(sigma, rate) for sigma, rate, steps in history)
         with _quiet_orders():
-            eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
+            eps, _ = _rdp_analysis().get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
         return float(eps)
+    from opacus.accountants import create_accountant
+
     acct = create_accountant(accountant)
     acct.history = list(history)
     return float(acct.get_epsilon(delta=delta))
@@ -118,10 +151,8 @@ def epsilon(history: list[HistoryEntry], delta: float, accountant: str = "rdp") 
 
 @lru_cache(maxsize=1024)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
     return np.asarray(
-        rdp_analysis.compute_rdp(
+        _rdp_analysis().compute_rdp(
             q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS
         )
     )

@@ -30,8 +30,9 @@ another folder's ledger), 'moved' (another folder continues this one: no spend i
 here any more) and 'new-budget' (a new budget on data another ledger had spent on, with the
 reason). A 'refused-app' entry records what the institution itself refused: a run whose app
 was not confide's own ClientApp (`confide.client.runner`; its run id, FAB hash and the
-reason in the note), so that the refusal stays on record beside the spend. Only 'spend'
-entries count towards epsilon.
+reason in the note), so that the refusal stays on record beside the spend; a 'refused-round'
+entry a round the institution's limits refused (deployed: the runner records it, with the run
+and round). Only 'spend' entries count towards epsilon.
 
 Errors: LedgerTampered when the content fails verification (or is no ledger database at
 all); LedgerError, naming the cause, when the environment stops its use (a read-only or full
@@ -75,9 +76,11 @@ DEFAULT_DATASET = "default"
 # Kinds of the entries an operator's action writes (no spend; see the module's docstring).
 OPERATOR_KINDS = ("reseal", "import", "moved", "new-budget")
 # Kinds the institution records by itself that change nothing about the data's ledger (no
-# spend, no operator's decision): an app it refused to run (`record_refusal`).
+# spend, no operator's decision): an app it refused to run (`record_refusal`), a round its
+# limits refused (`record_round_refusal`).
 REFUSED_APP = "refused-app"
-EVENT_KINDS = (REFUSED_APP,)
+REFUSED_ROUND = "refused-round"
+EVENT_KINDS = (REFUSED_APP, REFUSED_ROUND)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,27 @@ def moved_to(entries: list[Entry]) -> str | None:
         except (ValueError, KeyError, TypeError):
             return entry.note
     return None
+
+
+def spent_of(entries: list[Entry], delta: float, accountant: str = "rdp") -> list[DatasetSpend]:
+    """`Ledger.spent` of `entries` already read and verified (a reader that must not write,
+    such as /metrics, reads them with `entries(read_only=True)`)."""
+    by_dataset: dict[str, list[Entry]] = {}
+    for entry in entries:
+        if entry.kind == "spend":
+            by_dataset.setdefault(entry.dataset, []).append(entry)
+    return [
+        DatasetSpend(
+            dataset=name,
+            epsilon=epsilon([e.history_entry for e in rows], delta, accountant),
+            delta=delta,
+            rounds=len(rows),
+            jobs=len({e.run for e in rows}),
+            fingerprints=tuple(dict.fromkeys(e.fingerprint for e in rows)),
+            accountant=accountant,
+        )
+        for name, rows in sorted(by_dataset.items())
+    ]
 
 
 def fingerprint_bytes(*parts: bytes) -> str:
@@ -230,22 +254,7 @@ class Ledger:
         """Cumulative spend of every dataset in the ledger at `delta`: every spend entry's
         (sigma, q, steps) composed with `accountant` ("rdp", the default, "prv" or "pld"; see
         `confide.privacy.accounting`), whatever accountant each job reported with."""
-        by_dataset: dict[str, list[Entry]] = {}
-        for entry in self.entries():
-            if entry.kind == "spend":
-                by_dataset.setdefault(entry.dataset, []).append(entry)
-        return [
-            DatasetSpend(
-                dataset=name,
-                epsilon=epsilon([e.history_entry for e in rows], delta, accountant),
-                delta=delta,
-                rounds=len(rows),
-                jobs=len({e.run for e in rows}),
-                fingerprints=tuple(dict.fromkeys(e.fingerprint for e in rows)),
-                accountant=accountant,
-            )
-            for name, rows in sorted(by_dataset.items())
-        ]
+        return spent_of(self.entries(), delta, accountant)
 
     # -- writing -------------------------------------------------------------------------
     def _append_verified(
@@ -295,6 +304,14 @@ class Ledger:
         note = json.dumps({"run": run, "fab-hash": fab_hash, "reason": reason})
         values = EMPTY | {"run": run, "note": note}
         return self._append_verified(REFUSED_APP, values, "the app refusal")
+
+    def record_round_refusal(self, *, run: str, server_round: int, reason: str) -> Entry:
+        """Record that this institution's limits refused round `server_round` of `run`, and
+        why: a 'refused-round' entry, no spend (nothing was trained), through the same chain
+        as every spend; what `confide-client start`'s /metrics counts."""
+        note = json.dumps({"run": run, "round": server_round, "reason": reason})
+        values = EMPTY | {"run": run, "round": server_round, "note": note}
+        return self._append_verified(REFUSED_ROUND, values, "the round refusal")
 
     # -- importing and resealing ---------------------------------------------------------
     def import_cut_short(self) -> bool:

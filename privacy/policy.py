@@ -34,9 +34,12 @@ from confide.privacy.mechanism import DeltaTooLarge, Mechanism, check_delta
 # 101: the institution's ledger failed verification (until an operator deals with it).
 # 102: the institution's runner refused the run's app: it is not confide's own ClientApp
 #      (`confide.client.runner`). Final for the job, like 100: its app does not change.
+# 103: the institution's runner answered this very message before (a copy delivered again,
+#      `confide.client.served`): not run twice. Not final: the next round is a new message.
 REFUSED_BY_POLICY = 100
 LEDGER_UNUSABLE = 101
 APP_REFUSED = 102
+ALREADY_SERVED = 103
 
 
 class PrivacyPolicy(StrictModel):

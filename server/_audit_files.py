@@ -3,7 +3,8 @@
 
 The key is written exclusively (never over one another writer just made) and fsynced; the
 head mark is MAC'd and replaced atomically; the lock is an exclusive `fcntl` lock that makes
-each append one step across processes. Their `OSError`s pass through: `AuditLog` turns them
+each append one step across processes (a reader that only verifies takes it shared, on a
+read-only descriptor: `AuditFiles.shared`). Their `OSError`s pass through: `AuditLog` turns them
 into `AuditUnavailable`.
 """
 
@@ -36,6 +37,21 @@ class AuditFiles:
         descriptor = os.open(self.directory.audit_lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # releases the lock
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        """A reader's lock: shared, on a read-only descriptor of the existing lock file.
+
+        Readers (the dashboard, `verify` from a process that may not write the state folder)
+        then neither wait for one another nor need write access, and create nothing: a
+        missing lock file is `FileNotFoundError`. An append still waits for the read to end,
+        so what is read under it is one consistent state of the log."""
+        descriptor = os.open(self.directory.audit_lock, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH)
             yield
         finally:
             os.close(descriptor)  # releases the lock

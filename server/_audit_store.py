@@ -6,7 +6,9 @@ Its errors pass through as SQLAlchemy raised them: `AuditLog` turns them into
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, select
+from collections.abc import Collection
+
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,9 +38,25 @@ class AuditStore:
         with Session(self.engine, expire_on_commit=False) as session:
             return session.scalars(select(AuditRow).order_by(AuditRow.seq.desc()).limit(1)).first()
 
-    def rows(self) -> list[AuditRow]:
+    def rows(self, *, actions: Collection[str] | None = None) -> list[AuditRow]:
+        """Every row, or those of `actions`, in sequence order."""
+        query = select(AuditRow).order_by(AuditRow.seq)
+        if actions is not None:
+            query = query.where(AuditRow.action.in_(list(actions)))
         with Session(self.engine, expire_on_commit=False) as session:
-            return list(session.scalars(select(AuditRow).order_by(AuditRow.seq)).all())
+            return list(session.scalars(query).all())
+
+    def newest_rows(self, limit: int) -> list[AuditRow]:
+        """The newest `limit` rows, newest first (the sequence number's index: the cost does
+        not grow with the log)."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            return list(
+                session.scalars(select(AuditRow).order_by(AuditRow.seq.desc()).limit(limit)).all()
+            )
+
+    def count(self) -> int:
+        with Session(self.engine) as session:
+            return int(session.scalar(select(func.count()).select_from(AuditRow)) or 0)
 
     def rows_after(self, seq: int) -> list[AuditRow]:
         """The rows after entry `seq`, in sequence order."""

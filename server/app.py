@@ -98,6 +98,7 @@ def build_server_app(
     initial: Mapping[str, torch.Tensor] | None = None,
     checkpointing: Callable[[str], Checkpointing] | None = None,
     grid_wrapper: Callable[[Grid], Grid] | None = None,
+    registered: Callable[[], dict[int, str]] | None = None,
 ) -> ServerApp:
     """A ServerApp running `job`; results accumulate in `history`, `observer` sees each round.
 
@@ -109,6 +110,8 @@ def build_server_app(
     resumes (see `run`); the job's run identity is then its, else the Flower run's id.
     `grid_wrapper` wraps the grid the job runs on (a simulation's injected faults,
     confide.simulations.faults); None runs on Flower's own.
+    `registered` names the nodes (node id -> institution, see `Roster`): a simulation
+    passes its engine's mapping; None asks every node.
     """
     app = ServerApp()
     kept = history if history is not None else JobHistory()
@@ -125,6 +128,7 @@ def build_server_app(
             test_set=test_set,
             name=name,
             noise_seed=noise_seed,
+            registered=registered,
             initial=initial,
             identity=plan.run if plan is not None else this_run,
             checkpointing=plan,

@@ -12,10 +12,13 @@ and replaced atomically): the log must reach the entry the head names.
 Writers are several processes on the coordinator's host (the coordinator, the CLI, the
 ServerApp); an exclusive `fcntl` lock on `STATE/audit.lock` makes each append (read the head,
 insert, move the head) one step, and the unique sequence number refuses a second entry in the
-same place even without it. An append chains on the head mark, not on the newest row, so
-entries deleted from the end stay missing (a gap `verify` reports) instead of being papered
-over by the next entry. An append refuses (`AuditError`) to extend a log whose key or head
-mark is gone or forged: the log never grows past damage it cannot carry forward.
+same place even without it. A reader that only verifies (the dashboard: `verify(shared=True)`)
+takes the lock shared, on a read-only descriptor: it writes nothing, readers do not wait for
+one another, and an append waits only while the rows are read. An append chains on the head
+mark, not on the newest row, so entries deleted from the end stay missing (a gap `verify`
+reports) instead of being papered over by the next entry. An append refuses (`AuditError`)
+to extend a log whose key or head mark is gone or forged: the log never grows past damage it
+cannot carry forward.
 
 Details are values only (text, numbers, booleans, None). Callers never put secrets in them
 (join tokens, keys): an entry names a token by its id and a key by its fingerprint.
@@ -51,7 +54,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 from pydantic import BaseModel, ConfigDict
@@ -152,17 +155,34 @@ class AuditLog:
             files.write_head(key, row.seq, row.mac)
         return self._entry(row)
 
-    def entries(self) -> list[AuditEntry]:
-        """Every entry, in sequence order."""
+    def entries(self, *, actions: Collection[str] | None = None) -> list[AuditEntry]:
+        """Every entry, or those of `actions`, in sequence order."""
         with self._failures("read"):
-            return [self._entry(row) for row in self._store.rows()]
+            return [self._entry(row) for row in self._store.rows(actions=actions)]
 
-    def verify(self) -> list[str]:
+    def newest(self, limit: int) -> list[AuditEntry]:
+        """The newest `limit` entries, newest first: a reader that shows the log's end (the
+        dashboard) reads that much, however long the log grew."""
+        with self._failures("read"):
+            return [self._entry(row) for row in self._store.newest_rows(limit)]
+
+    def count(self) -> int:
+        """How many entries the log holds."""
+        with self._failures("read"):
+            return self._store.count()
+
+    def verify(self, *, shared: bool = False) -> list[str]:
         """What is wrong with the log's newest segment (see the module docstring), one line
-        each; [] when it is intact."""
+        each; [] when it is intact.
+
+        `shared`: a reader's check (the dashboard), which writes nothing: the lock is taken
+        shared on a read-only descriptor of the existing lock file (`AuditFiles.shared`), so
+        readers do not wait for one another and an append waits only while the rows are read;
+        a missing lock file is `AuditUnavailable`. Otherwise the writers' exclusive lock
+        (created if missing)."""
         files = self._files
         with self._failures("read"):
-            with files.locked():
+            with files.shared() if shared else files.locked():
                 rows = self._store.rows()
                 key = files.read_key()
                 head_text = files.read_head_text()

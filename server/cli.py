@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Annotated, TextIO
 import typer
 from pydantic import ValidationError
 
+from confide.common import metrics
 from confide.common.terminal import RefusingGroup, errors, fail, output_console
+from confide.server.cli_dashboard import dashboard
 from confide.server.cli_models import models_app
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ audit_app = typer.Typer(
 )
 app.add_typer(audit_app, name="audit")
 app.add_typer(models_app, name="models")
+app.command()(dashboard)
 
 
 console = output_console()
@@ -343,19 +346,30 @@ def institutions_revoke(
 
 
 @app.command()
-def start(state: StateOption) -> None:
-    """Run the coordinator: SuperLink, institutions' Fleet API front, enrollment service.
+def start(
+    state: StateOption,
+    metrics_port: metrics.PortOption = 9464,
+    metrics_address: metrics.AddressOption = "127.0.0.1",
+) -> None:
+    """Run the coordinator: SuperLink, institutions' Fleet API front, enrollment service,
+    and /metrics for Prometheus.
 
     The SuperLink (TLS, institution authentication) listens on 127.0.0.1 only: its Control
     API authenticates no caller. Institutions reach its Fleet API through the front on the
-    public port, which refuses everything else."""
+    public port, which refuses everything else. /metrics listens on 127.0.0.1 unless told
+    otherwise and sends nothing anywhere."""
     from confide.server.coordinator import run_coordinator
     from confide.server.settings import StateDir
 
     directory = StateDir(state)
     try:
         settings = directory.load_settings()
-        run_coordinator(directory, settings, lambda line: console.print(line, highlight=False))
+        run_coordinator(
+            directory,
+            settings,
+            lambda line: console.print(line, highlight=False),
+            metrics=metrics.Endpoint(metrics_address, metrics_port),
+        )
     except OSError as error:
         raise fail(str(error)) from None
 

@@ -8,6 +8,10 @@ service, as one coordinator process.
 - The Fleet API front (`confide.server.front`) listens on the public `bind:superlink_port`
   and passes SuperNodes' Fleet API calls on to it, refusing everything else.
 - The enrollment service (gRPC, TLS) listens on `bind:enrollment_port`.
+- `/metrics` (Prometheus, `confide.server.metrics`) listens on `--metrics-address`
+  (127.0.0.1 by default; anything else is warned about: it authenticates no one) and
+  `--metrics-port` (9464; 0: none), from threads of this process; its background questions
+  to the SuperLink stop with it.
 
 Starting fails safe: every port is checked before anything starts (a taken one is named, and
 the front's is kept listening from then on), a second coordinator for the same state folder
@@ -42,6 +46,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from confide.common.environment import stop_process_group
 from confide.common.errors import CoordinatorError
+from confide.common.metrics import Endpoint, MetricsServer, exposure_warning, port_taken
+from confide.common.metrics import serve as serve_endpoint
 from confide.server.audit import AuditError, AuditLog
 from confide.server.enrollment import EnrollmentService, FlowerRegistrar, serve
 from confide.server.flower import executable, flower_environment, write_connection
@@ -54,15 +60,21 @@ STOP_SECONDS = 60.0  # the SuperLink's own grace (20 s) and the services' (5 s e
 
 
 def run_coordinator(
-    directory: StateDir, settings: ServerSettings, say: Callable[[str], None]
+    directory: StateDir,
+    settings: ServerSettings,
+    say: Callable[[str], None],
+    *,
+    metrics: Endpoint | None = None,
 ) -> None:
-    """Start the three services, report where they listen, and run until SIGTERM or SIGINT.
-    Whatever was started is stopped again, in reverse order, however this ends."""
+    """Start the three services (and `/metrics` at `metrics`, unless None or port 0), report
+    where they listen, and run until SIGTERM or SIGINT. Whatever was started is stopped
+    again, in reverse order, however this ends."""
     stop = _stop_on_signals()
     directory = StateDir(directory.root.resolve())  # children run elsewhere
     directory.logs.mkdir(exist_ok=True)
     with ExitStack() as stack:
         front_socket, control_port, engine = _claim(stack, directory, settings)
+        endpoint = _serve_metrics(stack, directory, engine, metrics or Endpoint())
         audit = AuditLog(directory, engine)
         started: dict[str, str | int] = {}
         stack.callback(_record_stop, audit, started, say)
@@ -73,8 +85,15 @@ def run_coordinator(
             return
         front = _run_front(stack, directory, front_socket, control_port)
         _run_enrollment(stack, directory, settings, engine=engine, audit=audit)
-        started.update(_record_start(audit, settings, control_port))
-        _announce(say, settings=settings, control_port=control_port, log=log, directory=directory)
+        started.update(_record_start(audit, settings, control_port, endpoint))
+        _announce(
+            say,
+            settings=settings,
+            control_port=control_port,
+            log=log,
+            directory=directory,
+            metrics=endpoint,
+        )
         _supervise(superlink, front=front, stop=stop, log=log)
         say("stopping")
 
@@ -91,6 +110,24 @@ def _claim(
     engine = _open_database(directory, settings)
     stack.callback(engine.dispose)
     return front_socket, control_port, engine
+
+
+def _serve_metrics(
+    stack: ExitStack, directory: StateDir, engine: Engine, endpoint: Endpoint
+) -> MetricsServer | None:
+    """`/metrics`, bound before anything starts (a taken port refuses the start, naming it)
+    and stopped with the coordinator; None when turned off (port 0)."""
+    if endpoint.off:
+        return None
+    from confide.server.metrics import collector
+
+    served = collector(directory, engine)
+    try:
+        server = serve_endpoint(served, endpoint, on_stop=served.close)
+    except OSError as error:
+        raise CoordinatorError(port_taken("the coordinator", endpoint, error)) from None
+    stack.callback(server.stop)
+    return server
 
 
 def _run_front(
@@ -288,7 +325,10 @@ def _serve_enrollment(
 
 
 def _record_start(
-    audit: AuditLog, settings: ServerSettings, control_port: int
+    audit: AuditLog,
+    settings: ServerSettings,
+    control_port: int,
+    metrics: MetricsServer | None = None,
 ) -> dict[str, str | int]:
     """`service.started`; a log that cannot be written stops the start (fail safe)."""
     details: dict[str, str | int] = {
@@ -297,6 +337,8 @@ def _record_start(
         "enrollment": f"{settings.bind}:{settings.enrollment_port}",
         "pid": os.getpid(),
     }
+    if metrics is not None:
+        details["metrics"] = metrics.url
     try:
         audit.append("service.started", actor="coordinator", **details)
     except AuditError as error:
@@ -323,6 +365,7 @@ def _announce(
     control_port: int,
     log: Path,
     directory: StateDir,
+    metrics: MetricsServer | None,
 ) -> None:
     say(
         f"Fleet API front (TLS, institutions' SuperNodes) listening on "
@@ -333,6 +376,10 @@ def _announce(
         f"listening on 127.0.0.1:{control_port}; log: {log}"
     )
     say(f"enrollment service (TLS) listening on {settings.bind}:{settings.enrollment_port}")
+    if metrics is not None:
+        say(f"metrics (Prometheus, plain HTTP) listening on {metrics.url}")
+        if warning := exposure_warning("the coordinator", Endpoint(metrics.address, metrics.port)):
+            say(warning)
     say(f"ready; stop with Ctrl-C, SIGTERM or `confide-server stop --dir {directory.root}`")
 
 

@@ -9,7 +9,10 @@ Who a node is comes from one of two places. In deployment, from the coordinator'
 of the key each institution registered at enrollment (`registered`: node id -> name, revoked
 institutions left out): a node cannot choose its name, and a node that is not an enrolled
 institution is never sampled. In simulation every node runs confide's own ClientApp on
-partitions the coordinator made, so each is asked (a `query` message).
+partitions the coordinator made: the engine's own node -> partition mapping names them
+(`registered` again; confide.simulations.dispatch), or, where that is not at hand (a
+simulation with injected faults, `flwr run` without a coordinator), each node is asked (a
+`query` message).
 """
 
 from __future__ import annotations
@@ -125,10 +128,11 @@ class Roster:
         if self.registered is None:
             return live
         enrolled = self.registered()
-        for node in set(live) - set(enrolled) - self.strangers:
+        online = set(live)  # a set: a simulation names 10,000 nodes this way every round
+        for node in online - set(enrolled) - self.strangers:
             self.strangers.add(node)
             log(WARNING, "node %d is not an enrolled institution; it is never sampled", node)
-        self.names = {node: name for node, name in enrolled.items() if node in live}
+        self.names = {node: name for node, name in enrolled.items() if node in online}
         for name in self.names.values():
             self.history.spend(name)  # listed in the results even if never sampled
         return list(self.names)

@@ -163,13 +163,19 @@ def bench(
     rounds: Annotated[int, typer.Option(help="rounds per variant")] = 15,
     output: Annotated[Path, typer.Option(help="the Markdown report")] = Path("docs/benchmarks.md"),
     scale: Annotated[
-        bool, typer.Option(help="also run synthetic-1000 and record its round time and memory")
+        bool,
+        typer.Option(
+            help="also run synthetic-10000 (10,000 institutions) under confide (DP on, DP "
+            "off) and plain Flower, and check the round-time target (at most 0.5x plain "
+            "Flower's)"
+        ),
     ] = False,
     deployed: Annotated[
         bool,
         typer.Option(
             help="instead: time a real coordinator and 2 institutions on 127.0.0.1 "
-            "(ROUNDS rounds) and update only that section of OUTPUT"
+            "(ROUNDS rounds), then 10 institutions on one host (3 rounds: time, memory, no "
+            "round recorded twice), and update only that section of OUTPUT"
         ),
     ] = False,
     accountants: Annotated[

@@ -18,10 +18,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from confide.common.environment import (
     FLOWER_DEFAULTS,
@@ -30,6 +34,7 @@ from confide.common.environment import (
     wait_until_listening,
 )
 from confide.common.errors import DeploymentBenchError
+from confide.privacy.ledger_index import INDEX_ENV
 from confide.server.results import RESULTS, Results, median_after_first
 from confide.simulations.export import export_institutions
 from confide.simulations.scenario import load_scenario
@@ -48,10 +53,32 @@ class DeployedMeasurement:
     total_seconds: float
     accuracy: float
     epsilon_max: float
+    run: str = ""
 
     @property
     def median_round(self) -> float:
         return median_after_first(self.seconds)
+
+
+@dataclass
+class ManyMeasurement:
+    """Many institutions on one host (`measure_many`): a train-only job's round times, each
+    institution's memory (all its processes: `confide-client start`, its SuperNode and its
+    runner), and whether any round was trained or recorded twice."""
+
+    job: DeployedMeasurement
+    idle_mib: list[float]  # per institution, after the job, once its processes settled
+    peak_mib: list[float]  # per institution, the largest seen during the job
+    peak_total_mib: float  # all institutions together, the largest seen during the job
+    rounds_recorded: dict[str, list[int]]  # institution -> the rounds its ledger holds
+    roles_mib: dict[str, float]  # one institution's processes after the job, by role
+    failed_tasks: int  # tasks the runners logged as not completed
+    copies_refused: int  # messages delivered again and refused (`confide.client.served`)
+
+    @property
+    def twice(self) -> int:
+        """Rounds some institution's ledger holds more than once for the job."""
+        return sum(len(rounds) - len(set(rounds)) for rounds in self.rounds_recorded.values())
 
 
 def _free_port() -> int:
@@ -94,7 +121,7 @@ def clientapp_import_seconds(repeats: int = 3) -> float:
 VARIANTS = (("train + federated evaluation", 1.0), ("train only", 0.0))
 
 
-def _job(rounds: int, fraction_evaluate: float) -> str:
+def _job(rounds: int, fraction_evaluate: float, institutions: int) -> str:
     return f"""
 name = "digits-deployed-bench"
 seed = 0
@@ -109,61 +136,96 @@ delta = 1e-5
 [federation]
 rounds = {rounds}
 fraction_evaluate = {fraction_evaluate}
-min_available = {INSTITUTIONS}
-min_train = {INSTITUTIONS}
-min_evaluate = {INSTITUTIONS if fraction_evaluate else 0}
+min_available = {institutions}
+min_train = {institutions}
+min_evaluate = {institutions if fraction_evaluate else 0}
 timeout = 300
 """
+
+
+def _restore_environment(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@dataclass
+class Deployment:
+    """A coordinator and its institutions running on this host (`_deploy`)."""
+
+    server: str
+    state: Path
+    root: Path
+    institutions: dict[str, subprocess.Popen[bytes]]  # name -> its `confide-client start`
 
 
 def measure_deployed(rounds: int) -> list[DeployedMeasurement]:
     """Run a coordinator and two institutions on this host and time a `rounds`-round DP job,
     with and without federated evaluation, one after the other on the same deployment."""
-    os.environ.update(FLOWER_DEFAULTS)
-    server, client = executable("confide-server"), executable("confide-client")
     with tempfile.TemporaryDirectory(prefix="confide-bench-") as scratch, ExitStack() as stack:
-        root = Path(scratch)
-        state = root / "coordinator"
-        superlink, enrollment = _free_port(), _free_port()
-        _cli(server, "init", "--dir", str(state), "--bind", "127.0.0.1",
-             "--superlink-port", str(superlink), "--enrollment-port", str(enrollment))  # fmt: skip
-        coordinator = _start(stack, server, "start", "--dir", str(state), log=root / "server.log")
-        try:
-            wait_until_listening(enrollment, coordinator, STARTUP_SECONDS)
-        except (ChildProcessError, TimeoutError) as error:
-            raise DeploymentBenchError(f"the coordinator {error}") from None
-        scenario = load_scenario(
-            "digits-dp", {"simulation": {"institutions": INSTITUTIONS}}, fit_minimums=True
-        )
-        for index, data in enumerate(export_institutions(scenario, root / "data")):
-            name = f"hospital-{index}"
-            token = root / f"{name}.token"
-            token.write_text(
-                _cli(server, "token", "create", "--dir", str(state), "--institution", name)
-            )
-            _cli(client, "join", "--server", f"127.0.0.1:{enrollment}", "--token-file",
-                 str(token), "--dir", str(root / name), "--data", str(data), "--port",
-                 str(_free_port()), "--no-start",
-                 # Two target-epsilon-8 jobs on the same data: the default limit (10) would
-                 # refuse the second; the benchmark times rounds, not the limit.
-                 "--max-epsilon", "100")  # fmt: skip
-            _start(stack, client, "start", "--dir", str(root / name), log=root / f"{name}.log")
+        deployment = _deploy(stack, Path(scratch), INSTITUTIONS)
         return [
-            _run_job(server, state, root, rounds=rounds, label=label, fraction=fraction)
+            _run_job(deployment, rounds=rounds, label=label, fraction=fraction)
             for label, fraction in VARIANTS
         ]
 
 
+def _deploy(stack: ExitStack, root: Path, institutions: int) -> Deployment:
+    """`confide-server init` and `start` in `root`, then `institutions` institutions joined
+    with their own tokens and started (each with its share of the digits data); everything
+    is stopped when `stack` closes."""
+    os.environ.update(FLOWER_DEFAULTS)
+    # The institutions' ledgers go into an index of their own: the bench's data must not meet
+    # (or be refused for) the ledgers of earlier runs on this host, and leaves none behind.
+    stack.callback(_restore_environment, INDEX_ENV, os.environ.get(INDEX_ENV))
+    os.environ[INDEX_ENV] = str(root / "ledgers.json")
+    server, client = executable("confide-server"), executable("confide-client")
+    state = root / "coordinator"
+    superlink, enrollment = _free_port(), _free_port()
+    _cli(server, "init", "--dir", str(state), "--bind", "127.0.0.1",
+         "--superlink-port", str(superlink), "--enrollment-port", str(enrollment))  # fmt: skip
+    coordinator = _start(stack, server, "start", "--dir", str(state), "--metrics-port",
+                         str(_free_port()), log=root / "server.log")  # fmt: skip
+    try:
+        wait_until_listening(enrollment, coordinator, STARTUP_SECONDS)
+    except (ChildProcessError, TimeoutError) as error:
+        raise DeploymentBenchError(f"the coordinator {error}") from None
+    scenario = load_scenario(
+        "digits-dp", {"simulation": {"institutions": institutions}}, fit_minimums=True
+    )
+    started = {}
+    for index, data in enumerate(export_institutions(scenario, root / "data")):
+        name = f"hospital-{index}"
+        token = root / f"{name}.token"
+        token.write_text(
+            _cli(server, "token", "create", "--dir", str(state), "--institution", name)
+        )
+        _cli(client, "join", "--server", f"127.0.0.1:{enrollment}", "--token-file",
+             str(token), "--dir", str(root / name), "--data", str(data), "--port",
+             str(_free_port()), "--no-start",
+             # Each institution's own /metrics port (saved by join): they share this host.
+             "--metrics-port", str(_free_port()),
+             # Two target-epsilon-8 jobs on the same data: the default limit (10) would
+             # refuse the second; the benchmark times rounds, not the limit.
+             "--max-epsilon", "100")  # fmt: skip
+        log = root / f"{name}.log"
+        started[name] = _start(stack, client, "start", "--dir", str(root / name), log=log)
+    return Deployment(server, state, root, started)
+
+
 def _run_job(
-    server: str, state: Path, root: Path, *, rounds: int, label: str, fraction: float
+    deployment: Deployment, *, rounds: int, label: str, fraction: float, name: str = ""
 ) -> DeployedMeasurement:
-    job = root / f"job-{fraction:g}.toml"
-    job.write_text(_job(rounds, fraction))
+    server, state, root = deployment.server, deployment.state, deployment.root
+    institutions = len(deployment.institutions)
+    job = root / f"job-{name or f'{fraction:g}'}.toml"
+    job.write_text(_job(rounds, fraction, institutions))
     # The institutions were just started: wait for them to come online (submit refuses a
     # job whose minimums are not online).
     output = _cli(
-        server, "submit", str(job), "--dir", str(state), "--wait", "120",
-        timeout=60.0 * rounds + 420,
+        server, "submit", str(job), "--dir", str(state), "--wait", f"{STARTUP_SECONDS:g}",
+        timeout=60.0 * rounds + 420 + 10 * institutions,
     )  # fmt: skip
     run_id = output.split("as run ")[1].split(";")[0].strip()
     results_file = state / "runs" / f"run-{run_id}" / RESULTS
@@ -179,10 +241,124 @@ def _run_job(
         total_seconds=results.timing.total_seconds,
         accuracy=results.final.accuracy,
         epsilon_max=results.final.epsilon_max,
+        run=run_id,
     )
 
 
-def deployed_section(measured: list[DeployedMeasurement], import_seconds: float) -> str:
+MANY_INSTITUTIONS = 10
+MANY_ROUNDS = 3
+_SAMPLE_SECONDS = 0.5
+
+
+def measure_many(
+    institutions: int = MANY_INSTITUTIONS, rounds: int = MANY_ROUNDS
+) -> ManyMeasurement:
+    """`institutions` institutions and their coordinator on this host, a `rounds`-round
+    train-only DP job over all of them; memory sampled every 0.5 s, each ledger read after."""
+    with tempfile.TemporaryDirectory(prefix="confide-bench-") as scratch, ExitStack() as stack:
+        deployment = _deploy(stack, Path(scratch), institutions)
+        with _InstitutionMemory(deployment.institutions) as memory:
+            job = _run_job(deployment, rounds=rounds, label="train only", fraction=0.0,
+                           name="many")  # fmt: skip
+        time.sleep(5 * _SAMPLE_SECONDS)  # the last replies sent, the runners idle again
+        idle = [memory.tree_mib(process) for process in deployment.institutions.values()]
+        roles = _roles_mib(next(iter(deployment.institutions.values())))
+        recorded = {
+            name: _rounds_recorded(deployment.root / name, job.run)
+            for name in deployment.institutions
+        }
+        logs = [(deployment.root / f"{name}.log").read_text() for name in deployment.institutions]
+    return ManyMeasurement(
+        job=job,
+        idle_mib=idle,
+        peak_mib=[memory.peaks[name] for name in deployment.institutions],
+        peak_total_mib=memory.peak_total,
+        roles_mib=roles,
+        rounds_recorded=recorded,
+        failed_tasks=sum(log.count("could not be completed") for log in logs),
+        copies_refused=sum(log.count("came again") for log in logs),
+    )
+
+
+# What each process of an institution runs, by a word of its command line.
+_ROLES = (("confide.client.runner", "runner"), ("confide.client.flower_supernode", "SuperNode"))
+
+
+def _roles_mib(start: subprocess.Popen[bytes]) -> dict[str, float]:
+    """Resident MiB of `confide-client start` and of each process it started, by role."""
+    roles: dict[str, float] = {}
+    try:
+        root = psutil.Process(start.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return roles
+    for process in tree:
+        try:
+            command, mib = " ".join(process.cmdline()), process.memory_info().rss / 2**20
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        role = next((name for word, name in _ROLES if word in command), "other")
+        role = "confide-client start" if process.pid == start.pid else role
+        roles[role] = roles.get(role, 0.0) + mib
+    return roles
+
+
+def _rounds_recorded(folder: Path, run: str) -> list[int]:
+    """The rounds of `run` that the institution in `folder` recorded, in ledger order."""
+    from confide.privacy.ledger import Ledger
+
+    return [e.round for e in Ledger(folder).entries() if e.kind == "spend" and e.run == run]
+
+
+class _InstitutionMemory:
+    """Samples each institution's processes (resident memory, summed over its tree) in a
+    thread; keeps each one's peak and the peak of their sum."""
+
+    def __init__(self, institutions: dict[str, subprocess.Popen[bytes]]) -> None:
+        self.institutions = institutions
+        self.peaks = dict.fromkeys(institutions, 0.0)
+        self.peak_total = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def tree_mib(process: subprocess.Popen[bytes]) -> float:
+        """Resident MiB of `process` and all its descendants now."""
+        try:
+            root = psutil.Process(process.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
+        total = 0
+        for member in tree:
+            try:
+                total += member.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return total / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = {name: self.tree_mib(p) for name, p in self.institutions.items()}
+            for name, mib in now.items():
+                self.peaks[name] = max(self.peaks[name], mib)
+            self.peak_total = max(self.peak_total, sum(now.values()))
+            self._stop.wait(_SAMPLE_SECONDS)
+
+    def __enter__(self) -> _InstitutionMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def deployed_section(
+    measured: list[DeployedMeasurement],
+    import_seconds: float,
+    many: ManyMeasurement | None = None,
+) -> str:
     """The Markdown section for docs/benchmarks.md, between its markers."""
     first = measured[0]
     lines = [
@@ -213,28 +389,35 @@ def deployed_section(measured: list[DeployedMeasurement], import_seconds: float)
         "",
         "Before the runner (2026-12-01, the same jobs and machine, Flower's SuperExec "
         "starting a new `flwr-clientapp` process per message): 26.3 s per round with "
-        "federated evaluation, 16.6 s train only.",
+        "federated evaluation, 16.6 s train only. With the runner but Flower's 3 s idle "
+        "pull (2026-12-02): 10.5 s and 5.3 s.",
+        "",
+        *_verdict(measured),
         "",
         "What a round is made of. Each message (train; then evaluate, unless "
         "`federation.fraction_evaluate = 0`) goes through these steps at each institution:",
         "",
         "| step | seconds | whose |",
         "|---|---|---|",
-        "| the SuperNode notices the message: it sleeps 3 s after an empty pull | 0-3 | "
-        "Flower 1.41, hard-coded |",
+        "| the SuperNode notices the message: it pulls every 0.5 s while idle (Flower 1.41: "
+        "3 s, hard-coded; `confide.client.flower_supernode.prompt_pulls`) | 0-0.5 | "
+        "confide / Flower |",
         "| confide's runner (one warm process per institution, `confide.client.runner`) takes "
         "the task (it asks the SuperNode every 0.2 s) and checks the run's app | 0-0.2 | "
         "confide |",
         "| train: DP-SGD on ~650 examples and the institution's limit check; the first "
         "message of a runner also imports Opacus (about 2 s) | 0.1-0.5 | confide |",
         "| evaluate: scoring ~70 validation examples | 0.1 | confide |",
-        "| the reply travels back (SuperNode checks for replies every 0.5 s) and the "
-        "ServerApp collects it | 1-1.5 | Flower / confide |",
+        "| the reply travels back (the SuperNode checks for replies every 0.1 s, Flower: "
+        "0.5 s) and the ServerApp collects it (every 0.1 s) | 0.2-1 | Flower / confide |",
         "",
         "What confide does to cut it:",
         "",
         "- the runner imports torch, Opacus and confide once, not per message, and runs the "
         "verified ClientApp in its own process (no `flwr-clientapp` process per message);",
+        "- each institution's SuperNode pulls every 0.5 s while idle instead of 3 s, and "
+        "sends a reply within 0.1 s instead of 0.5 s (`prompt_pulls`): the same "
+        "authenticated requests, sooner;",
         "- the ServerApp collects replies every 0.1 s instead of the 3 s of Flower's "
         "deployed grid (`confide.server.polling.PromptGrid`);",
         "- the coordinator's SuperExec looks for ServerApps to start every 0.1 s instead of "
@@ -243,13 +426,66 @@ def deployed_section(measured: list[DeployedMeasurement], import_seconds: float)
         "4-6 s) is computed once per job and kept in the node's state;",
         "- turning federated evaluation off halves the messages per round (second row).",
         "",
-        "Not cut: the SuperNode's 3 s pull interval is Flower's (hard-coded), so a message "
-        "waits 1.5 s on average before anyone sees it. Here two institutions, the SuperLink "
-        "and the ServerApp share 2 CPUs, and round times vary with the machine's load; "
-        "institutions on their own machines are faster.",
+        "Not cut: the messages still go through the SuperLink and each institution's "
+        "SuperNode (store, pull, confirm, objects pulled one request each); round 1 also "
+        "pays the runner's Opacus import and the job's noise calibration. Here two "
+        "institutions, the SuperLink and the ServerApp share 2 CPUs, and round times vary "
+        "with the machine's load; institutions on their own machines are faster.",
+        *(_many_lines(many) if many is not None else []),
         END,
     ]
     return "\n".join(lines)
+
+
+def _many_lines(many: ManyMeasurement) -> list[str]:
+    """The many-institutions part of the section (`measure_many`)."""
+    count, job = len(many.idle_mib), many.job
+    twice = "none" if many.twice == 0 else f"{many.twice} (a bug: each must be once)"
+    each = ", ".join(f"{s:.1f}" for s in job.seconds)
+    roles = ", ".join(f"{role} {mib:.0f}" for role, mib in many.roles_mib.items())
+    return [
+        "",
+        f"### {count} institutions on one host",
+        "",
+        f"The same, with {count} institutions (each `confide-client start` with its SuperNode "
+        f"and runner) and a {job.rounds}-round train-only job that asks all of them every "
+        f"round, on the same {_cpus()} CPUs.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| seconds of each round | {each} |",
+        f"| s/round (median r2..) | {job.median_round:.1f} |",
+        f"| memory of one institution after the job (MiB, resident, all its processes) | "
+        f"{statistics.median(many.idle_mib):.0f} (median), {max(many.idle_mib):.0f} (max) |",
+        f"| largest seen during the job, one institution / all together (MiB) | "
+        f"{max(many.peak_mib):.0f} / {many.peak_total_mib:.0f} |",
+        f"| tasks a runner could not complete | {many.failed_tasks} |",
+        f"| copies of a message delivered again and refused | {many.copies_refused} |",
+        f"| rounds some ledger holds twice | {twice} |",
+        "",
+        "Resident memory counts the libraries' shared pages once per process, so the sum "
+        "over-states what the host gives them. One institution's processes after the job "
+        f"(MiB): {roles}. The runner holds torch and Opacus, imported once; "
+        "`confide-client start` checks the data without importing torch (before 2026-12-02 "
+        "it imported it, about 180 MiB more per institution).",
+    ]
+
+
+# Issue 15's targets, seconds per round (median of rounds 2..), 2 institutions, 2 CPUs.
+TARGETS = {"train only": 5.0, "train + federated evaluation": 8.0}
+
+
+def _verdict(measured: Sequence[DeployedMeasurement]) -> list[str]:
+    """One line per job with a target: the target, the measured median, met or missed."""
+    lines = []
+    for m in measured:
+        if (target := TARGETS.get(m.variant)) is not None:
+            verdict = "met" if m.median_round <= target else "MISSED"
+            lines.append(
+                f"- target for {m.variant}: at most {target:g} s per round; measured "
+                f"{m.median_round:.1f} s: {verdict}."
+            )
+    return ["Targets:", "", *lines] if lines else []
 
 
 def _cpus() -> int:

@@ -12,12 +12,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
 from confide.client.data import SimulatedInstitutions
 from confide.client.device import resolve_device
@@ -39,6 +41,8 @@ from confide.server.model_file import (
 )
 from confide.server.results import FaultEvent
 from confide.simulations.adversity import Adversity
+from confide.simulations.dispatch import EngineRoster, prompt_engine
+from confide.simulations.dispatch import supported as engine_supported
 from confide.simulations.environment import apply_defaults
 from confide.simulations.resources import MemorySampler
 from confide.simulations.scenario import ScenarioConfig
@@ -49,6 +53,9 @@ if TYPE_CHECKING:
     import torch
 
     from confide.server.checkpoint import Checkpoint, Checkpointing
+
+
+REPLY_SECONDS = 0.02  # how often the ServerApp collects replies in simulation
 
 
 @dataclass
@@ -162,11 +169,22 @@ def simulate(
     scenario: ScenarioConfig,
     *,
     verbose: bool = False,
+    prompt: bool = False,
+    roster: EngineRoster | None = None,
 ) -> tuple[float, int]:
     """Run the two apps on `scenario.simulation.institutions` virtual nodes.
 
+    `prompt` runs Flower's engine with confide's message dispatch
+    (confide.simulations.dispatch: one pass over the messages instead of one per node,
+    every 20 ms), publishing the engine's node -> partition mapping to `roster`; without it
+    the engine is Flower's own (what the plain Flower benchmark measures).
+
     Returns (wall seconds, peak resident memory of this process and its Ray workers).
+    ValueError for a `roster` without `prompt`: only confide's dispatch fills it, and a
+    ServerApp waiting for it would wait until its timeout.
     """
+    if roster is not None and not prompt:
+        raise ValueError("a roster is filled only by confide's dispatch: pass prompt=True")
     apply_defaults()
     from flwr.simulation import run_simulation
 
@@ -185,7 +203,7 @@ def simulate(
         flower_logger.setLevel(logging.WARNING)
     started = time.perf_counter()
     try:
-        with MemorySampler() as memory:
+        with MemorySampler() as memory, _engine(prompt, roster):
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
@@ -201,6 +219,23 @@ def simulate(
             os.environ.pop("FLWR_HOME", None)
             shutil.rmtree(scratch, ignore_errors=True)
     return time.perf_counter() - started, memory.peak_bytes
+
+
+def _engine(prompt: bool, roster: EngineRoster | None) -> AbstractContextManager[bool]:
+    return prompt_engine(roster) if prompt else nullcontext(False)
+
+
+def _prompt_grid(wrapper: Callable[[Grid], Grid] | None) -> Callable[[Grid], Grid]:
+    """The ServerApp's grid: Flower's in-memory grid collecting replies every
+    `REPLY_SECONDS` (its constructor's `pull_interval`, 0.1 s by default: a round waits for
+    its last reply up to that long after it arrived), wrapped by `wrapper` (faults) if any."""
+
+    def prompt(grid: Grid) -> Grid:
+        if isinstance(grid, InMemoryGrid):
+            grid.pull_interval = REPLY_SECONDS
+        return wrapper(grid) if wrapper is not None else grid
+
+    return prompt
 
 
 def preflight(scenario: ScenarioConfig, split: FederatedSplit) -> None:
@@ -301,6 +336,15 @@ def run_scenario(
         position = run_position(state, scenario.simulation.institutions)
         noise_seed = derive_seed(scenario.seed, "central", position)
     adversity = Adversity(scenario)  # [attack] and [faults]; none: the honest apps
+    faulty = adversity.grid_wrapper()
+    # Virtual institution i is named "i" by its ClientApp (confide.client.data); without
+    # faults the coordinator takes the names from the engine's own node -> partition mapping
+    # instead of a query message to every node (10,000 Ray calls at 10,000 institutions).
+    # FaultyGrid learns the names from the query's replies, so with faults the nodes are
+    # asked, as in deployment without a coordinator.
+    # Another Flower release runs its own dispatch, which publishes nothing: ask there too.
+    named = faulty is None and engine_supported()
+    roster = EngineRoster(timeout=job.federation.timeout) if named else None
     server_app = build_server_app(
         job,
         name=scenario.name,
@@ -310,11 +354,14 @@ def run_scenario(
         noise_seed=noise_seed,
         initial=initial,
         checkpointing=_checkpointing(scenario, checkpoint, state, resume),
-        grid_wrapper=adversity.grid_wrapper(),
+        grid_wrapper=_prompt_grid(faulty),
+        registered=roster.names if roster is not None else None,
     )
     client_app = adversity.client_app(source, noise_seed=scenario.seed)
     try:
-        seconds, peak = simulate(server_app, client_app, scenario, verbose=verbose)
+        seconds, peak = simulate(
+            server_app, client_app, scenario, verbose=verbose, prompt=True, roster=roster
+        )
     except Exception as error:  # run_simulation re-raises the ServerApp's exception
         raise SimulationError(f"the simulation failed: {type(error).__name__}: {error}") from error
     if len(history.rounds) != job.federation.rounds and history.stopped is None:

@@ -1,5 +1,6 @@
-"""Test-wide settings: Flower and Ray stay quiet and offline, and no test touches the host's
-ledger index (`confide.privacy.ledger_index`) in the real home directory."""
+"""Test-wide settings: Flower and Ray stay quiet and offline, no test touches the host's
+ledger index (`confide.privacy.ledger_index`) in the real home directory, and no process a
+test starts claims the fixed /metrics ports."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ for _name, _value in {
     "RAY_USAGE_STATS_ENABLED": "0",
 }.items():
     os.environ.setdefault(_name, _value)
+
+# `confide-server start` and `confide-client start` serve /metrics on fixed ports by default;
+# the tests' coordinators and institutions serve none (they run side by side; `join` saves the
+# 0 in institution.toml) unless a test gives a port of its own (--metrics-port, or this
+# variable: tests/integration/test_coordinator.py's coordinator and institutions).
+os.environ["CONFIDE_METRICS_PORT"] = "0"
 
 # Set before any test module is imported: some build their subprocesses' environment at
 # import time. The autouse fixture below gives each test a fresh index of its own.

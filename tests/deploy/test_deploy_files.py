@@ -1,9 +1,12 @@
-"""deploy/: the Dockerfile, compose file and Kubernetes manifests agree with each other and
-with the code (images, ports, volumes, paths). No container engine is needed: the files are
-parsed and cross-checked; `kubectl kustomize` runs when kubectl is installed."""
+"""deploy/: the Dockerfile, compose file, Kubernetes manifests and the monitoring (Prometheus,
+Grafana) agree with each other and with the code (images, ports, volumes, paths, metric
+names). No container engine is needed: the files are parsed and cross-checked; `kubectl
+kustomize` runs when kubectl is installed."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import re
 import shutil
 import subprocess
@@ -12,6 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from confide.client import cli as client_cli
+from confide.client import metrics as client_metrics
+from confide.client.institution import InstitutionConfig
+from confide.server import cli as server_cli
+from confide.server import metrics as server_metrics
 from confide.server.jobs import load_job
 from confide.server.settings import ServerSettings
 
@@ -24,6 +32,9 @@ PORTS = {
 }
 IMAGES = {"coordinator": "confide/coordinator:0.1.0", "institution": "confide/institution:0.1.0"}
 STATE_MOUNT = "/var/lib/confide"
+# Services of the compose file that are not confide's: its monitoring, from pinned images.
+MONITORING = {"prometheus", "grafana"}
+INSTITUTIONS = ("hospital-a", "hospital-b")
 
 
 def _dockerfile_lines() -> list[str]:
@@ -112,6 +123,10 @@ def test_compose_builds_the_two_targets_under_the_same_image_names(compose):
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
         assert service["image"] == IMAGES[build["target"]]
     for name, service in compose["services"].items():
+        if name in MONITORING:
+            tag = service["image"].partition(":")[2]
+            assert tag and tag != "latest", f"{name}: pin the image's version"
+            continue
         assert service["image"] in IMAGES.values(), name
 
 
@@ -126,9 +141,12 @@ def test_compose_volumes_are_declared_and_state_is_persistent(compose):
     for name, service in compose["services"].items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
+            if source.startswith("./"):  # a file of deploy/, mounted read-only
+                assert (DEPLOY / source).exists() and volume.endswith(":ro"), (name, volume)
+                continue
             assert source in declared, f"{name}: volume {source} is not declared"
         assert all(dep in compose["services"] for dep in service.get("depends_on", {})), name
-    for name in ("coordinator", "hospital-a", "hospital-b"):
+    for name in ("coordinator", *INSTITUTIONS):
         mounts = {v.split(":")[1] for v in compose["services"][name]["volumes"]}
         assert STATE_MOUNT in mounts, f"{name} keeps its state in the container"
 
@@ -144,6 +162,137 @@ def test_institutions_reach_a_name_in_the_coordinators_certificate(compose):
         # The token file the institution reads is one the invite service writes.
         assert env["CONFIDE_TOKEN_FILE"] == f"/tokens/{name}" and name in invite
         assert env["CONFIDE_DATA"].startswith("/data/")
+
+
+# --- monitoring: Prometheus and Grafana ----------------------------------------------------------
+
+
+def _mounted(service: dict, target: str) -> Path:
+    """The file of deploy/ that `service` mounts at `target`."""
+    (source,) = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == target]
+    return DEPLOY / source
+
+
+def _cli_default(command: object, option: str) -> object:
+    return inspect.signature(command).parameters[option].default  # type: ignore[arg-type]
+
+
+def test_the_commands_serve_metrics_on_the_ports_the_modules_name_on_loopback_by_default():
+    assert _cli_default(server_cli.start, "metrics_port") == server_metrics.METRICS_PORT
+    assert _cli_default(server_cli.start, "metrics_address") == "127.0.0.1"
+    # An institution's are its settings (saved by `join`); the options only override them.
+    fields = InstitutionConfig.model_fields
+    assert fields["metrics_port"].default == client_metrics.METRICS_PORT
+    assert fields["metrics_address"].default == "127.0.0.1"
+    for command in (client_cli.start, client_cli.join):
+        assert _cli_default(command, "metrics_port") is None
+        assert _cli_default(command, "metrics_address") is None
+
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_UNIT_SECONDS = {
+    "ms": 0.001,
+    "s": 1,
+    "m": 60,
+    "h": 3600,
+    "d": 86400,
+    "w": 7 * 86400,
+    "y": 365 * 86400,
+}
+
+
+def _seconds(duration: str) -> float:
+    """A Prometheus duration ("15s", "1m30s", "500ms") in seconds."""
+    parts = _DURATION.findall(duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(int(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+def test_prometheus_durations_are_read_as_durations():
+    assert _seconds("20s") < _seconds("3m") < _seconds("1h") and _seconds("1m30s") == 90
+    assert _seconds("500ms") == 0.5 and not _seconds("9s") <= _seconds("10ms")
+
+
+def test_prometheus_scrapes_the_coordinator_and_each_institution_where_they_serve(compose):
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = yaml.safe_load(_mounted(prometheus, "/etc/prometheus/prometheus.yml").read_text())
+    targets = {
+        target: static.get("labels", {})
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    expected = {f"coordinator:{server_metrics.METRICS_PORT}": {}} | {
+        f"{name}:{client_metrics.METRICS_PORT}": {"institution": name} for name in INSTITUTIONS
+    }
+    assert targets == expected
+    scrape = config["global"]
+    assert _seconds(scrape["scrape_timeout"]) <= _seconds(scrape["scrape_interval"])
+    for target in targets:
+        service = services[target.split(":")[0]]
+        # Inside a container the endpoint must listen beyond the container's loopback.
+        assert service["environment"]["CONFIDE_METRICS_ADDRESS"] == "0.0.0.0", target
+        assert target.split(":")[0] in prometheus["depends_on"]
+    # Published to the host's loopback only, as the coordinator's ports are.
+    for name in MONITORING:
+        assert all(port.startswith("127.0.0.1:") for port in services[name]["ports"]), name
+
+
+def _dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "confide.json").read_text())
+
+
+def _queried(dashboard: dict) -> set[str]:
+    """Every metric a panel of `dashboard` queries, as exported (a histogram's series named
+    by the histogram)."""
+    names = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"\bconfide_[a-z_]+", target["expr"]):
+                names.add(re.sub(r"_(bucket|count|sum)$", "", name))
+    return names
+
+
+def test_the_dashboard_queries_only_metrics_the_code_exports():
+    exported = server_metrics.METRICS | client_metrics.METRICS
+    queried = _queried(_dashboard())
+    assert queried <= set(exported), sorted(queried - set(exported))
+    histograms = {name for name in queried if exported[name] == "histogram"}
+    assert histograms == {"confide_round_duration_seconds"}
+    # What the dashboard is for: online, runs, round time, refusals, every epsilon.
+    assert {
+        "confide_institutions_online",
+        "confide_runs",
+        "confide_round_duration_seconds",
+        "confide_replies_refused_total",
+        "confide_central_epsilon",
+        "confide_institution_epsilon",
+        "confide_client_epsilon_remaining",
+    } <= queried
+
+
+def test_grafana_provisions_the_prometheus_source_and_the_dashboard_it_mounts(compose):
+    grafana = compose["services"]["grafana"]
+    provisioning = _mounted(grafana, "/etc/grafana/provisioning")
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    prometheus_port = compose["services"]["prometheus"]["ports"][0].split(":")[-1]
+    assert source["type"] == "prometheus"
+    assert source["url"] == f"http://prometheus:{prometheus_port}"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "confide.yml").read_text())[
+        "providers"
+    ]
+    dashboard_file = _mounted(grafana, f"{provider['options']['path']}/confide.json")
+    assert dashboard_file == DEPLOY / "grafana" / "confide.json"
+    dashboard = _dashboard()
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["current"]["value"] == source["uid"]
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
 
 
 # --- Kubernetes ---------------------------------------------------------------------------------

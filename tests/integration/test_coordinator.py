@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import threading
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,8 +39,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory):
-    with running_coordinator(tmp_path_factory.mktemp("coordinator") / "state") as running:
-        yield running
+    """The coordinator of this module, serving /metrics on a port of its own (given as
+    `confide-server start` reads it from the environment, as compose passes it)."""
+    metrics = free_port()
+    state = tmp_path_factory.mktemp("coordinator") / "state"
+    with running_coordinator(state, {"CONFIDE_METRICS_PORT": str(metrics)}) as running:
+        yield running | {"metrics": metrics}
 
 
 def server_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -112,8 +117,8 @@ def join(coordinator, data_file: Path, state: Path, name: str, *extra: str) -> s
     return str(tomllib.loads((state / "institution.toml").read_text())["node_id"])
 
 
-def start_client(state: Path) -> Started:
-    return confide("confide-client start", "--dir", str(state))
+def start_client(state: Path, *extra: str) -> Started:
+    return confide("confide-client start", "--dir", str(state), *extra)
 
 
 def plain(text: str) -> str:
@@ -309,18 +314,24 @@ def federation(coordinator, digits_files, tmp_path_factory):
     """Two institutions (train-0, train-1) joined with digits data and started once for the
     tests that run jobs; their state folders are under `root`."""
     root = tmp_path_factory.mktemp("federation")
-    running, ids = [], []
+    running, ids, metrics = [], [], [free_port() for _ in digits_files]
     try:
         for index, data in enumerate(digits_files):
             state = root / f"train-{index}"
             ids.append(join(coordinator, data, state, f"train-{index}", "--label-column", "digit"))
             assert (state / "institution.key").stat().st_mode & 0o777 == 0o600
-            running.append(start_client(state))
+            running.append(start_client(state, "--metrics-port", str(metrics[index])))
         for index, started in enumerate(running):
             started.wait_for(f"taking train-{index}'s tasks", 120)
         status = supernodes(coordinator)
         assert all(status.get(node) == "online" for node in ids), (ids, status)
-        yield {"root": root, "states": [root / "train-0", root / "train-1"], "ids": ids}
+        yield {
+            "root": root,
+            "states": [root / "train-0", root / "train-1"],
+            "ids": ids,
+            "metrics": metrics,
+            "started": running,
+        }
     finally:
         for started in running:
             started.finish()
@@ -549,6 +560,13 @@ def test_a_job_the_institutions_limits_refuse_says_so_in_its_summary_and_exit_co
     assert submitted.returncode == 3, submitted.stdout + submitted.stderr
     assert "train-0 refused" in submitted.stdout and "train-1 refused" in submitted.stdout
     assert "stopped early" in submitted.stdout and "its privacy limits" in submitted.stdout
+    # Each institution counts its own refusal too (a 'refused-round' entry in its ledger, once
+    # for the job), on its /metrics.
+    round_refusals = ("confide_client_refusals_total", frozenset({("reason", "round")}))
+    for folder, port in zip(federation["states"], federation["metrics"], strict=True):
+        assert scrape(port)[round_refusals] == 1, folder
+        entries = Ledger(folder).entries(read_only=True)
+        assert sum(e.kind == "refused-round" for e in entries) == 1, folder
 
 
 def test_a_job_needing_more_institutions_than_are_online_is_refused_with_the_numbers(
@@ -582,6 +600,94 @@ def signed_headers(state: Path) -> dict[str, str]:
         ).decode(),
         "content-type": "application/protobuf",
     }
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """/metrics on 127.0.0.1:`port` over HTTP: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_show_the_federation_the_coordinator_and_each_institution_see(
+    coordinator, federation
+):
+    """After the jobs above (a foreign app refused, a DP job, a continued one, one the
+    institutions' limits refused): /metrics of `confide-server start` and of each
+    `confide-client start`, scraped as Prometheus does."""
+    from confide.client.budget import budget
+    from confide.server.institutions import list_institutions
+    from confide.server.settings import StateDir
+    from confide.server.state import open_database
+
+    state = coordinator["state"]
+    assert f"127.0.0.1:{coordinator['metrics']}/metrics" in coordinator["started"].output
+    # The SuperLink is asked in the background: the first scrape may come before its answer.
+    up = ("confide_superlink_up", frozenset())
+    wait_until(
+        lambda: scrape(coordinator["metrics"])[up] == 1, seconds=90, what="the SuperLink's answer"
+    )
+    server = scrape(coordinator["metrics"])
+    directory = StateDir(state)
+    engine = open_database(directory.database_url(directory.load_settings()))
+    try:
+        rows = list_institutions(engine, None)
+    finally:
+        engine.dispose()
+    revoked = sum(row.revoked_at is not None for row in rows)
+    assert server[("confide_institutions_revoked", frozenset())] == revoked >= 1
+    assert server[("confide_institutions_enrolled", frozenset())] == len(rows) - revoked
+    assert server[up] == 1
+    assert 0 <= server[("confide_superlink_last_answer_age_seconds", frozenset())] < 90
+    for name in ("train-0", "train-1"):
+        assert server[("confide_institution_online", frozenset({("institution", name)}))] == 1
+    assert server[("confide_institutions_online", frozenset())] >= 2
+    finished = server[("confide_runs", frozenset({("state", "finished:completed")}))]
+    assert finished >= 3
+    # The DP job's figures are its results.json's.
+    for folder in (state / "runs").iterdir():
+        results = json.loads((folder / "results.json").read_text())
+        run = folder.name.removeprefix("run-")
+        if results["scenario"] == "too-costly":
+            refused = ("confide_replies_refused_total", frozenset(
+                {("run", run), ("phase", "train"), ("reason", "institution")}
+            ))  # fmt: skip
+            assert server[refused] == len(results["rejected_updates"]) >= 2
+        if results["scenario"] != "digits-deployed":
+            continue
+        assert server[("confide_run_rounds_completed", frozenset({("run", run)}))] == 2
+        count = ("confide_round_duration_seconds_count", frozenset({("run", run)}))
+        assert server[count] == 2
+        assert server[("confide_updates_accepted_total", frozenset({("run", run)}))] == 4
+        assert server[("confide_run_delta", frozenset({("run", run)}))] == 1e-5
+        for row in results["institutions"]:
+            labels = frozenset({("institution", row["id"]), ("run", run)})
+            named = labels | {("accountant", row["accountant"])}
+            assert server[("confide_institution_epsilon", named)] == row["epsilon"]
+            assert server[("confide_institution_dataset_delta", labels)] == row["dataset_delta"]
+            assert server[("confide_institution_rounds_trained_total", labels)] == 2
+    # Each institution's own: its ledger as `confide-client budget` reads it.
+    for folder, port, started in zip(
+        federation["states"], federation["metrics"], federation["started"], strict=True
+    ):
+        assert f"127.0.0.1:{port}/metrics" in started.output
+        own = scrape(port)
+        (line,) = budget(folder)
+        dataset = frozenset({("dataset", "default")})
+        assert own[("confide_client_ledger_verified", frozenset())] == 1
+        spent = dataset | {("accountant", line.accountant)}
+        assert own[("confide_client_epsilon_spent", spent)] == line.epsilon
+        assert own[("confide_client_epsilon_remaining", dataset)] == line.remaining
+        assert own[("confide_client_rounds_trained_total", dataset)] == line.rounds == 3
+        assert own[("confide_client_refusals_total", frozenset({("reason", "app")}))] == 1
+        assert own[("confide_client_refusals_total", frozenset({("reason", "round")}))] == 1
 
 
 def test_every_control_and_runtime_method_is_refused_to_institutions_enrolled_or_revoked(

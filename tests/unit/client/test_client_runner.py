@@ -45,9 +45,11 @@ from confide.client.runner import (
     acquire_request,
     write_secret,
 )
+from confide.client.served import SERVED_FILE
 from confide.client.supernode import Ending, Seen, classify, supernode_command
+from confide.common.errors import RunnerError
 from confide.privacy.ledger import Ledger, moved_to
-from confide.privacy.policy import APP_REFUSED
+from confide.privacy.policy import ALREADY_SERVED, APP_REFUSED, REFUSED_BY_POLICY
 
 pytestmark = pytest.mark.usefixtures("inside_a_run")
 RUN_ID = 4242
@@ -439,10 +441,21 @@ class RuntimeApi:
             run_config={},
         )
         self.state.set_run_series_context(run.series_id, context)
-        task_id = self.state.create_task(task_type=task_type, run_id=RUN_ID, fab_hash=fab.hash_str)
         message = Message(RecordDict(), dst_node_id=NODE, message_type=MessageType.QUERY)
+        return self.insert(task_type, message, fab)
+
+    def insert(self, task_type: str, message: Message, fab: Fab) -> int:
+        """What the SuperNode does with a message it pulls from the SuperLink (a copy of one
+        it saw before too, once it has forgotten it): a new task, and the message stored."""
+        task_id = self.state.create_task(task_type=task_type, run_id=RUN_ID, fab_hash=fab.hash_str)
         _insert_message(message, self.state, self.state.object_store)
         return task_id
+
+    def forget(self, message: Message, reply: Message) -> None:
+        """What the SuperNode does once it sent `reply`: drops both (`_push_messages`)."""
+        ids = [message.metadata.message_id, reply.metadata.message_id]
+        self.state.delete_messages(message_ids=ids)
+        self.state.object_store.delete(reply.metadata.message_id)
 
     def replies(self) -> list[Message]:
         return self.state.get_messages_legacy(run_ids=[RUN_ID], is_reply=True)
@@ -531,6 +544,51 @@ def test_confides_app_is_served_through_the_runtime_api(institution, supernode_a
     assert supernode_api.sub_status(task_id) == SubStatus.COMPLETED
 
 
+def test_a_train_message_delivered_again_is_not_trained_or_recorded_twice(
+    institution, supernode_api
+):
+    the_runner = runner(institution)
+    the_runner.address = supernode_api.address
+    fab = built({"pyproject.toml": pyproject()})
+    supernode_api.deliver(CLIENT_TASK, institution, fab)  # the run's context and FAB
+    assert take_one(supernode_api, the_runner, acquire_request())
+    supernode_api.replies()  # the query's
+    message = train_message()
+    first = supernode_api.insert(CLIENT_TASK, message, fab)
+    assert take_one(supernode_api, the_runner, acquire_request())
+    [trained] = supernode_api.replies()
+    assert not trained.has_error() and supernode_api.sub_status(first) == SubStatus.COMPLETED
+    supernode_api.forget(message, trained)
+
+    again = supernode_api.insert(CLIENT_TASK, message, fab)  # the same message, again
+    assert take_one(supernode_api, the_runner, acquire_request())
+    [refused] = supernode_api.replies()  # the first two were read already
+    assert refused.error.code == ALREADY_SERVED
+    assert refused.error.reason == (
+        f"hospital-a already answered this train message of run {RUN_ID}; a copy delivered "
+        "again is not run twice"
+    )
+    assert supernode_api.sub_status(again) == SubStatus.FAILED
+    assert [e.kind for e in Ledger(institution).entries()] == ["spend"]
+
+
+def test_a_restarted_runner_still_refuses_a_message_served_before(institution):
+    fab = built({"pyproject.toml": pyproject()})
+    message, context, run = task_input(institution, fab)
+    first = runner(institution).decide(CLIENT_TASK, message, context=context, run=run, fab=fab)
+    again = runner(institution).decide(CLIENT_TASK, message, context=context, run=run, fab=fab)
+    assert not first.reply.has_error()
+    assert again.reply.error.code == ALREADY_SERVED and again.status == SubStatus.FAILED
+    path = institution / SERVED_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_unreadable_record_of_served_messages_stops_the_runner(institution):
+    (institution / SERVED_FILE).write_text('{"message_ids": 7}')
+    with pytest.raises(RunnerError, match="not a record of served messages"):
+        runner(institution)
+
+
 def test_a_process_on_the_port_cannot_have_another_folder_trained(
     institution, tmp_path, impostor_api, caplog
 ):
@@ -550,7 +608,7 @@ def test_a_process_on_the_port_cannot_have_another_folder_trained(
 # -- what confide's ClientApp tells the coordinator of local problems ---------------------
 
 
-def train_message(server_round: int = 1) -> Message:
+def train_message(server_round: int = 1, noise_multiplier: float = 1.0) -> Message:
     from confide.privacy.config import PrivacyConfig, TrainConfig
     from confide.privacy.instructions import RoundInstructions
     from confide.tasks.config import TaskConfig
@@ -559,7 +617,7 @@ def train_message(server_round: int = 1) -> Message:
     instructions = RoundInstructions(
         task=TaskConfig(name="digits"),
         train=TrainConfig(batch_size=4, lr=0.1),
-        privacy=PrivacyConfig(noise_multiplier=1.0),
+        privacy=PrivacyConfig(noise_multiplier=noise_multiplier),
         rounds=3,
         features=1,
         labels=["0", "1"],
@@ -671,3 +729,19 @@ def test_the_supernode_runs_no_app_process_and_takes_the_runners_secret(institut
     assert after["--isolation"] == "process"
     assert after["--superexec-auth-secret-file"] == str(secret)
     assert (after["--host"], after["--port"]) == ("127.0.0.1", "9094")
+
+
+def test_a_round_the_limits_refuse_is_recorded_once_per_run_in_the_ledger(institution):
+    fab = built({"pyproject.toml": pyproject()})
+    _, context, run = task_input(institution, fab)
+    # sigma 0.01 over the job's 3 rounds spends far past the default limit (epsilon 10).
+    the_runner = runner(institution)
+    message = train_message(2, noise_multiplier=0.01)
+    outcome = the_runner.decide(CLIENT_TASK, message, context=context, run=run, fab=fab)
+    assert outcome.reply.error.code == REFUSED_BY_POLICY
+    again = train_message(3, noise_multiplier=0.01)  # a coordinator that keeps asking
+    the_runner.decide(CLIENT_TASK, again, context=context, run=run, fab=fab)
+    [entry] = Ledger(institution).entries()
+    assert (entry.kind, entry.run, entry.round) == ("refused-round", str(RUN_ID), 2)
+    assert json.loads(entry.note)["reason"] == outcome.reply.error.reason
+    assert Ledger(institution).verify() == [] and Ledger(institution).spent(1e-5) == []

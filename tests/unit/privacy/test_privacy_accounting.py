@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
@@ -198,3 +199,42 @@ def test_noise_for_budget_more_steps_need_more_noise():
 
 def test_rdp_orders_are_opacus_defaults():
     assert list(RDPAccountant.DEFAULT_ALPHAS) == accounting.RDP_ORDERS
+
+
+def test_a_ledger_epsilon_is_computed_without_importing_torch():
+    """`confide-client start` reads the ledger for its /metrics: Opacus's RDP analysis is
+    loaded without Opacus's package (which imports torch)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from confide.privacy.accounting import epsilon\n"
+        "print(epsilon([(1.0, 0.01, 1000)], 1e-5, 'rdp'))\n"
+        "print('torch' in sys.modules, 'opacus' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[1] == "False False"
+    assert float(out[0]) > 0
+
+
+def test_the_rdp_analysis_loaded_apart_gives_opacus_own_numbers():
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    from confide.privacy.accounting import RDP_ORDERS, _rdp_analysis_from_file
+
+    apart = _rdp_analysis_from_file()
+    assert apart is not opacus_rdp
+    for q, sigma, steps in [(0.01, 1.0, 1000), (0.2, 0.7, 30), (1.0, 3.0, 5)]:
+        ours = steps * np.asarray(apart.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                                    orders=RDP_ORDERS))  # fmt: skip
+        theirs = np.asarray(
+            opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=RDP_ORDERS)
+        )
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+        assert (
+            apart.get_privacy_spent(orders=RDP_ORDERS, rdp=ours, delta=1e-5)[0]
+            == (opacus_rdp.get_privacy_spent(orders=RDP_ORDERS, rdp=theirs, delta=1e-5)[0])
+        )

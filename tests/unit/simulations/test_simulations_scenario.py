@@ -28,6 +28,15 @@ def test_synthetic_1000_samples_a_tenth_with_dp():
     assert scenario.privacy.enabled
 
 
+def test_synthetic_10000_samples_a_hundred_of_ten_thousand_with_dp():
+    scenario = load_scenario("synthetic-10000")
+    assert scenario.simulation.institutions == 10_000
+    assert int(10_000 * scenario.federation.fraction_train) == 100
+    assert scenario.federation.min_available == 10_000
+    assert scenario.privacy.enabled
+    assert scenario.task.samples // scenario.simulation.institutions == 120  # as synthetic-1000
+
+
 def test_overrides_replace_nested_values_and_keep_the_rest():
     scenario = load_scenario("digits-dp", {"federation": {"rounds": 3}, "seed": 9})
     assert scenario.federation.rounds == 3 and scenario.seed == 9
