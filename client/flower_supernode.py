@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from confide.common.environment import executable
 
@@ -70,10 +70,11 @@ def follow_parent(parent: int, pause: float = WATCH_SECONDS) -> threading.Thread
     return thread
 
 
-def prompt_pulls() -> types.SimpleNamespace:
+def prompt_pulls(*, sleeper: Callable[[float], None] = time.sleep) -> types.SimpleNamespace:
     """Make Flower's SuperNode loop pull and push promptly (module docstring); return the
-    stand-in for `time` it now uses. Raises RuntimeError if Flower's loop no longer uses a
-    module named `time` (a Flower upgrade changed it: then this needs reading again)."""
+    stand-in for `time` it now uses, whose pauses go to `sleeper` (a test records them).
+    Raises RuntimeError if Flower's loop no longer sleeps with `time` as Flower 1.41 did (a
+    Flower upgrade changed it: then this needs reading again)."""
     import inspect
 
     from flwr.supernode import start_client_internal as loop
@@ -90,11 +91,11 @@ def prompt_pulls() -> types.SimpleNamespace:
     def sleep(seconds: float) -> None:
         if seconds == _REPLY_PAUSE:  # waiting for a reply: a message is being handled
             active[0] = time.monotonic()
-            time.sleep(REPLY_SECONDS)
+            sleeper(REPLY_SECONDS)
         elif seconds == _IDLE_PAUSE and time.monotonic() - active[0] < IDLE_SECONDS:
-            time.sleep(PULL_SECONDS)
+            sleeper(PULL_SECONDS)
         else:
-            time.sleep(seconds)
+            sleeper(seconds)
 
     prompt = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time)})
     prompt.sleep = sleep

@@ -13,13 +13,12 @@ from confide.client.flower_supernode import PULL_SECONDS, REPLY_SECONDS, prompt_
 
 
 @pytest.fixture
-def slept(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+def slept() -> Iterator[list[float]]:
     """prompt_pulls applied to this process's Flower (undone afterwards); the pauses it then
-    asks of `time.sleep`, recorded instead of slept."""
+    sleeps, recorded instead of slept."""
     original = loop.time
     asked: list[float] = []
-    prompt_pulls()
-    monkeypatch.setattr(flower_supernode.time, "sleep", asked.append)
+    prompt_pulls(sleeper=asked.append)
     try:
         yield asked
     finally:
