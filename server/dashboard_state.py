@@ -36,10 +36,9 @@ a null epsilon is therefore that infinity.
 from __future__ import annotations
 
 import datetime
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeAlias
 from urllib.parse import quote
@@ -55,6 +54,7 @@ from confide.common.errors import (
     FlowerError,
     RegistrationError,
 )
+from confide.common.refresh import Refreshed
 from confide.privacy.report import UNBOUNDED, LedgerEpsilon, json_epsilon
 from confide.server.audit import AuditEntry, AuditLog
 from confide.server.checkpoint import SUFFIX, CheckpointStore
@@ -206,40 +206,6 @@ class _AuditRead:
     runs: list[AuditEntry]  # the RUN_ACTIONS entries, in sequence order
 
 
-@dataclass
-class _NodeStatuses:
-    """The SuperLink's node statuses, refreshed in a background thread (a `flwr` process)
-    when older than STATUS_SECONDS and a coordinator runs; empty while unknown."""
-
-    fetch: Callable[[], dict[int, str]]
-    known: dict[int, str] = field(default_factory=dict)
-    checked: float = float("-inf")
-    problem: str | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _busy: bool = False
-
-    def current(self, *, running: bool) -> dict[int, str]:
-        if not running:
-            self.known, self.problem = {}, None
-            return {}
-        with self._lock:
-            due = not self._busy and time.monotonic() - self.checked >= STATUS_SECONDS
-            if due:
-                self._busy = True
-        if due:
-            threading.Thread(target=self._refresh, daemon=True, name="node-statuses").start()
-        return dict(self.known)
-
-    def _refresh(self) -> None:
-        try:
-            self.known, self.problem = self.fetch(), None
-        except (RegistrationError, FlowerError, OSError) as error:
-            self.known, self.problem = {}, f"the SuperLink's node statuses: {error}"
-        finally:
-            self.checked = time.monotonic()
-            self._busy = False
-
-
 class StateReader:
     """Reads snapshots of one state directory (see the module docstring); one per server."""
 
@@ -252,7 +218,16 @@ class StateReader:
         from confide.server.enrollment import FlowerRegistrar
 
         registrar = FlowerRegistrar(directory.flwr_home, timeout=STATUS_TIMEOUT)
-        self._statuses = _NodeStatuses(registrar.statuses) if live_status else None
+        self._statuses = (
+            Refreshed(
+                registrar.statuses,
+                STATUS_SECONDS,
+                name="node-statuses",
+                expected=(RegistrationError, FlowerError, OSError),
+            )
+            if live_status
+            else None
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -278,10 +253,11 @@ class StateReader:
         from confide.server.institutions import list_institutions
 
         statuses: dict[int, str] = {}
-        if self._statuses is not None:
-            statuses = self._statuses.current(running=self._coordinator_running())
-            if self._statuses.problem:
-                problems.append(self._statuses.problem)
+        if self._statuses is not None and self._coordinator_running():
+            answer = self._statuses.latest()  # never waits: a `flwr` process refreshes it
+            statuses = answer.value or {}
+            if answer.problem:
+                problems.append(f"the SuperLink's node statuses: {answer.problem}")
 
         class _Known:
             def statuses(self) -> dict[int, str]:
